@@ -1,0 +1,105 @@
+//! RFC 6750 §2.1: the bearer token comes from the Authorization header only (never the query or a
+//! form body, which end up in logs and caches).
+
+use http::HeaderMap;
+use http::header::AUTHORIZATION;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BearerError {
+    /// More than one Authorization header: which one would the upstream believe?
+    Repeated,
+    /// `Bearer` with no token, or a token outside the b64token alphabet.
+    Malformed,
+}
+
+/// The bearer token of a request: `Ok(None)` when there is no Authorization header or it uses
+/// another scheme (RFC 6750 §3.1: then the error response carries no error code).
+pub fn bearer_token(headers: &HeaderMap) -> Result<Option<&str>, BearerError> {
+    let mut values = headers.get_all(AUTHORIZATION).iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(BearerError::Repeated);
+    }
+    parse_bearer(value.as_bytes())
+}
+
+/// Parses one Authorization value: `Bearer 1*SP b64token`, the scheme case-insensitive.
+pub fn parse_bearer(value: &[u8]) -> Result<Option<&str>, BearerError> {
+    const SCHEME: &[u8] = b"bearer";
+    if value.len() < SCHEME.len() || !value[..SCHEME.len()].eq_ignore_ascii_case(SCHEME) {
+        return Ok(None);
+    }
+    let rest = &value[SCHEME.len()..];
+    if rest.is_empty() {
+        return Err(BearerError::Malformed);
+    }
+    if rest[0] != b' ' {
+        // "Bearerx ..." is another scheme.
+        return Ok(None);
+    }
+    let token = trim_spaces(rest);
+    if token.is_empty() || !is_b64token(token) {
+        return Err(BearerError::Malformed);
+    }
+    // b64token is ASCII, so this cannot fail; stay panic-free anyway.
+    std::str::from_utf8(token).map(Some).map_err(|_| BearerError::Malformed)
+}
+
+fn trim_spaces(mut b: &[u8]) -> &[u8] {
+    while let [b' ', rest @ ..] = b {
+        b = rest;
+    }
+    while let [rest @ .., b' '] = b {
+        b = rest;
+    }
+    b
+}
+
+/// `b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="`
+fn is_b64token(t: &[u8]) -> bool {
+    let body_end = t.iter().rposition(|&b| b != b'=').map_or(0, |i| i + 1);
+    body_end > 0
+        && t[..body_end]
+            .iter()
+            .all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'+' | b'/'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    #[test]
+    fn scheme_is_case_insensitive() {
+        assert_eq!(parse_bearer(b"Bearer abc.def.ghi"), Ok(Some("abc.def.ghi")));
+        assert_eq!(parse_bearer(b"bEaReR   abc"), Ok(Some("abc")));
+    }
+
+    #[test]
+    fn other_schemes_are_no_token() {
+        assert_eq!(parse_bearer(b"Basic dXNlcjpwYXNz"), Ok(None));
+        assert_eq!(parse_bearer(b"Bearerx abc"), Ok(None));
+        assert_eq!(parse_bearer(b""), Ok(None));
+    }
+
+    #[test]
+    fn malformed_bearer_values() {
+        assert_eq!(parse_bearer(b"Bearer"), Err(BearerError::Malformed));
+        assert_eq!(parse_bearer(b"Bearer "), Err(BearerError::Malformed));
+        assert_eq!(parse_bearer(b"Bearer a b"), Err(BearerError::Malformed));
+        assert_eq!(parse_bearer(b"Bearer ==="), Err(BearerError::Malformed));
+        assert_eq!(parse_bearer(b"Bearer abc\""), Err(BearerError::Malformed));
+        assert_eq!(parse_bearer(b"Bearer abc=="), Ok(Some("abc==")));
+    }
+
+    #[test]
+    fn two_authorization_headers_are_refused() {
+        let mut h = HeaderMap::new();
+        h.append(AUTHORIZATION, HeaderValue::from_static("Bearer a"));
+        h.append(AUTHORIZATION, HeaderValue::from_static("Bearer b"));
+        assert_eq!(bearer_token(&h), Err(BearerError::Repeated));
+        assert_eq!(bearer_token(&HeaderMap::new()), Ok(None));
+    }
+}

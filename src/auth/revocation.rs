@@ -1,0 +1,95 @@
+//! The revoked-session set: session ids (`sid`) whose access tokens the gateway refuses.
+//!
+//! Written by the authorization server (family revocation on refresh-token reuse, RFC 7009 revoke)
+//! and read by the validator on every request, cache hit or miss. An entry lives only until the
+//! longest-lived access token of its session would have expired anyway; after that the token's own
+//! `exp` refuses it, so the set stays as small as the number of recently revoked sessions.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use dashmap::DashMap;
+use foldhash::fast::RandomState;
+
+#[derive(Debug, Default)]
+pub struct RevokedSessions {
+    /// sid → unix seconds after which the entry is useless.
+    until: DashMap<Box<str>, u64, RandomState>,
+    /// Entry count, read without touching the shards: the common case is an empty set.
+    len: AtomicUsize,
+}
+
+impl RevokedSessions {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Refuses `sid`'s access tokens until `until_secs` (extends an existing entry, never shortens).
+    pub fn revoke(&self, sid: &str, until_secs: u64) {
+        let mut inserted = false;
+        self.until
+            .entry(sid.into())
+            .and_modify(|u| *u = (*u).max(until_secs))
+            .or_insert_with(|| {
+                inserted = true;
+                until_secs
+            });
+        if inserted {
+            self.len.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn is_revoked(&self, sid: &str, now_secs: u64) -> bool {
+        if self.len.load(Ordering::Relaxed) == 0 {
+            return false;
+        }
+        self.until.get(sid).is_some_and(|u| now_secs <= *u)
+    }
+
+    /// Drops entries whose tokens have all expired.
+    pub fn sweep(&self, now_secs: u64) {
+        let mut removed = 0;
+        self.until.retain(|_, until| {
+            let keep = now_secs <= *until;
+            removed += usize::from(!keep);
+            keep
+        });
+        self.len.fetch_sub(removed, Ordering::Relaxed);
+    }
+
+    pub fn len(&self) -> usize {
+        self.len.load(Ordering::Relaxed)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn revoked_until_its_tokens_expire() {
+        let set = RevokedSessions::new();
+        assert!(!set.is_revoked("s1", 100));
+        set.revoke("s1", 200);
+        assert!(set.is_revoked("s1", 100));
+        assert!(set.is_revoked("s1", 200));
+        assert!(!set.is_revoked("s2", 100));
+        set.sweep(150);
+        assert_eq!(set.len(), 1, "not yet expired");
+        set.sweep(201);
+        assert!(set.is_empty());
+        assert!(!set.is_revoked("s1", 201));
+    }
+
+    #[test]
+    fn revoking_again_extends_never_shortens() {
+        let set = RevokedSessions::new();
+        set.revoke("s", 300);
+        set.revoke("s", 200);
+        assert!(set.is_revoked("s", 250));
+        assert_eq!(set.len(), 1);
+    }
+}

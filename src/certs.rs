@@ -1,0 +1,74 @@
+//! `tokengate gen-certs`: a development CA, a localhost certificate signed by it, and a JWT
+//! signing secret. For development and tests only: the CA's key sits next to it.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::Context;
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose,
+};
+
+/// Writes ca.pem, ca-key.pem, localhost.pem, localhost-key.pem and dev-jwt-secret into `dir`.
+pub fn generate(dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, "tokengate development CA (not for production)");
+    ca_params.distinguished_name = dn;
+    let ca_key = KeyPair::generate()?;
+    let ca_key_pem = ca_key.serialize_pem();
+    let ca = CertifiedIssuer::self_signed(ca_params, ca_key)?;
+
+    let mut leaf_params =
+        CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned(), "::1".to_owned()])?;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, "localhost");
+    leaf_params.distinguished_name = dn;
+    leaf_params.is_ca = IsCa::NoCa;
+    leaf_params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    leaf_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    leaf_params.use_authority_key_identifier_extension = true;
+    let leaf_key = KeyPair::generate()?;
+    let leaf = leaf_params.signed_by(&leaf_key, &ca)?;
+
+    let secret = URL_SAFE_NO_PAD
+        .encode(crate::oauth::issuer::random_bytes::<48>().map_err(|_| anyhow::anyhow!("no randomness"))?);
+
+    write(dir, "ca.pem", ca.pem().as_bytes(), false)?;
+    write(dir, "ca-key.pem", ca_key_pem.as_bytes(), true)?;
+    write(dir, "localhost.pem", leaf.pem().as_bytes(), false)?;
+    write(dir, "localhost-key.pem", leaf_key.serialize_pem().as_bytes(), true)?;
+    write(dir, "dev-jwt-secret", format!("{secret}\n").as_bytes(), true)?;
+    Ok(())
+}
+
+fn write(dir: &Path, name: &str, contents: &[u8], private: bool) -> anyhow::Result<()> {
+    let path = dir.join(name);
+    let mut opts = OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(if private { 0o600 } else { 0o644 });
+    }
+    #[cfg(not(unix))]
+    let _ = private;
+    let mut f = opts
+        .open(&path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    f.write_all(contents)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}

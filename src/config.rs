@@ -1,0 +1,1134 @@
+//! Configuration: `TOML text → file structs (config/file.rs, serde) → validated Config`.
+//!
+//! ```text
+//!   tokengate.toml ──serde (deny_unknown_fields)──▶ FileConfig ──validate()──▶ Config
+//!                         first structural error          every semantic error, each
+//!                         with its key path                named by key path and reason
+//! ```
+//!
+//! Validation happens once, at load; the rest of the gateway trusts `Config`. Relative paths resolve
+//! against the config file's folder, so the config works from any working directory. Secrets are
+//! written as `env:NAME` or `file:PATH` and never echoed back in an error.
+
+mod file;
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use argon2::PasswordHash;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::routing::{self, RouteTable};
+use crate::scope::{self, ScopeSet, ScopeUniverse};
+
+pub use file::FileConfig;
+
+/// One problem found in a config: the key path and the reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub key: String,
+    pub reason: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.reason)
+    }
+}
+
+/// Every problem found in a config. Loading fails as a whole: nothing half-applies.
+#[derive(Debug, Clone)]
+pub struct ConfigError {
+    pub source_name: String,
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.problems.len();
+        write!(
+            f,
+            "{}: {n} error{} in config",
+            self.source_name,
+            if n == 1 { "" } else { "s" }
+        )?;
+        for p in &self.problems {
+            write!(f, "\n  {p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// A secret's bytes. Debug never prints them.
+#[derive(Clone)]
+pub struct Secret(Vec<u8>);
+
+impl Secret {
+    pub fn new(bytes: Vec<u8>) -> Self {
+        Secret(bytes)
+    }
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Secret(<{} bytes>)", self.0.len())
+    }
+}
+
+#[derive(Debug)]
+pub struct Config {
+    /// The folder relative paths were resolved against.
+    pub base_dir: PathBuf,
+    pub server: ServerSettings,
+    pub admin: AdminSettings,
+    pub tokens: TokenSettings,
+    pub clients: Vec<ClientSettings>,
+    pub users: Vec<UserSettings>,
+    pub routes: Vec<RouteSettings>,
+    pub log: LogSettings,
+    /// Every scope named anywhere in the config.
+    pub scopes: ScopeUniverse,
+}
+
+#[derive(Debug)]
+pub struct ServerSettings {
+    pub listen: SocketAddr,
+    pub tls: Option<TlsSettings>,
+    pub handshake_timeout: Duration,
+    pub header_read_timeout: Duration,
+    pub max_connections: usize,
+    pub shutdown_grace: Duration,
+    /// `None`: one per core.
+    pub worker_threads: Option<usize>,
+}
+
+pub struct TlsSettings {
+    pub cert_path: PathBuf,
+    pub key_path: PathBuf,
+    pub cert_chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+}
+
+impl fmt::Debug for TlsSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsSettings")
+            .field("cert_path", &self.cert_path)
+            .field("key_path", &self.key_path)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug)]
+pub struct AdminSettings {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SigningAlg {
+    HS256,
+    HS384,
+    HS512,
+}
+
+impl SigningAlg {
+    pub fn jwt(self) -> jsonwebtoken::Algorithm {
+        match self {
+            SigningAlg::HS256 => jsonwebtoken::Algorithm::HS256,
+            SigningAlg::HS384 => jsonwebtoken::Algorithm::HS384,
+            SigningAlg::HS512 => jsonwebtoken::Algorithm::HS512,
+        }
+    }
+    /// RFC 7518 §3.2: the key must be at least as long as the hash output.
+    fn min_secret_len(self) -> usize {
+        match self {
+            SigningAlg::HS256 => 32,
+            SigningAlg::HS384 => 48,
+            SigningAlg::HS512 => 64,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct TokenSettings {
+    pub issuer: String,
+    pub audience: String,
+    pub access_ttl: Duration,
+    pub refresh_ttl: Duration,
+    pub session_max_lifetime: Duration,
+    pub reuse_grace: Duration,
+    pub leeway: Duration,
+    pub cache_capacity: u64,
+    pub token_path: String,
+    pub revoke_path: String,
+    pub alg: SigningAlg,
+    pub secret: Secret,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum GrantType {
+    Password,
+    RefreshToken,
+    ClientCredentials,
+}
+
+impl GrantType {
+    pub fn parse(s: &str) -> Option<GrantType> {
+        match s {
+            "password" => Some(GrantType::Password),
+            "refresh_token" => Some(GrantType::RefreshToken),
+            "client_credentials" => Some(GrantType::ClientCredentials),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ClientSettings {
+    pub id: String,
+    /// SHA-256 of the client secret; `None` for a public client.
+    pub secret_sha256: Option<[u8; 32]>,
+    pub grants: Vec<GrantType>,
+    pub scopes: ScopeSet,
+}
+
+#[derive(Debug, Clone)]
+pub struct UserSettings {
+    pub username: String,
+    /// Argon2id PHC string.
+    pub password_hash: String,
+    pub scopes: ScopeSet,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthPolicy {
+    Required,
+    None,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Upstream {
+    /// The built-in upstream that answers with what it received.
+    Echo,
+    Http {
+        /// `http` or `https`.
+        https: bool,
+        /// `host[:port]` as written.
+        authority: String,
+        /// Path prefix of the upstream URL without a trailing slash ("" for none).
+        base_path: String,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteSettings {
+    /// Canonical prefix (normalized, no trailing slash except `/`).
+    pub path_prefix: String,
+    pub host: Option<String>,
+    pub upstream: Upstream,
+    pub auth: AuthPolicy,
+    pub scopes: ScopeSet,
+    pub strip_prefix: bool,
+    pub forward_authorization: bool,
+    pub preserve_host: bool,
+    pub connect_timeout: Duration,
+    pub timeout: Duration,
+    /// Extra trust anchors for an https upstream (else the system roots).
+    pub ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogSettings {
+    pub format: LogFormat,
+}
+
+pub const DEFAULT_TOKEN_PATH: &str = "/api/oauth2/token";
+pub const DEFAULT_REVOKE_PATH: &str = "/api/oauth2/revoke";
+
+/// Parses "900s", "15m", "1d", "250ms", "2h".
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let bad = || format!("{s:?} is not a duration (use a whole number and a unit: 250ms, 900s, 15m, 2h, 1d)");
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let ms = match unit {
+        "ms" => Some(n),
+        "s" => n.checked_mul(1_000),
+        "m" => n.checked_mul(60_000),
+        "h" => n.checked_mul(3_600_000),
+        "d" => n.checked_mul(86_400_000),
+        _ => return Err(bad()),
+    };
+    // Cap at 10 years: past that a value is a typo, and later arithmetic stays far from overflow.
+    match ms {
+        Some(ms) if ms <= 10 * 365 * 86_400_000 => Ok(Duration::from_millis(ms)),
+        _ => Err(format!("{s:?} is too long (at most 3650d)")),
+    }
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let source_name = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            source_name: source_name.clone(),
+            problems: vec![Problem {
+                key: "(file)".into(),
+                reason: format!("cannot read: {e}"),
+            }],
+        })?;
+        let base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let base_dir = if base_dir.as_os_str().is_empty() {
+            PathBuf::from(".")
+        } else {
+            base_dir
+        };
+        Config::from_toml(&text, &base_dir, &source_name)
+    }
+
+    /// Parses and validates TOML text; relative paths resolve against `base_dir`.
+    pub fn from_toml(text: &str, base_dir: &Path, source_name: &str) -> Result<Config, ConfigError> {
+        let fail = |problems| ConfigError {
+            source_name: source_name.to_owned(),
+            problems,
+        };
+        let de = toml::Deserializer::parse(text).map_err(|e| {
+            fail(vec![Problem {
+                key: "(syntax)".into(),
+                reason: one_line(&e),
+            }])
+        })?;
+        let file: FileConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let key = if key == "." { "(top level)".to_owned() } else { key };
+            fail(vec![Problem {
+                key,
+                reason: one_line(e.inner()),
+            }])
+        })?;
+        validate(file, base_dir).map_err(fail)
+    }
+
+    /// A short human summary for `tokengate check`.
+    pub fn summary(&self) -> String {
+        let scheme = if self.server.tls.is_some() { "https" } else { "http" };
+        format!(
+            "listen {scheme}://{} (admin http://{}); {} route{}, {} client{}, {} user{}",
+            self.server.listen,
+            self.admin.listen,
+            self.routes.len(),
+            plural(self.routes.len()),
+            self.clients.len(),
+            plural(self.clients.len()),
+            self.users.len(),
+            plural(self.users.len()),
+        )
+    }
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 { "" } else { "s" }
+}
+
+/// toml's errors span several lines with a source excerpt; keep the message and the position.
+fn one_line(e: &toml::de::Error) -> String {
+    let msg = e.message().trim().to_owned();
+    match e.span() {
+        Some(span) => format!("{msg} (at byte {})", span.start),
+        None => msg,
+    }
+}
+
+/// Collects problems while validating, so that one run reports them all.
+struct Checker<'a> {
+    base_dir: &'a Path,
+    problems: Vec<Problem>,
+}
+
+impl Checker<'_> {
+    fn fail(&mut self, key: impl Into<String>, reason: impl Into<String>) {
+        self.problems.push(Problem {
+            key: key.into(),
+            reason: reason.into(),
+        });
+    }
+
+    fn duration(&mut self, key: &str, value: Option<&str>, default: Duration) -> Duration {
+        match value.map(parse_duration) {
+            None => default,
+            Some(Ok(d)) => d,
+            Some(Err(reason)) => {
+                self.fail(key, reason);
+                default
+            }
+        }
+    }
+
+    fn addr(&mut self, key: &str, value: &str) -> Option<SocketAddr> {
+        match value.parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.fail(
+                    key,
+                    format!("{value:?} is not an IP:port address (e.g. \"127.0.0.1:8443\" or \"[::1]:8443\")"),
+                );
+                None
+            }
+        }
+    }
+
+    fn path(&self, value: &str) -> PathBuf {
+        let p = Path::new(value);
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base_dir.join(p)
+        }
+    }
+
+    fn positive(&mut self, key: &str, value: Option<i64>, default: u64) -> u64 {
+        match value {
+            None => default,
+            Some(v) if v >= 1 => v as u64,
+            Some(v) => {
+                self.fail(key, format!("{v} must be at least 1"));
+                default
+            }
+        }
+    }
+
+    fn secret(&mut self, key: &str, value: &str) -> Option<Secret> {
+        if let Some(name) = value.strip_prefix("env:") {
+            match std::env::var_os(name) {
+                Some(v) if !v.is_empty() => Some(Secret(v.into_encoded_bytes())),
+                _ => {
+                    self.fail(key, format!("environment variable {name} is not set"));
+                    None
+                }
+            }
+        } else if let Some(rel) = value.strip_prefix("file:") {
+            let path = self.path(rel);
+            match std::fs::read(&path) {
+                Ok(mut bytes) => {
+                    // Editors add a final newline; it is not part of the secret.
+                    while bytes.last().is_some_and(|b| b.is_ascii_whitespace()) {
+                        bytes.pop();
+                    }
+                    Some(Secret(bytes))
+                }
+                Err(e) => {
+                    self.fail(key, format!("cannot read secret file {}: {e}", path.display()));
+                    None
+                }
+            }
+        } else {
+            // Never echo the value: it may be a secret pasted in by mistake.
+            self.fail(
+                key,
+                "must be \"env:NAME\" or \"file:PATH\" (secrets are never written inline)",
+            );
+            None
+        }
+    }
+
+    fn scopes(&mut self, key: &str, names: &[String], universe: &ScopeUniverse) -> ScopeSet {
+        for (i, name) in names.iter().enumerate() {
+            if !scope::is_scope_token(name) {
+                self.fail(
+                    format!("{key}[{i}]"),
+                    format!("{name:?} is not a valid scope (RFC 6749 §3.3)"),
+                );
+            }
+        }
+        universe.set_of(names.iter().map(String::as_str)).unwrap_or_default()
+    }
+}
+
+fn validate(file: FileConfig, base_dir: &Path) -> Result<Config, Vec<Problem>> {
+    let mut c = Checker {
+        base_dir,
+        problems: Vec::new(),
+    };
+
+    // [server]
+    let s = &file.server;
+    let listen = c.addr("server.listen", &s.listen);
+    let tls = s.tls.as_ref().and_then(|t| load_tls(&mut c, t));
+    let handshake_timeout = c.duration(
+        "server.handshake_timeout",
+        s.handshake_timeout.as_deref(),
+        Duration::from_secs(10),
+    );
+    let header_read_timeout = c.duration(
+        "server.header_read_timeout",
+        s.header_read_timeout.as_deref(),
+        Duration::from_secs(10),
+    );
+    for (key, d) in [
+        ("server.handshake_timeout", handshake_timeout),
+        ("server.header_read_timeout", header_read_timeout),
+    ] {
+        if d.is_zero() {
+            c.fail(key, "must be more than 0s");
+        }
+    }
+    let max_connections = c.positive("server.max_connections", s.max_connections, 10_000) as usize;
+    let shutdown_grace = c.duration(
+        "server.shutdown_grace",
+        s.shutdown_grace.as_deref(),
+        Duration::from_secs(30),
+    );
+    let worker_threads = s
+        .worker_threads
+        .map(|_| c.positive("server.worker_threads", s.worker_threads, 1) as usize);
+
+    // [admin]
+    let admin_listen = c.addr("admin.listen", file.admin.listen.as_deref().unwrap_or("127.0.0.1:9901"));
+
+    // [tokens]
+    let t = &file.tokens;
+    if t.issuer.trim().is_empty() {
+        c.fail("tokens.issuer", "must not be empty");
+    }
+    if t.audience.trim().is_empty() {
+        c.fail("tokens.audience", "must not be empty");
+    }
+    let access_ttl = c.duration("tokens.access_ttl", t.access_ttl.as_deref(), Duration::from_secs(900));
+    let refresh_ttl = c.duration(
+        "tokens.refresh_ttl",
+        t.refresh_ttl.as_deref(),
+        Duration::from_secs(86_400),
+    );
+    let session_max_lifetime = c.duration(
+        "tokens.session_max_lifetime",
+        t.session_max_lifetime.as_deref(),
+        Duration::from_secs(30 * 86_400),
+    );
+    let reuse_grace = c.duration("tokens.reuse_grace", t.reuse_grace.as_deref(), Duration::from_secs(10));
+    let leeway = c.duration("tokens.leeway", t.leeway.as_deref(), Duration::ZERO);
+    for (key, d) in [
+        ("tokens.access_ttl", access_ttl),
+        ("tokens.refresh_ttl", refresh_ttl),
+        ("tokens.session_max_lifetime", session_max_lifetime),
+    ] {
+        if d < Duration::from_secs(1) {
+            c.fail(key, "must be at least 1s");
+        }
+    }
+    if reuse_grace >= refresh_ttl {
+        c.fail("tokens.reuse_grace", "must be shorter than tokens.refresh_ttl");
+    }
+    let cache_capacity = c.positive("tokens.cache_capacity", t.cache_capacity, 100_000);
+    let token_path = own_path(&mut c, "tokens.token_path", t.token_path.as_deref(), DEFAULT_TOKEN_PATH);
+    let revoke_path = own_path(
+        &mut c,
+        "tokens.revoke_path",
+        t.revoke_path.as_deref(),
+        DEFAULT_REVOKE_PATH,
+    );
+    if token_path == revoke_path {
+        c.fail("tokens.revoke_path", "must differ from tokens.token_path");
+    }
+    let alg = match t.signing.alg.as_deref().unwrap_or("HS256") {
+        "HS256" => SigningAlg::HS256,
+        "HS384" => SigningAlg::HS384,
+        "HS512" => SigningAlg::HS512,
+        other => {
+            c.fail(
+                "tokens.signing.alg",
+                format!("{other:?} is not supported (HS256, HS384 or HS512)"),
+            );
+            SigningAlg::HS256
+        }
+    };
+    let secret = c.secret("tokens.signing.secret", &t.signing.secret);
+    if let Some(secret) = &secret
+        && secret.0.len() < alg.min_secret_len()
+    {
+        c.fail(
+            "tokens.signing.secret",
+            format!(
+                "is {} bytes; {alg:?} needs at least {} (RFC 7518 §3.2)",
+                secret.0.len(),
+                alg.min_secret_len()
+            ),
+        );
+    }
+
+    // The scope universe: every scope named anywhere.
+    let mut universe = ScopeUniverse::default();
+    let all_scope_names = file
+        .clients
+        .iter()
+        .flat_map(|x| &x.scopes)
+        .chain(file.users.iter().flat_map(|x| &x.scopes))
+        .chain(file.routes.iter().flat_map(|x| &x.scopes));
+    for name in all_scope_names {
+        if !universe.add(name) {
+            c.fail(
+                "(scopes)",
+                format!("more than {} distinct scopes in one config", scope::MAX_SCOPES),
+            );
+            break;
+        }
+    }
+
+    // [[clients]]
+    let mut clients = Vec::new();
+    let mut seen = HashSet::new();
+    for (i, f) in file.clients.iter().enumerate() {
+        let key = format!("clients[{i}]");
+        if f.id.is_empty() || !f.id.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+            c.fail(format!("{key}.id"), "must be non-empty printable ASCII");
+        } else if !seen.insert(f.id.as_str()) {
+            c.fail(format!("{key}.id"), format!("{:?} is defined twice", f.id));
+        }
+        let secret_sha256 = f.secret_sha256.as_deref().and_then(|h| match decode_hex32(h) {
+            Some(d) => Some(d),
+            None => {
+                c.fail(
+                    format!("{key}.secret_sha256"),
+                    "must be 64 hex digits (the SHA-256 of the client secret)",
+                );
+                None
+            }
+        });
+        let mut grants = Vec::new();
+        for (j, g) in f.grants.iter().enumerate() {
+            match GrantType::parse(g) {
+                Some(g) => grants.push(g),
+                None => c.fail(
+                    format!("{key}.grants[{j}]"),
+                    format!("{g:?} is not a grant type (password, refresh_token, client_credentials)"),
+                ),
+            }
+        }
+        if grants.is_empty() {
+            c.fail(format!("{key}.grants"), "must list at least one grant type");
+        }
+        if grants.contains(&GrantType::ClientCredentials) && f.secret_sha256.is_none() {
+            c.fail(
+                format!("{key}.grants"),
+                "client_credentials needs a confidential client (set secret_sha256)",
+            );
+        }
+        let scopes = c.scopes(&format!("{key}.scopes"), &f.scopes, &universe);
+        clients.push(ClientSettings {
+            id: f.id.clone(),
+            secret_sha256,
+            grants,
+            scopes,
+        });
+    }
+
+    // [[users]]
+    let mut users = Vec::new();
+    let mut seen = HashSet::new();
+    for (i, f) in file.users.iter().enumerate() {
+        let key = format!("users[{i}]");
+        if f.username.is_empty() {
+            c.fail(format!("{key}.username"), "must not be empty");
+        } else if !seen.insert(f.username.as_str()) {
+            c.fail(format!("{key}.username"), format!("{:?} is defined twice", f.username));
+        }
+        match PasswordHash::new(&f.password_hash) {
+            Ok(h) if h.algorithm.as_str() == "argon2id" => {}
+            Ok(h) => c.fail(
+                format!("{key}.password_hash"),
+                format!(
+                    "uses {}; only argon2id is accepted (see `tokengate hash-password`)",
+                    h.algorithm
+                ),
+            ),
+            Err(_) => c.fail(
+                format!("{key}.password_hash"),
+                "is not a PHC string (make one with `tokengate hash-password`)",
+            ),
+        }
+        let scopes = c.scopes(&format!("{key}.scopes"), &f.scopes, &universe);
+        users.push(UserSettings {
+            username: f.username.clone(),
+            password_hash: f.password_hash.clone(),
+            scopes,
+        });
+    }
+
+    // [[routes]]
+    let mut routes = Vec::new();
+    for (i, f) in file.routes.iter().enumerate() {
+        let key = format!("routes[{i}]");
+        let path_prefix = match routing::canonical_prefix(&f.path_prefix) {
+            Ok(p) => p,
+            Err(e) => {
+                c.fail(
+                    format!("{key}.path_prefix"),
+                    format!("{:?}: {}", f.path_prefix, e.describe()),
+                );
+                continue;
+            }
+        };
+        for (own, own_key) in [(&token_path, "tokens.token_path"), (&revoke_path, "tokens.revoke_path")] {
+            if path_prefix == *own {
+                c.fail(
+                    format!("{key}.path_prefix"),
+                    format!("{path_prefix:?} is the gateway's own {own_key}"),
+                );
+            }
+        }
+        let host = f.host.as_ref().map(|h| h.to_ascii_lowercase());
+        if let Some(h) = &host
+            && (h.is_empty() || h.contains(['/', ' ', ':']))
+        {
+            c.fail(
+                format!("{key}.host"),
+                format!("{h:?} is not a host name (no port, no scheme)"),
+            );
+        }
+        let upstream = match parse_upstream(&f.upstream) {
+            Ok(u) => u,
+            Err(reason) => {
+                c.fail(format!("{key}.upstream"), reason);
+                Upstream::Echo
+            }
+        };
+        let auth = match f.auth.as_deref().unwrap_or("required") {
+            "required" => AuthPolicy::Required,
+            "none" => AuthPolicy::None,
+            other => {
+                c.fail(
+                    format!("{key}.auth"),
+                    format!("{other:?} is not \"required\" or \"none\""),
+                );
+                AuthPolicy::Required
+            }
+        };
+        if auth == AuthPolicy::None && !f.scopes.is_empty() {
+            c.fail(
+                format!("{key}.scopes"),
+                "a route with auth = \"none\" cannot require scopes",
+            );
+        }
+        let scopes = c.scopes(&format!("{key}.scopes"), &f.scopes, &universe);
+        let connect_timeout = c.duration(
+            &format!("{key}.connect_timeout"),
+            f.connect_timeout.as_deref(),
+            Duration::from_secs(5),
+        );
+        let timeout = c.duration(&format!("{key}.timeout"), f.timeout.as_deref(), Duration::from_secs(30));
+        let ca_file = f.ca_file.as_ref().map(|p| c.path(p));
+        if let Some(path) = &ca_file {
+            if !matches!(upstream, Upstream::Http { https: true, .. }) {
+                c.fail(format!("{key}.ca_file"), "only applies to an https:// upstream");
+            } else if let Err(reason) = read_certs(path) {
+                c.fail(format!("{key}.ca_file"), reason);
+            }
+        }
+        routes.push(RouteSettings {
+            path_prefix,
+            host,
+            upstream,
+            auth,
+            scopes,
+            strip_prefix: f.strip_prefix,
+            forward_authorization: f.forward_authorization,
+            preserve_host: f.preserve_host,
+            connect_timeout,
+            timeout,
+            ca_file,
+        });
+    }
+    if let Err(dup) = RouteTable::new(routes.iter().map(|r| (r.host.as_deref(), r.path_prefix.as_str()))) {
+        c.fail(
+            format!("routes[{}].path_prefix", dup.index),
+            format!("same host and prefix as routes[{}]", dup.earlier),
+        );
+    }
+
+    let format = match file.log.format.as_deref().unwrap_or("text") {
+        "text" => LogFormat::Text,
+        "json" => LogFormat::Json,
+        other => {
+            c.fail("log.format", format!("{other:?} is not \"text\" or \"json\""));
+            LogFormat::Text
+        }
+    };
+
+    if !c.problems.is_empty() {
+        return Err(c.problems);
+    }
+    // Every fallible value above recorded a problem when it was `None`.
+    let (Some(listen), Some(admin_listen), Some(secret)) = (listen, admin_listen, secret) else {
+        return Err(vec![Problem {
+            key: "(internal)".into(),
+            reason: "validation incomplete".into(),
+        }]);
+    };
+    if s.tls.is_some() && tls.is_none() {
+        return Err(vec![Problem {
+            key: "server.tls".into(),
+            reason: "could not be loaded".into(),
+        }]);
+    }
+    Ok(Config {
+        base_dir: base_dir.to_path_buf(),
+        server: ServerSettings {
+            listen,
+            tls,
+            handshake_timeout,
+            header_read_timeout,
+            max_connections,
+            shutdown_grace,
+            worker_threads,
+        },
+        admin: AdminSettings { listen: admin_listen },
+        tokens: TokenSettings {
+            issuer: t.issuer.clone(),
+            audience: t.audience.clone(),
+            access_ttl,
+            refresh_ttl,
+            session_max_lifetime,
+            reuse_grace,
+            leeway,
+            cache_capacity,
+            token_path,
+            revoke_path,
+            alg,
+            secret,
+        },
+        clients,
+        users,
+        routes,
+        log: LogSettings { format },
+        scopes: universe,
+    })
+}
+
+fn own_path(c: &mut Checker<'_>, key: &str, value: Option<&str>, default: &str) -> String {
+    let raw = value.unwrap_or(default);
+    match routing::canonical_prefix(raw) {
+        Ok(p) if p == raw => p,
+        _ => {
+            c.fail(
+                key,
+                format!("{raw:?} must be a normalized absolute path without a trailing slash"),
+            );
+            default.to_owned()
+        }
+    }
+}
+
+fn parse_upstream(raw: &str) -> Result<Upstream, String> {
+    if raw == "echo" {
+        return Ok(Upstream::Echo);
+    }
+    let not_url = || format!("{raw:?} is not an http or https URL (or \"echo\")");
+    let uri: http::Uri = raw.parse().map_err(|_| not_url())?;
+    let https = match uri.scheme_str() {
+        Some("http") => false,
+        Some("https") => true,
+        _ => return Err(not_url()),
+    };
+    let authority = uri.authority().ok_or_else(not_url)?;
+    if authority.as_str().contains('@') {
+        return Err(format!("{raw:?} must not carry credentials"));
+    }
+    if authority.host().is_empty() {
+        return Err(not_url());
+    }
+    if uri.query().is_some() {
+        return Err(format!("{raw:?} must not have a query"));
+    }
+    let base_path = uri.path().trim_end_matches('/').to_owned();
+    Ok(Upstream::Http {
+        https,
+        authority: authority.as_str().to_owned(),
+        base_path,
+    })
+}
+
+fn decode_hex32(s: &str) -> Option<[u8; 32]> {
+    let b = s.as_bytes();
+    if b.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in b.chunks(2).enumerate() {
+        let hi = (pair[0] as char).to_digit(16)?;
+        let lo = (pair[1] as char).to_digit(16)?;
+        out[i] = (hi << 4 | lo) as u8;
+    }
+    Some(out)
+}
+
+/// Reads PEM certificates; `Err` says why in words.
+pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    if !path.exists() {
+        return Err(format!("{} does not exist", path.display()));
+    }
+    let certs: Result<Vec<_>, _> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+        .collect();
+    match certs {
+        Ok(c) if !c.is_empty() => Ok(c),
+        Ok(_) => Err(format!("{} holds no PEM certificate", path.display())),
+        Err(e) => Err(format!("{} is not valid PEM: {e}", path.display())),
+    }
+}
+
+fn load_tls(c: &mut Checker<'_>, t: &file::TlsFile) -> Option<TlsSettings> {
+    let cert_path = c.path(&t.cert);
+    let key_path = c.path(&t.key);
+    let certs = match read_certs(&cert_path) {
+        Ok(certs) => Some(certs),
+        Err(reason) => {
+            c.fail("server.tls.cert", reason);
+            None
+        }
+    };
+    let key = if !key_path.exists() {
+        c.fail("server.tls.key", format!("{} does not exist", key_path.display()));
+        None
+    } else {
+        match PrivateKeyDer::from_pem_file(&key_path) {
+            Ok(k) => Some(k),
+            Err(e) => {
+                c.fail(
+                    "server.tls.key",
+                    format!("{} holds no usable PEM private key: {e}", key_path.display()),
+                );
+                None
+            }
+        }
+    };
+    let (cert_chain, key) = (certs?, key?);
+    // Catch a cert/key mismatch at load rather than at the first handshake.
+    let provider = rustls::crypto::aws_lc_rs::default_provider();
+    match provider.key_provider.load_private_key(key.clone_key()) {
+        Ok(signing) => {
+            let ck = rustls::sign::CertifiedKey::new(cert_chain.clone(), signing);
+            if let Err(e) = ck.keys_match() {
+                c.fail("server.tls.key", format!("does not match server.tls.cert: {e}"));
+                return None;
+            }
+        }
+        Err(e) => {
+            c.fail("server.tls.key", format!("unsupported private key: {e}"));
+            return None;
+        }
+    }
+    Some(TlsSettings {
+        cert_path,
+        key_path,
+        cert_chain,
+        key,
+    })
+}
+
+/// Index of users and clients by name, shared by the oauth modules.
+pub fn index_by<T>(items: &[T], key: impl Fn(&T) -> &str) -> HashMap<String, usize> {
+    items.iter().enumerate().map(|(i, x)| (key(x).to_owned(), i)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) const MINIMAL: &str = r#"
+[server]
+listen = "127.0.0.1:0"
+[tokens]
+issuer = "https://issuer.test"
+audience = "api"
+signing = { secret = "env:TOKENGATE_TEST_SECRET_FOR_UNIT_TESTS" }
+"#;
+
+    fn load(extra: &str) -> Result<Config, ConfigError> {
+        // A file secret: setting env vars is `unsafe` in edition 2024 and racy across tests.
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("tokengate-cfg-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("secret"), "0123456789abcdef0123456789abcdef\n").unwrap();
+        let text = MINIMAL.replace("env:TOKENGATE_TEST_SECRET_FOR_UNIT_TESTS", "file:secret");
+        Config::from_toml(&format!("{text}\n{extra}"), &dir, "test.toml")
+    }
+
+    fn problems(extra: &str) -> Vec<String> {
+        load(extra)
+            .unwrap_err()
+            .problems
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("900s").unwrap(), Duration::from_secs(900));
+        assert_eq!(parse_duration("15m").unwrap(), Duration::from_secs(900));
+        assert_eq!(parse_duration("1d").unwrap(), Duration::from_secs(86_400));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert!(parse_duration("15").is_err());
+        assert!(parse_duration("m").is_err());
+        assert!(parse_duration("1.5h").is_err());
+        assert!(parse_duration("99999999999999999999d").is_err());
+    }
+
+    #[test]
+    fn minimal_config_gets_the_documented_defaults() {
+        let c = load("").unwrap();
+        assert_eq!(c.tokens.access_ttl, Duration::from_secs(900));
+        assert_eq!(c.tokens.refresh_ttl, Duration::from_secs(86_400));
+        assert_eq!(c.tokens.reuse_grace, Duration::from_secs(10));
+        assert_eq!(c.tokens.token_path, "/api/oauth2/token");
+        assert_eq!(c.admin.listen, "127.0.0.1:9901".parse().unwrap());
+        assert_eq!(c.tokens.secret.expose(), b"0123456789abcdef0123456789abcdef");
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_path() {
+        let p = problems("[[routes]]\npath_prefix = \"/a\"\nupstream = \"echo\"\nscopez = [\"x\"]\n");
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].starts_with("routes[0].scopez: unknown field `scopez`, expected one of"), "{p:?}");
+    }
+
+    #[test]
+    fn every_semantic_error_is_reported_at_once() {
+        let p = problems(
+            "[[routes]]\npath_prefix = \"/a\"\nupstream = \"htp://x\"\n\
+             [[routes]]\npath_prefix = \"/b\"\nupstream = \"echo\"\ntimeout = \"5 minutes\"\n",
+        );
+        assert!(
+            p.contains(&r#"routes[0].upstream: "htp://x" is not an http or https URL (or "echo")"#.to_owned()),
+            "{p:?}"
+        );
+        assert!(
+            p.iter()
+                .any(|m| m.starts_with("routes[1].timeout: \"5 minutes\" is not a duration")),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn literal_secrets_are_refused_without_echoing_them() {
+        let text = MINIMAL.replace("env:TOKENGATE_TEST_SECRET_FOR_UNIT_TESTS", "hunter2-literal");
+        let err = Config::from_toml(&text, Path::new("."), "t.toml").unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("tokens.signing.secret: must be \"env:NAME\" or \"file:PATH\""),
+            "{msg}"
+        );
+        assert!(!msg.contains("hunter2"), "{msg}");
+    }
+
+    #[test]
+    fn short_hmac_secret_is_refused() {
+        let dir = std::env::temp_dir().join(format!("tokengate-cfg-short-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("secret"), "short").unwrap();
+        let text = MINIMAL.replace("env:TOKENGATE_TEST_SECRET_FOR_UNIT_TESTS", "file:secret");
+        let msg = Config::from_toml(&text, &dir, "t.toml").unwrap_err().to_string();
+        assert!(
+            msg.contains("tokens.signing.secret: is 5 bytes; HS256 needs at least 32"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn route_prefix_rules() {
+        let p = problems(
+            "[[routes]]\npath_prefix = \"/api/oauth2/token\"\nupstream = \"echo\"\n\
+             [[routes]]\npath_prefix = \"/x\"\nupstream = \"echo\"\n\
+             [[routes]]\npath_prefix = \"/x/\"\nupstream = \"echo\"\n\
+             [[routes]]\npath_prefix = \"/y\"\nupstream = \"echo\"\nauth = \"none\"\nscopes = [\"a\"]\n",
+        );
+        assert!(
+            p.iter()
+                .any(|m| m.starts_with("routes[0].path_prefix: \"/api/oauth2/token\" is the gateway's own")),
+            "{p:?}"
+        );
+        assert!(
+            p.contains(&"routes[2].path_prefix: same host and prefix as routes[1]".to_owned()),
+            "{p:?}"
+        );
+        assert!(
+            p.iter()
+                .any(|m| m.starts_with("routes[3].scopes: a route with auth = \"none\"")),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn upstream_urls() {
+        assert_eq!(
+            parse_upstream("http://127.0.0.1:9000/v1/").unwrap(),
+            Upstream::Http {
+                https: false,
+                authority: "127.0.0.1:9000".into(),
+                base_path: "/v1".into()
+            }
+        );
+        assert!(parse_upstream("https://example.com").is_ok());
+        assert!(parse_upstream("ftp://example.com").is_err());
+        assert!(parse_upstream("http://u:p@example.com").is_err());
+        assert!(parse_upstream("http://example.com/?q=1").is_err());
+        assert!(parse_upstream("/relative").is_err());
+    }
+
+    #[test]
+    fn clients_and_users_are_checked() {
+        let p = problems(
+            "[[clients]]\nid = \"svc\"\ngrants = [\"client_credentials\", \"implicit\"]\n\
+             [[clients]]\nid = \"svc\"\ngrants = [\"password\"]\nsecret_sha256 = \"abc\"\n\
+             [[users]]\nusername = \"u\"\npassword_hash = \"plaintext\"\n",
+        );
+        assert!(
+            p.contains(
+                &"clients[0].grants[1]: \"implicit\" is not a grant type (password, refresh_token, client_credentials)"
+                    .to_owned()
+            ),
+            "{p:?}"
+        );
+        assert!(
+            p.iter()
+                .any(|m| m.starts_with("clients[0].grants: client_credentials needs a confidential client")),
+            "{p:?}"
+        );
+        assert!(
+            p.contains(&"clients[1].id: \"svc\" is defined twice".to_owned()),
+            "{p:?}"
+        );
+        assert!(
+            p.iter()
+                .any(|m| m.starts_with("clients[1].secret_sha256: must be 64 hex digits")),
+            "{p:?}"
+        );
+        assert!(
+            p.iter()
+                .any(|m| m.starts_with("users[0].password_hash: is not a PHC string")),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn bad_listen_address_is_named() {
+        let text = MINIMAL.replace("127.0.0.1:0", "localhost:http");
+        let err = Config::from_toml(&text, Path::new("."), "t.toml").unwrap_err();
+        assert!(err.problems.iter().any(|p| p.key == "server.listen"), "{err}");
+    }
+}

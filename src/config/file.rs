@@ -1,0 +1,117 @@
+//! The TOML file as written, mirrored field by field. Nothing here is interpreted: durations, secrets,
+//! addresses and URLs stay strings so that `config.rs` can check them all and report every problem at
+//! once, each under its key path. `deny_unknown_fields` everywhere: a misspelt `scopes` must never
+//! silently open a route.
+
+use serde::Deserialize;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub server: ServerFile,
+    #[serde(default)]
+    pub admin: AdminFile,
+    pub tokens: TokensFile,
+    #[serde(default)]
+    pub clients: Vec<ClientFile>,
+    #[serde(default)]
+    pub users: Vec<UserFile>,
+    #[serde(default)]
+    pub routes: Vec<RouteFile>,
+    #[serde(default)]
+    pub log: LogFile,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerFile {
+    pub listen: String,
+    pub tls: Option<TlsFile>,
+    pub handshake_timeout: Option<String>,
+    pub header_read_timeout: Option<String>,
+    pub max_connections: Option<i64>,
+    pub shutdown_grace: Option<String>,
+    pub worker_threads: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFile {
+    pub cert: String,
+    pub key: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminFile {
+    pub listen: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokensFile {
+    pub issuer: String,
+    pub audience: String,
+    pub access_ttl: Option<String>,
+    pub refresh_ttl: Option<String>,
+    pub session_max_lifetime: Option<String>,
+    pub reuse_grace: Option<String>,
+    pub leeway: Option<String>,
+    pub cache_capacity: Option<i64>,
+    pub token_path: Option<String>,
+    pub revoke_path: Option<String>,
+    pub signing: SigningFile,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SigningFile {
+    pub alg: Option<String>,
+    pub secret: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientFile {
+    pub id: String,
+    pub secret_sha256: Option<String>,
+    #[serde(default)]
+    pub grants: Vec<String>,
+    #[serde(default)]
+    pub scopes: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserFile {
+    pub username: String,
+    pub password_hash: String,
+    #[serde(default)]
+    pub scopes: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteFile {
+    pub path_prefix: String,
+    pub host: Option<String>,
+    pub upstream: String,
+    pub auth: Option<String>,
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    #[serde(default)]
+    pub strip_prefix: bool,
+    #[serde(default)]
+    pub forward_authorization: bool,
+    #[serde(default)]
+    pub preserve_host: bool,
+    pub connect_timeout: Option<String>,
+    pub timeout: Option<String>,
+    pub ca_file: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogFile {
+    pub format: Option<String>,
+}

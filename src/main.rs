@@ -1,0 +1,155 @@
+//! The `tokengate` command: run / check / hash-password / gen-certs. Raw arguments are parsed
+//! first, validated second; any error is printed with its chain of causes and a non-zero exit.
+
+use std::io::{IsTerminal, Read};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use tokengate::config::{Config, ConfigError, LogFormat};
+use tokengate::{Gateway, SystemClock};
+
+#[derive(Parser)]
+#[command(
+    name = "tokengate",
+    version,
+    about = "A TLS gateway that issues and enforces OAuth 2.0 access tokens"
+)]
+struct Cli {
+    /// Config file (run without a subcommand).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// Log format; overrides [log] format.
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<LogFormatArg>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormatArg {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway (the default).
+    Run,
+    /// Validate a config: print a summary and exit 0, or every error and exit 2.
+    Check,
+    /// Read a password from stdin and print its Argon2id PHC string for [[users]].
+    HashPassword,
+    /// Write a development CA, a localhost certificate and a JWT secret into DIR.
+    GenCerts {
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+const EXIT_CONFIG: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command.unwrap_or(Command::Run) {
+        Command::Run => run(cli.config, cli.log_format),
+        Command::Check => return check(cli.config),
+        Command::HashPassword => hash_password(),
+        Command::GenCerts { out } => tokengate::certs::generate(&out).map(|()| {
+            println!(
+                "wrote ca.pem, ca-key.pem, localhost.pem, localhost-key.pem, dev-jwt-secret to {}",
+                out.display()
+            );
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if let Some(config_error) = e.downcast_ref::<ConfigError>() {
+                eprintln!("tokengate: {config_error}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+            eprintln!("tokengate: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn config_path(path: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    path.context("--config FILE is required (try: --config config/tokengate.toml)")
+}
+
+fn check(path: Option<PathBuf>) -> ExitCode {
+    let path = match config_path(path) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("tokengate: {e:#}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    match Config::load(&path) {
+        Ok(config) => {
+            println!("{}: ok; {}", path.display(), config.summary());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tokengate: {e}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
+
+fn run(path: Option<PathBuf>, log_format: Option<LogFormatArg>) -> anyhow::Result<()> {
+    let config = Config::load(&config_path(path)?)?;
+    let format = match log_format {
+        Some(LogFormatArg::Text) => LogFormat::Text,
+        Some(LogFormatArg::Json) => LogFormat::Json,
+        None => config.log.format,
+    };
+    let _log = tokengate::logging::init(format);
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = config.server.worker_threads {
+        runtime.worker_threads(n);
+    }
+    let runtime = runtime.enable_all().build().context("cannot start the tokio runtime")?;
+    runtime.block_on(async move {
+        let gateway = Gateway::new(config, Arc::new(SystemClock))?;
+        let running = gateway.start().await?;
+        wait_for_signal().await?;
+        tracing::info!("shutdown signal received; draining");
+        running.shutdown().await;
+        Ok(())
+    })
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.context("cannot install the SIGINT handler"),
+        _ = term.recv() => Ok(()),
+    }
+}
+
+fn hash_password() -> anyhow::Result<()> {
+    let password = if std::io::stdin().is_terminal() {
+        rpassword::prompt_password("password: ").context("cannot read the password")?
+    } else {
+        let mut s = String::new();
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .context("cannot read the password from stdin")?;
+        s.strip_suffix('\n')
+            .map(|s| s.strip_suffix('\r').unwrap_or(s))
+            .unwrap_or(&s)
+            .to_owned()
+    };
+    if password.is_empty() {
+        anyhow::bail!("the password is empty");
+    }
+    let phc = tokengate::oauth::users::hash_password(&password).map_err(|e| anyhow::anyhow!("cannot hash: {e}"))?;
+    println!("{phc}");
+    Ok(())
+}

@@ -1,0 +1,14 @@
+//! The authorization server: the token endpoint (login, refresh with rotation, client credentials)
+//! and RFC 7009 revocation. Protocol logic lives in the submodules, which know nothing of sockets;
+//! `endpoint.rs` is the thin HTTP layer over them.
+
+pub mod clients;
+pub mod endpoint;
+pub mod error;
+pub mod issuer;
+pub mod limiter;
+pub mod registry;
+pub mod users;
+
+pub use endpoint::OAuthServer;
+pub use error::{ErrorCode, OAuthError};

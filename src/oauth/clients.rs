@@ -1,0 +1,217 @@
+//! OAuth clients and their authentication (RFC 6749 §2.3.1): HTTP Basic or client_secret_post for
+//! confidential clients, client_id alone for public ones. Secrets are kept as SHA-256 digests and
+//! compared in constant time.
+
+use std::collections::HashMap;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use subtle::ConstantTimeEq;
+
+use crate::config::{ClientSettings, GrantType};
+use crate::oauth::error::{ErrorCode, OAuthError};
+use crate::oauth::issuer::digest_of;
+
+/// Credentials as presented, before they are checked.
+#[derive(Debug, Default)]
+pub struct Presented<'a> {
+    /// From `Authorization: Basic`.
+    pub basic: Option<(String, String)>,
+    /// `client_id` and `client_secret` form parameters.
+    pub form_id: Option<&'a str>,
+    pub form_secret: Option<&'a str>,
+}
+
+/// Parses `Authorization: Basic` per RFC 6749 §2.3.1 (both parts form-urlencoded first).
+/// `Ok(None)`: no Basic header. `Err`: a Basic header that cannot be read.
+pub fn parse_basic(value: Option<&[u8]>) -> Result<Option<(String, String)>, OAuthError> {
+    let Some(value) = value else { return Ok(None) };
+    if value.len() < 6 || !value[..6].eq_ignore_ascii_case(b"basic ") {
+        return Ok(None);
+    }
+    let bad = || OAuthError::Protocol {
+        code: ErrorCode::InvalidClient,
+        description: "malformed Basic credentials".into(),
+        basic_challenge: true,
+    };
+    let decoded = STANDARD.decode(value[6..].trim_ascii()).map_err(|_| bad())?;
+    let text = String::from_utf8(decoded).map_err(|_| bad())?;
+    let (id, secret) = text.split_once(':').ok_or_else(bad)?;
+    let unescape = |s: &str| -> String {
+        form_urlencoded::parse(format!("x={s}").as_bytes())
+            .next()
+            .map(|(_, v)| v.into_owned())
+            .unwrap_or_default()
+    };
+    Ok(Some((unescape(id), unescape(secret))))
+}
+
+pub struct ClientRegistry {
+    clients: Vec<ClientSettings>,
+    by_id: HashMap<String, u32>,
+}
+
+impl ClientRegistry {
+    pub fn new(clients: Vec<ClientSettings>) -> Self {
+        let by_id = clients
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.id.clone(), i as u32))
+            .collect();
+        ClientRegistry { clients, by_id }
+    }
+
+    pub fn get(&self, index: u32) -> Option<&ClientSettings> {
+        self.clients.get(index as usize)
+    }
+
+    /// Authenticates the client of a token or revocation request.
+    pub fn authenticate(&self, p: &Presented<'_>) -> Result<(u32, &ClientSettings), OAuthError> {
+        let used_basic = p.basic.is_some();
+        let fail = |description: &str| OAuthError::Protocol {
+            code: ErrorCode::InvalidClient,
+            description: description.into(),
+            basic_challenge: used_basic,
+        };
+        let (id, secret) = match (&p.basic, p.form_id, p.form_secret) {
+            (Some(_), _, Some(_)) => {
+                return Err(OAuthError::invalid_request(
+                    "use one client authentication method, not two",
+                ));
+            }
+            (Some((bid, _)), Some(fid), None) if bid != fid => {
+                return Err(OAuthError::invalid_request(
+                    "client_id differs from the Basic credentials",
+                ));
+            }
+            (Some((bid, bsecret)), _, None) => (bid.as_str(), Some(bsecret.as_str())),
+            (None, Some(fid), secret) => (fid, secret),
+            (None, None, _) => return Err(fail("client authentication is required")),
+        };
+        let Some(&index) = self.by_id.get(id) else {
+            return Err(fail("unknown client or bad credentials"));
+        };
+        let client = &self.clients[index as usize];
+        match (&client.secret_sha256, secret) {
+            (Some(expected), Some(secret)) => {
+                if !bool::from(digest_of(secret).ct_eq(expected)) {
+                    return Err(fail("unknown client or bad credentials"));
+                }
+            }
+            (Some(_), None) => return Err(fail("this client must authenticate with its secret")),
+            // A public client has no secret; presenting one is a misconfigured client.
+            (None, Some(s)) if !s.is_empty() => {
+                return Err(fail("unknown client or bad credentials"));
+            }
+            (None, _) => {}
+        }
+        Ok((index, client))
+    }
+}
+
+impl ClientSettings {
+    pub fn may_use(&self, grant: GrantType) -> bool {
+        self.grants.contains(&grant)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scope::ScopeSet;
+
+    fn hex(d: [u8; 32]) -> [u8; 32] {
+        d
+    }
+
+    fn registry() -> ClientRegistry {
+        ClientRegistry::new(vec![
+            ClientSettings {
+                id: "web".into(),
+                secret_sha256: None,
+                grants: vec![GrantType::Password],
+                scopes: ScopeSet(1),
+            },
+            ClientSettings {
+                id: "svc".into(),
+                secret_sha256: Some(hex(digest_of("s3cret"))),
+                grants: vec![GrantType::ClientCredentials],
+                scopes: ScopeSet(1),
+            },
+        ])
+    }
+
+    fn code(e: OAuthError) -> (ErrorCode, bool) {
+        match e {
+            OAuthError::Protocol {
+                code, basic_challenge, ..
+            } => (code, basic_challenge),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn public_and_confidential_clients() {
+        let r = registry();
+        let p = Presented {
+            form_id: Some("web"),
+            ..Default::default()
+        };
+        assert_eq!(r.authenticate(&p).unwrap().0, 0);
+        let p = Presented {
+            form_id: Some("svc"),
+            form_secret: Some("s3cret"),
+            ..Default::default()
+        };
+        assert_eq!(r.authenticate(&p).unwrap().0, 1);
+        let p = Presented {
+            basic: Some(("svc".into(), "s3cret".into())),
+            ..Default::default()
+        };
+        assert_eq!(r.authenticate(&p).unwrap().0, 1);
+    }
+
+    #[test]
+    fn failures() {
+        let r = registry();
+        let p = Presented {
+            basic: Some(("svc".into(), "wrong".into())),
+            ..Default::default()
+        };
+        assert_eq!(code(r.authenticate(&p).unwrap_err()), (ErrorCode::InvalidClient, true));
+        let p = Presented {
+            form_id: Some("svc"),
+            ..Default::default()
+        };
+        assert_eq!(code(r.authenticate(&p).unwrap_err()), (ErrorCode::InvalidClient, false));
+        let p = Presented {
+            form_id: Some("nobody"),
+            ..Default::default()
+        };
+        assert_eq!(code(r.authenticate(&p).unwrap_err()), (ErrorCode::InvalidClient, false));
+        let p = Presented::default();
+        assert_eq!(code(r.authenticate(&p).unwrap_err()), (ErrorCode::InvalidClient, false));
+        let p = Presented {
+            basic: Some(("svc".into(), "s3cret".into())),
+            form_secret: Some("s3cret"),
+            ..Default::default()
+        };
+        assert_eq!(
+            code(r.authenticate(&p).unwrap_err()),
+            (ErrorCode::InvalidRequest, false)
+        );
+    }
+
+    #[test]
+    fn basic_header_parsing() {
+        let v = format!("Basic {}", STANDARD.encode("my%20id:p%3Ass"));
+        assert_eq!(
+            parse_basic(Some(v.as_bytes())).unwrap(),
+            Some(("my id".into(), "p:ss".into()))
+        );
+        assert_eq!(parse_basic(Some(b"Bearer x")).unwrap(), None);
+        assert!(parse_basic(Some(b"Basic !!!")).is_err());
+        let no_colon = format!("Basic {}", STANDARD.encode("nocolon"));
+        assert!(parse_basic(Some(no_colon.as_bytes())).is_err());
+    }
+}

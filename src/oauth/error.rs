@@ -1,0 +1,79 @@
+//! RFC 6749 §5.2 error responses of the token and revocation endpoints.
+
+use http::StatusCode;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    InvalidRequest,
+    InvalidClient,
+    InvalidGrant,
+    UnauthorizedClient,
+    UnsupportedGrantType,
+    InvalidScope,
+    /// RFC 7009 §2.2.1.
+    UnsupportedTokenType,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidRequest => "invalid_request",
+            ErrorCode::InvalidClient => "invalid_client",
+            ErrorCode::InvalidGrant => "invalid_grant",
+            ErrorCode::UnauthorizedClient => "unauthorized_client",
+            ErrorCode::UnsupportedGrantType => "unsupported_grant_type",
+            ErrorCode::InvalidScope => "invalid_scope",
+            ErrorCode::UnsupportedTokenType => "unsupported_token_type",
+        }
+    }
+
+    /// §5.2: 400, except `invalid_client`, which is 401.
+    pub fn status(self) -> StatusCode {
+        match self {
+            ErrorCode::InvalidClient => StatusCode::UNAUTHORIZED,
+            ErrorCode::InvalidRequest
+            | ErrorCode::InvalidGrant
+            | ErrorCode::UnauthorizedClient
+            | ErrorCode::UnsupportedGrantType
+            | ErrorCode::InvalidScope
+            | ErrorCode::UnsupportedTokenType => StatusCode::BAD_REQUEST,
+        }
+    }
+}
+
+/// An error of the token or revocation endpoint, as the client will see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OAuthError {
+    /// A §5.2 error. `basic_challenge`: the client tried HTTP Basic, so a 401 carries
+    /// `WWW-Authenticate: Basic`.
+    Protocol {
+        code: ErrorCode,
+        description: String,
+        basic_challenge: bool,
+    },
+    /// Login attempts are being slowed down: 429 with `Retry-After` (seconds).
+    SlowDown { retry_after_secs: u64 },
+    /// The form body is over the cap: 413.
+    BodyTooLarge,
+    /// Wrong method: 405 with `Allow: POST`.
+    MethodNotAllowed,
+    /// A fault of ours (signing failed, a blocking task died): 500.
+    Internal(&'static str),
+}
+
+impl OAuthError {
+    pub fn new(code: ErrorCode, description: impl Into<String>) -> Self {
+        OAuthError::Protocol {
+            code,
+            description: description.into(),
+            basic_challenge: false,
+        }
+    }
+    pub fn invalid_request(description: impl Into<String>) -> Self {
+        Self::new(ErrorCode::InvalidRequest, description)
+    }
+}
+
+/// One body for every refresh-token failure (unknown, expired, revoked, reused, another client's):
+/// telling them apart would help an attacker probing stolen tokens.
+pub const INVALID_REFRESH_TOKEN: &str = "the refresh token is invalid, expired or revoked";

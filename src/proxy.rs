@@ -1,0 +1,7 @@
+//! Forwarding to upstreams: header hygiene, the pooled client, the built-in echo upstream.
+
+pub mod echo;
+pub mod forward;
+pub mod headers;
+
+pub use forward::{ForwardError, Forwarder};

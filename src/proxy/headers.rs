@@ -1,0 +1,303 @@
+//! Header hygiene between client and upstream.
+//!
+//! Requests: hop-by-hop headers go (RFC 9110 §7.6.1, including every header the Connection header
+//! names); identity headers are set from the validated token and every copy the client sent is
+//! dropped first, on every route, public ones included (GHSA-7x63-xv5r-3p2x); Authorization goes
+//! unless the route forwards it; X-Forwarded-For is appended to, X-Forwarded-Proto/Host are ours.
+//! All of it is one pass over the client's headers into a new map, not a `remove` per name.
+
+use std::net::IpAddr;
+
+use http::HeaderMap;
+use http::header::{self, HeaderName, HeaderValue};
+
+pub static X_AUTH_SUBJECT: HeaderName = HeaderName::from_static("x-auth-subject");
+pub static X_AUTH_CLIENT_ID: HeaderName = HeaderName::from_static("x-auth-client-id");
+pub static X_AUTH_SCOPE: HeaderName = HeaderName::from_static("x-auth-scope");
+pub static X_AUTH_SESSION: HeaderName = HeaderName::from_static("x-auth-session");
+pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+
+/// Always hop-by-hop (RFC 9110 §7.6.1, plus the legacy `Proxy-Connection` and `Keep-Alive`).
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == KEEP_ALIVE
+        || name == PROXY_CONNECTION
+        || name == header::TE
+        || name == header::TRAILER
+        || name == header::TRANSFER_ENCODING
+        || name == header::UPGRADE
+        || name == header::PROXY_AUTHORIZATION
+        || name == header::PROXY_AUTHENTICATE
+}
+
+/// `X-Auth-*`: the gateway's identity namespace; the client never gets to write in it.
+fn is_identity(name: &HeaderName) -> bool {
+    name.as_str().starts_with("x-auth-")
+}
+
+/// Header names listed in the Connection header(s), lower-cased.
+fn connection_named(headers: &HeaderMap) -> Vec<HeaderName> {
+    let mut named = Vec::new();
+    for value in headers.get_all(header::CONNECTION) {
+        let Ok(value) = value.to_str() else { continue };
+        for token in value.split(',') {
+            let token = token.trim();
+            if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
+                named.push(name);
+            }
+        }
+    }
+    named
+}
+
+/// Is this an HTTP/1.1 Upgrade request (Connection: upgrade + Upgrade)?
+pub fn is_upgrade_request(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE) && connection_named(headers).contains(&header::UPGRADE)
+}
+
+pub struct RequestContext<'a> {
+    pub peer_ip: IpAddr,
+    pub proto: &'static str,
+    /// The Host (or :authority) the client addressed.
+    pub original_host: Option<HeaderValue>,
+    /// Host header for the upstream; `None` keeps the client's.
+    pub upstream_host: Option<&'a HeaderValue>,
+    /// Subject, client id, scope, session, from the token; `None` on public routes.
+    pub identity: Option<&'a [HeaderValue; 4]>,
+    pub keep_authorization: bool,
+    /// Keep `Upgrade` and `Connection: upgrade` (a WebSocket handshake).
+    pub upgrade: bool,
+    pub request_id: &'a HeaderValue,
+}
+
+/// The headers to send upstream, built from the client's in one pass.
+pub fn upstream_request_headers(mut client: HeaderMap, ctx: &RequestContext<'_>) -> HeaderMap {
+    let named = if client.contains_key(header::CONNECTION) {
+        connection_named(&client)
+    } else {
+        Vec::new()
+    };
+    let upgrade_value = if ctx.upgrade {
+        client.get(header::UPGRADE).cloned()
+    } else {
+        None
+    };
+    let mut out = HeaderMap::with_capacity(client.len() + 8);
+    let mut forwarded_for: Option<Vec<u8>> = None;
+    let mut current: Option<HeaderName> = None;
+    for (name, value) in client.drain() {
+        if let Some(name) = name {
+            current = Some(name);
+        }
+        let Some(name) = current.as_ref() else {
+            continue;
+        };
+        if is_hop_by_hop(name)
+            || is_identity(name)
+            || name == header::HOST
+            || name == X_FORWARDED_PROTO
+            || name == X_FORWARDED_HOST
+            || name == X_REQUEST_ID
+            || (name == header::AUTHORIZATION && !ctx.keep_authorization)
+            || named.contains(name)
+        {
+            continue;
+        }
+        if name == X_FORWARDED_FOR {
+            let buf = forwarded_for.get_or_insert_with(Vec::new);
+            if !buf.is_empty() {
+                buf.extend_from_slice(b", ");
+            }
+            buf.extend_from_slice(value.as_bytes());
+            continue;
+        }
+        out.append(name.clone(), value);
+    }
+
+    let peer = ctx.peer_ip.to_string();
+    let xff = match forwarded_for {
+        Some(mut prior) => {
+            prior.extend_from_slice(b", ");
+            prior.extend_from_slice(peer.as_bytes());
+            HeaderValue::from_bytes(&prior).ok()
+        }
+        None => HeaderValue::from_str(&peer).ok(),
+    };
+    if let Some(xff) = xff {
+        out.insert(X_FORWARDED_FOR.clone(), xff);
+    }
+    out.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(ctx.proto));
+    if let Some(host) = &ctx.original_host {
+        out.insert(X_FORWARDED_HOST.clone(), host.clone());
+    }
+    match (ctx.upstream_host, &ctx.original_host) {
+        (Some(h), _) => {
+            out.insert(header::HOST, h.clone());
+        }
+        (None, Some(h)) => {
+            out.insert(header::HOST, h.clone());
+        }
+        (None, None) => {}
+    }
+    if let Some([sub, client_id, scope, sid]) = ctx.identity {
+        out.insert(X_AUTH_SUBJECT.clone(), sub.clone());
+        out.insert(X_AUTH_CLIENT_ID.clone(), client_id.clone());
+        out.insert(X_AUTH_SCOPE.clone(), scope.clone());
+        out.insert(X_AUTH_SESSION.clone(), sid.clone());
+    }
+    out.insert(X_REQUEST_ID.clone(), ctx.request_id.clone());
+    if let Some(upgrade) = upgrade_value {
+        out.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        out.insert(header::UPGRADE, upgrade);
+    }
+    out
+}
+
+/// Strips hop-by-hop headers from an upstream response in place (kept for a 101 handshake).
+pub fn clean_response_headers(headers: &mut HeaderMap, switching_protocols: bool) {
+    if switching_protocols {
+        return;
+    }
+    let named = if headers.contains_key(header::CONNECTION) {
+        connection_named(headers)
+    } else {
+        Vec::new()
+    };
+    if named.is_empty() && !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
+    let old = std::mem::take(headers);
+    let mut current: Option<HeaderName> = None;
+    for (name, value) in old {
+        if let Some(name) = name {
+            current = Some(name);
+        }
+        let Some(name) = current.as_ref() else {
+            continue;
+        };
+        if is_hop_by_hop(name) || named.contains(name) {
+            continue;
+        }
+        headers.append(name.clone(), value);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx<'a>(
+        identity: Option<&'a [HeaderValue; 4]>,
+        rid: &'a HeaderValue,
+        upstream_host: Option<&'a HeaderValue>,
+    ) -> RequestContext<'a> {
+        RequestContext {
+            peer_ip: "192.0.2.7".parse().unwrap(),
+            proto: "https",
+            original_host: Some(HeaderValue::from_static("gw.example")),
+            upstream_host,
+            identity,
+            keep_authorization: false,
+            upgrade: false,
+            request_id: rid,
+        }
+    }
+
+    fn hv(s: &'static str) -> HeaderValue {
+        HeaderValue::from_static(s)
+    }
+
+    #[test]
+    fn hop_by_hop_and_connection_named_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, hv("keep-alive, X-Secret-Hop"));
+        h.insert("x-secret-hop", hv("1"));
+        h.insert(header::TE, hv("trailers"));
+        h.insert("keep-alive", hv("timeout=5"));
+        h.insert(header::UPGRADE, hv("websocket"));
+        h.insert("proxy-connection", hv("keep-alive"));
+        h.insert("accept", hv("*/*"));
+        let rid = hv("rid");
+        let out = upstream_request_headers(h, &ctx(None, &rid, None));
+        for gone in [
+            "connection",
+            "x-secret-hop",
+            "te",
+            "keep-alive",
+            "upgrade",
+            "proxy-connection",
+        ] {
+            assert!(!out.contains_key(gone), "{gone} should be gone");
+        }
+        assert_eq!(out["accept"], "*/*");
+    }
+
+    #[test]
+    fn spoofed_identity_is_replaced_and_authorization_dropped() {
+        let mut h = HeaderMap::new();
+        h.append("x-auth-subject", hv("admin"));
+        h.append("X-Auth-Subject", hv("root"));
+        h.append("x-auth-roles", hv("superuser"));
+        h.insert(header::AUTHORIZATION, hv("Bearer abc"));
+        let identity = [hv("ann"), hv("web"), hv("orders:read"), hv("sid1")];
+        let rid = hv("rid");
+        let out = upstream_request_headers(h.clone(), &ctx(Some(&identity), &rid, None));
+        assert_eq!(out.get_all("x-auth-subject").iter().collect::<Vec<_>>(), vec!["ann"]);
+        assert_eq!(out["x-auth-session"], "sid1");
+        assert!(!out.contains_key("x-auth-roles"));
+        assert!(!out.contains_key(header::AUTHORIZATION));
+
+        // A public route: every client copy is gone and none is set.
+        let out = upstream_request_headers(h, &ctx(None, &rid, None));
+        assert!(!out.keys().any(|k| k.as_str().starts_with("x-auth-")), "{out:?}");
+    }
+
+    #[test]
+    fn forwarding_headers() {
+        let mut h = HeaderMap::new();
+        h.append("x-forwarded-for", hv("198.51.100.1"));
+        h.append("x-forwarded-for", hv("198.51.100.2"));
+        h.insert("x-forwarded-proto", hv("http"));
+        h.insert("x-forwarded-host", hv("evil.example"));
+        h.insert(header::HOST, hv("gw.example"));
+        let rid = hv("rid-1");
+        let up = hv("127.0.0.1:9000");
+        let out = upstream_request_headers(h, &ctx(None, &rid, Some(&up)));
+        assert_eq!(out["x-forwarded-for"], "198.51.100.1, 198.51.100.2, 192.0.2.7");
+        assert_eq!(out["x-forwarded-proto"], "https");
+        assert_eq!(out["x-forwarded-host"], "gw.example");
+        assert_eq!(out[header::HOST], "127.0.0.1:9000");
+        assert_eq!(out["x-request-id"], "rid-1");
+    }
+
+    #[test]
+    fn upgrade_requests_keep_their_upgrade_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, hv("Upgrade"));
+        h.insert(header::UPGRADE, hv("websocket"));
+        assert!(is_upgrade_request(&h));
+        let rid = hv("r");
+        let mut c = ctx(None, &rid, None);
+        c.upgrade = true;
+        let out = upstream_request_headers(h, &c);
+        assert_eq!(out[header::UPGRADE], "websocket");
+        assert_eq!(out[header::CONNECTION], "upgrade");
+    }
+
+    #[test]
+    fn response_hop_by_hop_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, hv("close, x-internal"));
+        h.insert("x-internal", hv("1"));
+        h.insert(header::TRANSFER_ENCODING, hv("chunked"));
+        h.insert(header::CONTENT_TYPE, hv("text/plain"));
+        clean_response_headers(&mut h, false);
+        assert_eq!(h.len(), 1);
+        assert_eq!(h[header::CONTENT_TYPE], "text/plain");
+    }
+}

@@ -1,0 +1,335 @@
+//! Route resolution: normalized path (+ host) → route index. Pure: no sockets, no config types.
+//!
+//! The path is normalized once ([`normalize_path`]) and that one spelling is used both to pick the
+//! route and to build the upstream request, so a route can never be chosen on one spelling and
+//! another forwarded (GHSA-7rh7-c77v-6434). Spellings whose meaning differs between servers are
+//! refused outright: an encoded slash, an encoded dot-segment, a NUL.
+//!
+//! Matching is by longest prefix on segment boundaries: `/api/orders` matches `/api/orders` and
+//! `/api/orders/7`, never `/api/ordersx`. Routes that name a host are consulted first for requests to
+//! that host; routes without a host serve every host.
+
+use std::collections::HashMap;
+
+use foldhash::fast::RandomState;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathError {
+    /// Not an origin-form path (does not start with `/`).
+    NotOriginForm,
+    /// `%` not followed by two hex digits.
+    BadPercentEncoding,
+    /// `%2F`: servers disagree on whether it separates segments.
+    EncodedSlash,
+    /// `%2e%2e` and friends: a dot-segment hidden from the first parser that looks.
+    EncodedDotSegment,
+    /// A NUL byte, raw or encoded.
+    Nul,
+}
+
+impl PathError {
+    pub fn describe(self) -> &'static str {
+        match self {
+            PathError::NotOriginForm => "request target is not an absolute path",
+            PathError::BadPercentEncoding => "path has a malformed percent-encoding",
+            PathError::EncodedSlash => "path contains an encoded slash",
+            PathError::EncodedDotSegment => "path contains an encoded dot-segment",
+            PathError::Nul => "path contains a NUL byte",
+        }
+    }
+}
+
+fn is_unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
+}
+
+fn hex_val(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// Normalizes an origin-form path (no query): percent-encoded unreserved characters decoded, other
+/// percent-encodings upper-cased, dot-segments removed (RFC 3986 §5.2.4, §6.2.2), runs of `/`
+/// collapsed to one. A trailing `/` is kept.
+pub fn normalize_path(raw: &str) -> Result<String, PathError> {
+    let bytes = raw.as_bytes();
+    if bytes.first() != Some(&b'/') {
+        return Err(PathError::NotOriginForm);
+    }
+    // Fast path: nothing to decode, no dot-segments, no empty segments.
+    if !bytes.contains(&b'%') && !bytes.contains(&0) && !raw.contains("//") && !raw.contains("/.") {
+        return Ok(raw.to_owned());
+    }
+
+    let mut segments: Vec<String> = Vec::new();
+    let mut trailing_slash = false;
+    for raw_seg in raw[1..].split('/') {
+        let mut seg = String::with_capacity(raw_seg.len());
+        let mut decoded_any = false;
+        let sb = raw_seg.as_bytes();
+        let mut i = 0;
+        while i < sb.len() {
+            let b = sb[i];
+            if b == 0 {
+                return Err(PathError::Nul);
+            }
+            if b == b'%' {
+                let (Some(h), Some(l)) = (
+                    sb.get(i + 1).copied().and_then(hex_val),
+                    sb.get(i + 2).copied().and_then(hex_val),
+                ) else {
+                    return Err(PathError::BadPercentEncoding);
+                };
+                let v = h << 4 | l;
+                match v {
+                    0 => return Err(PathError::Nul),
+                    b'/' => return Err(PathError::EncodedSlash),
+                    v if is_unreserved(v) => {
+                        seg.push(v as char);
+                        decoded_any = true;
+                    }
+                    v => {
+                        seg.push('%');
+                        seg.push_str(&format!("{v:02X}"));
+                    }
+                }
+                i += 3;
+            } else {
+                // `raw` is a &str and `b` is not part of a %-escape: copy the whole UTF-8 char.
+                let ch_len = utf8_len(b);
+                seg.push_str(&raw_seg[i..i + ch_len]);
+                i += ch_len;
+            }
+        }
+        trailing_slash = false;
+        match seg.as_str() {
+            "." | ".." if decoded_any => return Err(PathError::EncodedDotSegment),
+            "" => trailing_slash = true,
+            "." => trailing_slash = true,
+            ".." => {
+                segments.pop();
+                trailing_slash = true;
+            }
+            _ => segments.push(seg),
+        }
+    }
+    let mut out = String::with_capacity(raw.len());
+    for seg in &segments {
+        out.push('/');
+        out.push_str(seg);
+    }
+    if out.is_empty() || trailing_slash {
+        out.push('/');
+    }
+    Ok(out)
+}
+
+fn utf8_len(first: u8) -> usize {
+    match first {
+        0x00..=0x7F => 1,
+        0xC0..=0xDF => 2,
+        0xE0..=0xEF => 3,
+        _ => 4,
+    }
+}
+
+/// A route prefix in its canonical form: normalized, without a trailing slash (except `/` itself).
+pub fn canonical_prefix(prefix: &str) -> Result<String, PathError> {
+    let mut p = normalize_path(prefix)?;
+    while p.len() > 1 && p.ends_with('/') {
+        p.pop();
+    }
+    Ok(p)
+}
+
+/// Does a normalized `path` fall under the canonical `prefix`, on a segment boundary?
+pub fn prefix_matches(prefix: &str, path: &str) -> bool {
+    prefix == "/" || (path.starts_with(prefix) && matches!(path.as_bytes().get(prefix.len()), None | Some(b'/')))
+}
+
+type PrefixMap = HashMap<Box<str>, usize, RandomState>;
+
+/// Longest-prefix route lookup. Each lookup costs one hash probe per path segment, whatever the
+/// number of routes.
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    by_host: HashMap<Box<str>, PrefixMap, RandomState>,
+    any_host: PrefixMap,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DuplicateRoute {
+    pub index: usize,
+    pub earlier: usize,
+}
+
+impl RouteTable {
+    /// Builds the table from `(host, canonical prefix)` pairs; the index of each pair is what
+    /// [`RouteTable::resolve`] returns. Hosts are matched case-insensitively.
+    pub fn new<'a>(routes: impl IntoIterator<Item = (Option<&'a str>, &'a str)>) -> Result<Self, DuplicateRoute> {
+        let mut table = RouteTable::default();
+        for (index, (host, prefix)) in routes.into_iter().enumerate() {
+            let map = match host {
+                Some(h) => table.by_host.entry(h.to_ascii_lowercase().into()).or_default(),
+                None => &mut table.any_host,
+            };
+            if let Some(&earlier) = map.get(prefix) {
+                return Err(DuplicateRoute { index, earlier });
+            }
+            map.insert(prefix.into(), index);
+        }
+        Ok(table)
+    }
+
+    /// The route for a normalized path and the request's host (port and case ignored).
+    pub fn resolve(&self, host: Option<&str>, path: &str) -> Option<usize> {
+        if !self.by_host.is_empty()
+            && let Some(host) = host
+        {
+            let host = strip_port(host);
+            let found = if host.bytes().any(|b| b.is_ascii_uppercase()) {
+                self.by_host.get(host.to_ascii_lowercase().as_str())
+            } else {
+                self.by_host.get(host)
+            };
+            if let Some(map) = found
+                && let Some(i) = longest_prefix(map, path)
+            {
+                return Some(i);
+            }
+        }
+        longest_prefix(&self.any_host, path)
+    }
+}
+
+fn strip_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        // IPv6 literal: "[::1]:8443"
+        return match host.find(']') {
+            Some(end) => &host[..=end],
+            None => host,
+        };
+    }
+    match host.rfind(':') {
+        Some(i) => &host[..i],
+        None => host,
+    }
+}
+
+fn longest_prefix(map: &PrefixMap, path: &str) -> Option<usize> {
+    if map.is_empty() {
+        return None;
+    }
+    let mut candidate = path.trim_end_matches('/');
+    loop {
+        if candidate.is_empty() {
+            return map.get("/").copied();
+        }
+        if let Some(&i) = map.get(candidate) {
+            return Some(i);
+        }
+        match candidate.rfind('/') {
+            Some(cut) => candidate = &candidate[..cut],
+            None => return map.get("/").copied(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalization_removes_dot_segments_and_duplicate_slashes() {
+        assert_eq!(normalize_path("/api/orders/../admin").unwrap(), "/api/admin");
+        assert_eq!(normalize_path("/api/orders/../../admin").unwrap(), "/admin");
+        assert_eq!(normalize_path("/api/./orders").unwrap(), "/api/orders");
+        assert_eq!(normalize_path("/api//orders").unwrap(), "/api/orders");
+        assert_eq!(normalize_path("//api/orders/").unwrap(), "/api/orders/");
+        assert_eq!(normalize_path("/../..").unwrap(), "/");
+        assert_eq!(normalize_path("/a/b/..").unwrap(), "/a/");
+        assert_eq!(normalize_path("/").unwrap(), "/");
+    }
+
+    #[test]
+    fn normalization_decodes_unreserved_only() {
+        assert_eq!(normalize_path("/api/%6Frders").unwrap(), "/api/orders");
+        assert_eq!(normalize_path("/a%20b%7e").unwrap(), "/a%20b~");
+        assert_eq!(normalize_path("/a%3fb").unwrap(), "/a%3Fb");
+    }
+
+    #[test]
+    fn ambiguous_spellings_are_refused() {
+        assert_eq!(normalize_path("/api/orders%2F..%2Fadmin"), Err(PathError::EncodedSlash));
+        assert_eq!(normalize_path("/api/%2f"), Err(PathError::EncodedSlash));
+        assert_eq!(normalize_path("/api/%2e%2e/admin"), Err(PathError::EncodedDotSegment));
+        assert_eq!(normalize_path("/api/.%2E/admin"), Err(PathError::EncodedDotSegment));
+        assert_eq!(normalize_path("/api/%00"), Err(PathError::Nul));
+        assert_eq!(normalize_path("/api/%zz"), Err(PathError::BadPercentEncoding));
+        assert_eq!(normalize_path("/api/%4"), Err(PathError::BadPercentEncoding));
+        assert_eq!(normalize_path("api"), Err(PathError::NotOriginForm));
+        assert_eq!(normalize_path("*"), Err(PathError::NotOriginForm));
+    }
+
+    #[test]
+    fn non_ascii_paths_survive() {
+        assert_eq!(normalize_path("/caf\u{e9}/./x").unwrap(), "/caf\u{e9}/x");
+    }
+
+    fn table() -> RouteTable {
+        RouteTable::new([
+            (None, "/api"),
+            (None, "/api/orders"),
+            (None, "/"),
+            (Some("Admin.Example"), "/api"),
+        ])
+        .unwrap()
+    }
+
+    #[test]
+    fn longest_prefix_wins_on_segment_boundaries() {
+        let t = table();
+        assert_eq!(t.resolve(None, "/api/orders"), Some(1));
+        assert_eq!(t.resolve(None, "/api/orders/7"), Some(1));
+        assert_eq!(t.resolve(None, "/api/orders/"), Some(1));
+        assert_eq!(t.resolve(None, "/api/ordersx"), Some(0));
+        assert_eq!(t.resolve(None, "/apix"), Some(2));
+        assert_eq!(t.resolve(None, "/"), Some(2));
+    }
+
+    #[test]
+    fn no_route_without_a_catch_all() {
+        let t = RouteTable::new([(None, "/api/orders")]).unwrap();
+        assert_eq!(t.resolve(None, "/api/ordersx"), None);
+        assert_eq!(t.resolve(None, "/api"), None);
+        assert_eq!(t.resolve(None, "/"), None);
+    }
+
+    #[test]
+    fn host_routes_come_first_and_ignore_port_and_case() {
+        let t = table();
+        assert_eq!(t.resolve(Some("admin.example:8443"), "/api/x"), Some(3));
+        assert_eq!(t.resolve(Some("ADMIN.example"), "/api/orders"), Some(3));
+        assert_eq!(t.resolve(Some("admin.example"), "/other"), Some(2));
+        assert_eq!(t.resolve(Some("other.example"), "/api/x"), Some(0));
+    }
+
+    #[test]
+    fn duplicate_routes_are_reported() {
+        let err = RouteTable::new([(None, "/a"), (Some("h"), "/a"), (None, "/a")]).unwrap_err();
+        assert_eq!(err, DuplicateRoute { index: 2, earlier: 0 });
+    }
+
+    #[test]
+    fn prefix_matching_helper_respects_boundaries() {
+        assert!(prefix_matches("/api", "/api"));
+        assert!(prefix_matches("/api", "/api/x"));
+        assert!(!prefix_matches("/api", "/apix"));
+        assert!(prefix_matches("/", "/anything"));
+        assert_eq!(canonical_prefix("/api/").unwrap(), "/api");
+    }
+}

@@ -1,0 +1,225 @@
+//! Listeners, the accept loop, per-connection timeouts, graceful shutdown, and the admin listener.
+//!
+//! Each accepted connection takes a slot of `max_connections`; when none is free the accept loop
+//! waits, so further connections queue in the kernel's listen backlog (and are refused by the
+//! kernel once that is full) instead of being accepted and starved. TLS connections get
+//! `handshake_timeout` to finish the handshake, then are served with the protocol ALPN chose.
+//! HTTP/1.1 connections get `header_read_timeout` for each request head (slowloris).
+//!
+//! Shutdown has two phases: *draining* (stop accepting, tell connections to finish their in-flight
+//! requests and close: GOAWAY on HTTP/2, `Connection: close` on HTTP/1.1) and, after
+//! `shutdown_grace`, *closing* (drop whatever is left).
+
+pub mod tls;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio_rustls::TlsAcceptor;
+
+use crate::service::{App, ConnInfo};
+
+/// Where the process is in its life; connection tasks watch it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Phase {
+    Running,
+    Draining,
+    Closing,
+}
+
+/// Resolves once the phase has reached `at_least` (or the sender is gone).
+pub async fn reached(rx: &mut watch::Receiver<Phase>, at_least: Phase) {
+    let _ = rx.wait_for(|p| *p >= at_least).await;
+}
+
+#[derive(Debug, Clone)]
+pub struct ConnSettings {
+    pub handshake_timeout: Duration,
+    pub header_read_timeout: Duration,
+}
+
+/// Accepts until draining starts. `_alive` is held by every connection task, so the receiver side
+/// learns when the last one has finished.
+pub async fn accept_loop(
+    listener: TcpListener,
+    app: Arc<App>,
+    tls: Option<TlsAcceptor>,
+    settings: ConnSettings,
+    slots: Arc<Semaphore>,
+    mut phase: watch::Receiver<Phase>,
+    alive: mpsc::Sender<()>,
+) {
+    loop {
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+            _ = reached(&mut phase, Phase::Draining) => return,
+        };
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = reached(&mut phase, Phase::Draining) => return,
+        };
+        let _ = stream.set_nodelay(true);
+        let app = app.clone();
+        let tls = tls.clone();
+        let settings = settings.clone();
+        let phase = phase.clone();
+        let alive = alive.clone();
+        tokio::spawn(async move {
+            serve_connection(stream, peer, app, tls, &settings, phase).await;
+            drop(permit);
+            drop(alive);
+        });
+    }
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    app: Arc<App>,
+    tls: Option<TlsAcceptor>,
+    settings: &ConnSettings,
+    phase: watch::Receiver<Phase>,
+) {
+    let info = ConnInfo {
+        peer,
+        tls: tls.is_some(),
+    };
+    let service = service_fn(move |req: Request<Incoming>| {
+        let app = app.clone();
+        async move { Ok::<_, Infallible>(app.handle(req, &info).await) }
+    });
+    let Some(acceptor) = tls else {
+        return serve_http1(TokioIo::new(stream), service, settings, phase).await;
+    };
+    let stream = match tokio::time::timeout(settings.handshake_timeout, acceptor.accept(stream)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "TLS handshake timed out");
+            return;
+        }
+    };
+    let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+    if h2 {
+        serve_http2(TokioIo::new(stream), service, phase).await
+    } else {
+        serve_http1(TokioIo::new(stream), service, settings, phase).await
+    }
+}
+
+async fn serve_http1<I, S>(io: I, service: S, settings: &ConnSettings, mut phase: watch::Receiver<Phase>)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::HttpService<Incoming, ResBody = crate::service::ResponseBody> + Send,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(settings.header_read_timeout)
+        .keep_alive(true)
+        .serve_connection(io, service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => log_conn_end(r),
+        _ = reached(&mut phase, Phase::Draining) => {
+            conn.as_mut().graceful_shutdown();
+            tokio::select! {
+                r = conn.as_mut() => log_conn_end(r),
+                _ = reached(&mut phase, Phase::Closing) => {}
+            }
+        }
+    }
+}
+
+async fn serve_http2<I, S>(io: I, service: S, mut phase: watch::Receiver<Phase>)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::HttpService<Incoming, ResBody = crate::service::ResponseBody> + Send,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let conn = http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .serve_connection(io, service);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => log_conn_end(r),
+        _ = reached(&mut phase, Phase::Draining) => {
+            conn.as_mut().graceful_shutdown();
+            tokio::select! {
+                r = conn.as_mut() => log_conn_end(r),
+                _ = reached(&mut phase, Phase::Closing) => {}
+            }
+        }
+    }
+}
+
+fn log_conn_end(r: Result<(), hyper::Error>) {
+    if let Err(e) = r {
+        tracing::debug!(error = %e, "connection ended with an error");
+    }
+}
+
+/// The admin listener: `GET /healthz` (200 while the process runs) and `GET /readyz` (200 once
+/// every listener is bound, 503 once shutdown has begun). Plain HTTP/1.1.
+pub async fn admin_loop(listener: TcpListener, ready: Arc<AtomicBool>, mut phase: watch::Receiver<Phase>) {
+    loop {
+        let stream = tokio::select! {
+            r = listener.accept() => match r { Ok((s, _)) => s, Err(_) => continue },
+            _ = reached(&mut phase, Phase::Closing) => return,
+        };
+        let ready = ready.clone();
+        let service = service_fn(move |req: Request<Incoming>| {
+            let ready = ready.load(Ordering::Acquire);
+            async move { Ok::<_, Infallible>(admin_response(&req, ready)) }
+        });
+        let mut phase = phase.clone();
+        tokio::spawn(async move {
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::select! {
+                _ = conn => {}
+                _ = reached(&mut phase, Phase::Closing) => {}
+            }
+        });
+    }
+}
+
+fn admin_response(req: &Request<Incoming>, ready: bool) -> Response<Full<Bytes>> {
+    let (status, body) = match (req.method(), req.uri().path()) {
+        (&http::Method::GET, "/healthz") => (StatusCode::OK, "ok\n"),
+        (&http::Method::GET, "/readyz") if ready => (StatusCode::OK, "ready\n"),
+        (&http::Method::GET, "/readyz") => (StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+        _ => (StatusCode::NOT_FOUND, "not found\n"),
+    };
+    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *r.status_mut() = status;
+    r
+}
