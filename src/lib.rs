@@ -136,7 +136,7 @@ impl Gateway {
             ready,
             alive: alive_rx,
             grace: server.shutdown_grace,
-            accept,
+            accept: Some(accept),
             background: vec![admin, maintenance],
         })
     }
@@ -171,7 +171,7 @@ pub struct RunningGateway {
     ready: Arc<AtomicBool>,
     alive: mpsc::Receiver<()>,
     grace: Duration,
-    accept: JoinHandle<()>,
+    accept: Option<JoinHandle<()>>,
     background: Vec<JoinHandle<()>>,
 }
 
@@ -192,9 +192,22 @@ impl RunningGateway {
     /// Graceful shutdown: /readyz turns 503, the listener closes (new connections are refused),
     /// in-flight requests get up to `shutdown_grace` to finish, then everything left is closed.
     pub async fn shutdown(mut self) -> Drained {
+        self.stop_accepting().await;
+        self.finish().await
+    }
+
+    /// The first half of [`RunningGateway::shutdown`]: returns once the listener is closed and
+    /// every connection has been asked to finish.
+    pub async fn stop_accepting(&mut self) {
         self.ready.store(false, Ordering::Release);
         let _ = self.phase.send(Phase::Draining);
-        let _ = (&mut self.accept).await;
+        if let Some(accept) = self.accept.take() {
+            let _ = accept.await;
+        }
+    }
+
+    /// The second half: waits up to `shutdown_grace` for in-flight requests, then closes the rest.
+    pub async fn finish(mut self) -> Drained {
         let drained = match tokio::time::timeout(self.grace, self.alive.recv()).await {
             Ok(_) => Drained::Cleanly,
             Err(_) => Drained::GraceExpired,

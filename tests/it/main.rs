@@ -1,1 +1,10 @@
+//! Integration tests: the real gateway in-process over real TLS, bound to port 0, in front of real
+//! in-process upstreams. One binary; each file is a module.
 
+mod support;
+
+mod config_errors;
+mod enforcement;
+mod forwarding;
+mod server;
+mod token_endpoint;

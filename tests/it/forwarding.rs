@@ -1,0 +1,321 @@
+//! Forwarding: header hygiene and identity, path normalization, streaming both ways, upstream
+//! failures, WebSocket upgrades, HTTP/2 clients in front of HTTP/1.1 upstreams.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::{Method, Request, Response};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+use crate::support::upstream::{self, Handler, UpBody, full};
+use crate::support::{self, Client, Proto, Upstream, json, login, str_of};
+
+/// A body fed by a channel, one frame per message.
+type FrameStream = futures_util::stream::BoxStream<'static, Result<Frame<Bytes>, Infallible>>;
+
+fn channel_body(rx: mpsc::Receiver<Bytes>) -> StreamBody<FrameStream> {
+    StreamBody::new(
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (Ok(Frame::data(b)), rx)) })
+            .boxed(),
+    )
+}
+
+/// Guards against a hang (a buffering gateway would deadlock these tests).
+async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(20), f).await.unwrap_or_else(|_| panic!("timed out: {what}"))
+}
+
+async fn token(gw: &support::TestGateway) -> String {
+    str_of(&login(&Client::new(Proto::Http1), gw, None).await, "access_token").to_owned()
+}
+
+#[tokio::test]
+async fn identity_headers_are_set_from_the_token_and_spoofed_copies_never_arrive() {
+    let up = Upstream::recording().await;
+    let gw = support::start_with_routes(
+        "",
+        &[("/api/orders", &up.url(), "scopes = [\"orders:read\"]"), ("/public", &up.url(), "auth = \"none\"")],
+    )
+    .await;
+    let c = Client::new(Proto::Http1);
+    let t = token(&gw).await;
+    let auth = format!("Bearer {t}");
+    let spoofed = [
+        ("x-auth-subject", "admin"),
+        ("X-Auth-Scope", "everything"),
+        ("x-auth-session", "s"),
+        ("x-auth-client-id", "trusted"),
+        ("x-auth-role", "root"),
+        ("connection", "x-hop"),
+        ("x-hop", "1"),
+        ("x-forwarded-proto", "http"),
+        ("x-forwarded-for", "198.51.100.9"),
+    ];
+
+    let mut headers = spoofed.to_vec();
+    headers.push(("authorization", &auth));
+    assert_eq!(c.get(&gw.url("/api/orders/7?x=1"), &headers).await.status, 200);
+    let seen = up.last();
+    assert_eq!(seen.uri, "/api/orders/7?x=1");
+    assert_eq!(seen.headers.get_all("x-auth-subject").iter().collect::<Vec<_>>(), ["ann"]);
+    assert_eq!(seen.headers["x-auth-client-id"], "web");
+    assert_eq!(seen.headers["x-auth-scope"], "orders:read orders:write");
+    assert!(!seen.headers["x-auth-session"].is_empty());
+    assert_ne!(seen.headers["x-auth-session"], "s");
+    assert!(!seen.headers.contains_key("x-auth-role"));
+    assert!(!seen.headers.contains_key("authorization"), "the token is not forwarded by default");
+    assert!(!seen.headers.contains_key("x-hop"), "Connection-named headers are hop-by-hop");
+    assert_eq!(seen.headers["x-forwarded-proto"], "https");
+    assert_eq!(seen.headers["x-forwarded-for"], "198.51.100.9, 127.0.0.1");
+    assert_eq!(seen.headers["x-forwarded-host"], format!("localhost:{}", gw.addr.port()));
+    assert_eq!(seen.headers["host"], up.addr.to_string());
+    assert!(seen.headers.contains_key("x-request-id"));
+
+    // A public route: every spoofed identity header is dropped too.
+    assert_eq!(c.get(&gw.url("/public"), &spoofed).await.status, 200);
+    let seen = up.last();
+    assert!(!seen.headers.keys().any(|k| k.as_str().starts_with("x-auth-")), "{:?}", seen.headers);
+}
+
+#[tokio::test]
+async fn route_options_strip_prefix_preserve_host_and_forward_authorization() {
+    let up = Upstream::recording().await;
+    let base = format!("{}/v1", up.url());
+    let gw = support::start_with_routes(
+        "",
+        &[("/svc", &base, "auth = \"none\"\nstrip_prefix = true\npreserve_host = true"), ("/fwd", &up.url(), "forward_authorization = true")],
+    )
+    .await;
+    let c = Client::new(Proto::Http1);
+    c.get(&gw.url("/svc/items?q=a%20b"), &[]).await;
+    let seen = up.last();
+    assert_eq!(seen.uri, "/v1/items?q=a%20b");
+    assert_eq!(seen.headers["host"], format!("localhost:{}", gw.addr.port()));
+    c.get(&gw.url("/svc"), &[]).await;
+    assert_eq!(up.last().uri, "/v1/");
+
+    let t = token(&gw).await;
+    assert_eq!(c.get_with_token(&gw.url("/fwd/x"), &t).await.status, 200);
+    assert_eq!(up.last().headers["authorization"], format!("Bearer {t}"));
+}
+
+#[tokio::test]
+async fn path_tricks_cannot_reach_a_route_they_do_not_belong_to() {
+    let protected = Upstream::recording().await;
+    let public = Upstream::recording().await;
+    let gw = support::start_with_routes(
+        "",
+        &[("/api/orders", &protected.url(), "scopes = [\"orders:read\"]"), ("/public", &public.url(), "auth = \"none\"")],
+    )
+    .await;
+    let c = Client::new(Proto::Http1);
+    // Dot-segments are resolved before routing: this is /api/orders, which needs a token.
+    assert_eq!(c.get(&gw.url("/public/../api/orders"), &[]).await.status, 401);
+    assert_eq!(c.get(&gw.url("/public/./../api/orders/7"), &[]).await.status, 401);
+    // Spellings that servers disagree on are refused.
+    for path in ["/public/%2e%2e/api/orders", "/public/%2E./api/orders", "/public%2F..%2Fapi/orders", "/public/%2fx", "/public/%00"] {
+        let r = c.get(&gw.url(path), &[]).await;
+        assert_eq!(r.status, 400, "{path}");
+        assert_eq!(json(&r.body)["error"], "invalid_request");
+    }
+    // Prefixes match on segment boundaries only.
+    assert_eq!(c.get(&gw.url("/publicx"), &[]).await.status, 404);
+    assert_eq!(c.get(&gw.url("/api/ordersx"), &[]).await.status, 404);
+    // The normalized spelling is what the upstream gets.
+    assert_eq!(c.get(&gw.url("//public//a/./b/%7Euser"), &[]).await.status, 200);
+    assert_eq!(public.last().uri, "/public/a/b/~user");
+    assert_eq!(protected.count(), 0);
+}
+
+#[tokio::test]
+async fn a_large_upload_streams_to_the_upstream() {
+    let (first_tx, mut first_rx) = mpsc::channel::<Bytes>(1);
+    let handler: Handler = Arc::new(move |req: Request<hyper::body::Incoming>| {
+        let first_tx = first_tx.clone();
+        Box::pin(async move {
+            let mut body = req.into_body();
+            let mut total = 0usize;
+            let mut told = false;
+            while let Some(frame) = body.frame().await {
+                if let Ok(data) = frame.unwrap().into_data() {
+                    total += data.len();
+                    if !told {
+                        first_tx.send(data).await.unwrap();
+                        told = true;
+                    }
+                }
+            }
+            Response::new(full(total.to_string()))
+        })
+    });
+    let up = upstream::serve(handler).await;
+    let gw = support::start_with_routes("", &[("/upload", &format!("http://{up}"), "auth = \"none\"")]).await;
+
+    // A raw HTTP/2 client whose request body the test feeds chunk by chunk.
+    let tcp = TcpStream::connect(gw.addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(support::client::tls_config(&[b"h2"])))
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), TokioIo::new(tls)).await.unwrap();
+    tokio::spawn(conn);
+    let (body_tx, body_rx) = mpsc::channel::<Bytes>(1);
+    let req = Request::builder().method(Method::POST).uri(gw.url("/upload")).body(channel_body(body_rx)).unwrap();
+    let response = tokio::spawn(send.send_request(req));
+
+    let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+    body_tx.send(chunk.clone()).await.unwrap();
+    let first = within("first upload chunk at the upstream", first_rx.recv()).await.unwrap();
+    assert!(!first.is_empty(), "the upstream saw data before the client sent the rest");
+    for _ in 0..15 {
+        body_tx.send(chunk.clone()).await.unwrap();
+    }
+    drop(body_tx);
+    let resp = within("upload response", response).await.unwrap().unwrap();
+    let total = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(total, (16 * 64 * 1024).to_string());
+}
+
+#[tokio::test]
+async fn a_large_download_streams_to_the_client() {
+    let (more_tx, more_rx) = mpsc::channel::<()>(1);
+    let more_rx = Arc::new(tokio::sync::Mutex::new(Some(more_rx)));
+    let handler: Handler = Arc::new(move |_req| {
+        let more_rx = more_rx.clone();
+        Box::pin(async move {
+            let mut more = more_rx.lock().await.take().unwrap();
+            let (tx, rx) = mpsc::channel::<Bytes>(1);
+            tokio::spawn(async move {
+                tx.send(Bytes::from_static(b"first chunk;")).await.unwrap();
+                more.recv().await;
+                for _ in 0..100 {
+                    tx.send(Bytes::from(vec![b'y'; 16 * 1024])).await.unwrap();
+                }
+            });
+            Response::new(UpBody::new(channel_body(rx).map_err(|e| match e {})))
+        })
+    });
+    let up = upstream::serve(handler).await;
+    let gw = support::start_with_routes("", &[("/download", &format!("http://{up}"), "auth = \"none\"")]).await;
+
+    let tcp = TcpStream::connect(gw.addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(support::client::tls_config(&[b"http/1.1"])))
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.unwrap();
+    tokio::spawn(conn);
+    let req = Request::builder().uri("/download").header("host", "localhost").body(http_body_util::Empty::<Bytes>::new()).unwrap();
+    let resp = within("download head", send.send_request(req)).await.unwrap();
+    let mut body = resp.into_body();
+    let first = within("first download chunk", body.frame()).await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(&first[..], b"first chunk;", "the client got data before the upstream sent the rest");
+    more_tx.send(()).await.unwrap();
+    let rest = within("rest of the download", body.collect()).await.unwrap().to_bytes();
+    assert_eq!(rest.len(), 100 * 16 * 1024);
+}
+
+#[tokio::test]
+async fn upstream_down_is_502_and_slow_is_504() {
+    let closed = upstream::closed_port().await;
+    let never: Handler = Arc::new(|_req| Box::pin(std::future::pending()));
+    let slow = upstream::serve(never).await;
+    let gw = support::start_with_routes(
+        "",
+        &[
+            ("/down", &format!("http://{closed}"), "auth = \"none\""),
+            ("/slow", &format!("http://{slow}"), "auth = \"none\"\ntimeout = \"200ms\""),
+        ],
+    )
+    .await;
+    let c = Client::new(Proto::Http1);
+    let r = c.get(&gw.url("/down"), &[]).await;
+    assert_eq!(r.status, 502);
+    assert_eq!(json(&r.body)["error"], "bad_gateway");
+    assert!(!r.text().contains(&closed.port().to_string()), "upstream details stay in the log");
+    let r = c.get(&gw.url("/slow"), &[]).await;
+    assert_eq!(r.status, 504);
+    assert_eq!(json(&r.body)["error"], "gateway_timeout");
+}
+
+#[tokio::test]
+async fn an_http2_client_reaches_an_http11_upstream_with_its_body() {
+    let up = Upstream::recording().await;
+    let gw = support::start_with_routes("", &[("/in", &up.url(), "auth = \"none\"")]).await;
+    let r = Client::new(Proto::Http2).request(Method::PUT, &gw.url("/in/x"), &[("content-type", "text/plain")], Bytes::from("payload")).await;
+    assert_eq!((r.version, r.status), (http::Version::HTTP_2, 200));
+    assert_eq!(r.text(), "upstream ok");
+    let seen = up.last();
+    assert_eq!((seen.version, seen.method, seen.body), (http::Version::HTTP_11, Method::PUT, Bytes::from("payload")));
+    assert_eq!(seen.headers["host"], up.addr.to_string());
+}
+
+#[tokio::test]
+async fn the_echo_upstream_shows_what_an_upstream_receives() {
+    let gw = support::start_with_routes("", &[("/api/", "echo", "")]).await;
+    let c = Client::new(Proto::Http1);
+    let t = token(&gw).await;
+    let r = c.get_with_token(&gw.url("/api/orders?page=2"), &t).await;
+    assert_eq!(r.status, 200);
+    let echo = json(&r.body);
+    assert_eq!(echo["method"], "GET");
+    assert_eq!(echo["path"], "/api/orders");
+    assert_eq!(echo["query"], "page=2");
+    assert_eq!(echo["headers"]["x-auth-subject"], "ann");
+    assert!(echo["headers"].get("authorization").is_none());
+}
+
+#[tokio::test]
+async fn a_websocket_passes_through_after_the_token_check() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ws_addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut ws = tokio_tungstenite::accept_async(stream).await.unwrap();
+                while let Some(Ok(msg)) = ws.next().await {
+                    if msg.is_text() && ws.send(msg).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let gw = support::start_with_routes("", &[("/ws", &format!("http://{ws_addr}"), "")]).await;
+    let t = token(&gw).await;
+
+    let connect = |token: Option<String>| {
+        let url = format!("wss://localhost:{}/ws", gw.addr.port());
+        let addr = gw.addr;
+        async move {
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            let tls = tokio_rustls::TlsConnector::from(Arc::new(support::client::tls_config(&[b"http/1.1"])))
+                .connect("localhost".try_into().unwrap(), tcp)
+                .await
+                .unwrap();
+            let mut req = url.into_client_request().unwrap();
+            if let Some(t) = token {
+                req.headers_mut().insert("authorization", format!("Bearer {t}").parse().unwrap());
+            }
+            tokio_tungstenite::client_async(req, tls).await
+        }
+    };
+    match connect(None).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => assert_eq!(resp.status(), 401),
+        other => panic!("an upgrade without a token must be refused: {:?}", other.map(|_| ())),
+    }
+    let (mut ws, resp) = within("websocket handshake", connect(Some(t))).await.unwrap();
+    assert_eq!(resp.status(), 101);
+    ws.send(Message::text("hello through the gateway")).await.unwrap();
+    let echoed = within("websocket echo", ws.next()).await.unwrap().unwrap();
+    assert_eq!(echoed.into_text().unwrap().as_str(), "hello through the gateway");
+}

@@ -1,0 +1,117 @@
+//! The process shell: ALPN, timeouts, graceful shutdown, the admin listener.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::support::{self, Client, Proto, json};
+
+/// Reads until the peer closes; panics if it has not closed within `bound` (a hang guard, not a
+/// timing assertion: the gateway's own timeouts are far shorter).
+async fn assert_closed_by_peer(stream: &mut (impl AsyncReadExt + Unpin), bound: Duration) {
+    let mut buf = [0u8; 1024];
+    let closed = tokio::time::timeout(bound, async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => continue,
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the gateway did not close the connection");
+}
+
+#[tokio::test]
+async fn alpn_selects_h2_or_http11_and_unrouted_paths_get_a_json_404() {
+    let gw = support::start_with_routes("", &[]).await;
+    for (proto, version) in [(Proto::Http2, http::Version::HTTP_2), (Proto::Http1, http::Version::HTTP_11)] {
+        let r = Client::new(proto).get(&gw.url("/anything"), &[]).await;
+        assert_eq!(r.version, version);
+        assert_eq!(r.status, 404);
+        assert_eq!(r.header("content-type"), "application/json");
+        assert_eq!(json(&r.body)["error"], "not_found");
+        assert!(!r.header("x-request-id").is_empty());
+    }
+}
+
+#[tokio::test]
+async fn request_id_is_kept_when_sane_and_replaced_when_not() {
+    let gw = support::start_with_routes("", &[]).await;
+    let c = Client::new(Proto::Http1);
+    let r = c.get(&gw.url("/x"), &[("x-request-id", "abc-123.req")]).await;
+    assert_eq!(r.header("x-request-id"), "abc-123.req");
+    let r = c.get(&gw.url("/x"), &[("x-request-id", "bad id with spaces")]).await;
+    assert_ne!(r.header("x-request-id"), "bad id with spaces");
+}
+
+#[tokio::test]
+async fn a_silent_tcp_client_is_disconnected_after_the_handshake_timeout() {
+    let gw = support::start_with_routes("", &[]).await;
+    let mut tcp = TcpStream::connect(gw.addr).await.unwrap();
+    assert_closed_by_peer(&mut tcp, Duration::from_secs(20)).await;
+}
+
+#[tokio::test]
+async fn half_a_request_head_is_disconnected_after_the_header_read_timeout() {
+    let gw = support::start_with_routes("", &[]).await;
+    let tcp = TcpStream::connect(gw.addr).await.unwrap();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(support::client::tls_config(&[b"http/1.1"])));
+    let mut tls = connector.connect("localhost".try_into().unwrap(), tcp).await.unwrap();
+    tls.write_all(b"GET /slow HTTP/1.1\r\nHost: localhost\r\nX-Slow: ").await.unwrap();
+    assert_closed_by_peer(&mut tls, Duration::from_secs(20)).await;
+}
+
+#[tokio::test]
+async fn health_and_readiness() {
+    let mut gw = support::start_with_routes("", &[]).await;
+    let admin = format!("http://{}", gw.admin_addr);
+    let plain = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Empty<bytes::Bytes>>();
+    let status = |path: &str| {
+        let uri: http::Uri = format!("{admin}{path}").parse().unwrap();
+        let plain = plain.clone();
+        async move { plain.get(uri).await.map(|r| r.status().as_u16()) }
+    };
+    assert_eq!(status("/healthz").await.unwrap(), 200);
+    assert_eq!(status("/readyz").await.unwrap(), 200);
+    gw.running().stop_accepting().await;
+    assert_eq!(status("/readyz").await.unwrap(), 503, "not ready once shutdown has begun");
+    assert_eq!(status("/healthz").await.unwrap(), 200, "still alive while draining");
+}
+
+#[tokio::test]
+async fn graceful_shutdown_finishes_in_flight_requests_and_refuses_new_connections() {
+    // An upstream that answers only when told to.
+    let (arrived_tx, mut arrived_rx) = tokio::sync::mpsc::channel::<()>(1);
+    let release = std::sync::Arc::new(tokio::sync::Notify::new());
+    let release2 = release.clone();
+    let handler: support::upstream::Handler = std::sync::Arc::new(move |_req| {
+        let arrived = arrived_tx.clone();
+        let release = release2.clone();
+        Box::pin(async move {
+            arrived.send(()).await.unwrap();
+            release.notified().await;
+            http::Response::new(support::upstream::full("finished"))
+        })
+    });
+    let up = support::upstream::serve(handler).await;
+    let mut gw =
+        support::start_with_routes("", &[("/slow", &format!("http://{up}"), "auth = \"none\"\ntimeout = \"60s\"")]).await;
+
+    let client = Client::new(Proto::Http1);
+    let url = gw.url("/slow");
+    let in_flight = tokio::spawn(async move { client.get(&url, &[]).await });
+    arrived_rx.recv().await.unwrap();
+
+    let mut running = gw.running.take().unwrap();
+    running.stop_accepting().await;
+    let refused = TcpStream::connect(gw.addr).await;
+    assert!(refused.is_err(), "new connections are refused once draining");
+
+    release.notify_one();
+    let r = in_flight.await.unwrap();
+    assert_eq!((r.status, r.text().as_str()), (200, "finished"));
+    assert_eq!(running.finish().await, tokengate::Drained::Cleanly);
+}

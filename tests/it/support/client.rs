@@ -1,0 +1,104 @@
+//! TLS clients that trust certs/ca.pem, speaking HTTP/1.1 or HTTP/2 as ALPN decides.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, Version};
+use http_body_util::{BodyExt, Full};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client as Legacy;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+
+use super::repo;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Proto {
+    Http1,
+    Http2,
+}
+
+pub fn tls_config(alpn: &[&[u8]]) -> rustls::ClientConfig {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(repo().join("certs/ca.pem")).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    cfg
+}
+
+#[derive(Clone)]
+pub struct Client {
+    inner: Legacy<HttpsConnector<HttpConnector>, Full<Bytes>>,
+}
+
+#[derive(Debug)]
+pub struct Resp {
+    pub status: u16,
+    pub version: Version,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Resp {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+    pub fn header(&self, name: &str) -> &str {
+        self.headers.get(name).map(|v| v.to_str().unwrap()).unwrap_or_else(|| panic!("no {name} header in {:?}", self.headers))
+    }
+}
+
+impl Client {
+    pub fn new(proto: Proto) -> Client {
+        // hyper-rustls sets ALPN itself from the enabled protocols.
+        let builder = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls_config(&[])).https_only();
+        let connector = match proto {
+            Proto::Http1 => builder.enable_http1().build(),
+            Proto::Http2 => builder.enable_http2().build(),
+        };
+        let mut b = Legacy::builder(TokioExecutor::new());
+        if proto == Proto::Http2 {
+            b.http2_only(true);
+        }
+        Client { inner: b.build(connector) }
+    }
+
+    pub async fn request(&self, method: Method, url: &str, headers: &[(&str, &str)], body: Bytes) -> Resp {
+        let mut req = Request::builder().method(method).uri(url);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let resp = self.inner.request(req.body(Full::new(body)).unwrap()).await.expect("request failed");
+        let status = resp.status().as_u16();
+        let version = resp.version();
+        let headers = resp.headers().clone();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        Resp { status, version, headers, body }
+    }
+
+    pub async fn get(&self, url: &str, headers: &[(&str, &str)]) -> Resp {
+        self.request(Method::GET, url, headers, Bytes::new()).await
+    }
+
+    /// `GET` with `Authorization: Bearer <token>`.
+    pub async fn get_with_token(&self, url: &str, token: &str) -> Resp {
+        let auth = format!("Bearer {token}");
+        self.get(url, &[("authorization", &auth)]).await
+    }
+
+    /// `POST` of an `application/x-www-form-urlencoded` body.
+    pub async fn form(&self, url: &str, form: &[(&str, &str)], headers: &[(&str, &str)]) -> Resp {
+        let body: String = form_urlencoded::Serializer::new(String::new()).extend_pairs(form).finish();
+        let mut hs = vec![("content-type", "application/x-www-form-urlencoded")];
+        hs.extend_from_slice(headers);
+        self.request(Method::POST, url, &hs, Bytes::from(body)).await
+    }
+}
