@@ -1004,7 +1004,10 @@ signing = { secret = "env:TOKENGATE_TEST_SECRET_FOR_UNIT_TESTS" }
     fn unknown_key_is_named_with_its_path() {
         let p = problems("[[routes]]\npath_prefix = \"/a\"\nupstream = \"echo\"\nscopez = [\"x\"]\n");
         assert_eq!(p.len(), 1, "{p:?}");
-        assert!(p[0].starts_with("routes[0].scopez: unknown field `scopez`, expected one of"), "{p:?}");
+        assert!(
+            p[0].starts_with("routes[0].scopez: unknown field `scopez`, expected one of"),
+            "{p:?}"
+        );
     }
 
     #[test]

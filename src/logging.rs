@@ -19,18 +19,20 @@ const FLUSH_AT_BYTES: usize = 64 * 1024;
 
 struct Shared {
     buf: Mutex<Vec<u8>>,
+    sink: Mutex<Box<dyn Write + Send>>,
     stopping: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
-    fn flush_to_stdout(&self) {
+    fn flush_to_sink(&self) {
         let pending = match self.buf.lock() {
-            Ok(mut b) if !b.is_empty() => std::mem::take(&mut *b),
+            Ok(mut b) if !b.is_empty() => std::mem::replace(&mut *b, Vec::with_capacity(FLUSH_AT_BYTES)),
             _ => return,
         };
-        let mut out = std::io::stdout().lock();
-        let _ = out.write_all(&pending);
-        let _ = out.flush();
+        if let Ok(mut out) = self.sink.lock() {
+            let _ = out.write_all(&pending);
+            let _ = out.flush();
+        }
     }
 }
 
@@ -50,7 +52,7 @@ impl Write for BufferedLine<'_> {
             Err(_) => false,
         };
         if full {
-            self.0.flush_to_stdout();
+            self.0.flush_to_sink();
         }
         Ok(bytes.len())
     }
@@ -79,14 +81,21 @@ impl Drop for LogGuard {
             t.thread().unpark();
             let _ = t.join();
         }
-        self.shared.flush_to_stdout();
+        self.shared.flush_to_sink();
     }
 }
 
-/// Installs the global subscriber.
+/// Installs the global subscriber, writing to stdout.
 pub fn init(format: LogFormat) -> LogGuard {
+    init_to(format, Box::new(std::io::stdout()))
+}
+
+/// Installs the global subscriber, writing to `sink` (the load bench discards its lines but still
+/// pays for formatting them).
+pub fn init_to(format: LogFormat, sink: Box<dyn Write + Send>) -> LogGuard {
     let shared = Arc::new(Shared {
         buf: Mutex::new(Vec::with_capacity(FLUSH_AT_BYTES)),
+        sink: Mutex::new(sink),
         stopping: Default::default(),
     });
     let writer = BufferedWriter(shared.clone());
@@ -106,7 +115,7 @@ pub fn init(format: LogFormat) -> LogGuard {
         .spawn(move || {
             while !flusher_shared.stopping.load(std::sync::atomic::Ordering::Relaxed) {
                 std::thread::park_timeout(FLUSH_EVERY);
-                flusher_shared.flush_to_stdout();
+                flusher_shared.flush_to_sink();
             }
         })
         .ok();

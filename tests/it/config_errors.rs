@@ -21,26 +21,41 @@ fn base() -> String {
 #[test]
 fn unknown_key() {
     let toml = base().replace("handshake_timeout", "handshake_timeuot");
-    assert!(problems(&toml).contains("server.handshake_timeuot: unknown field `handshake_timeuot`"), "{}", problems(&toml));
+    assert!(
+        problems(&toml).contains("server.handshake_timeuot: unknown field `handshake_timeuot`"),
+        "{}",
+        problems(&toml)
+    );
 }
 
 #[test]
 fn bad_duration() {
-    let toml = base().replace("header_read_timeout = \"300ms\"", "header_read_timeout = \"ten seconds\"");
+    let toml = base().replace(
+        "header_read_timeout = \"300ms\"",
+        "header_read_timeout = \"ten seconds\"",
+    );
     assert!(problems(&toml).contains("server.header_read_timeout: \"ten seconds\" is not a duration"));
 }
 
 #[test]
 fn unset_secret_env_var() {
-    let toml = base().replace(&format!("file:{}", repo().join("certs/dev-jwt-secret").display()), "env:TOKENGATE_TEST_NEVER_SET");
-    assert!(problems(&toml).contains("tokens.signing.secret: environment variable TOKENGATE_TEST_NEVER_SET is not set"));
+    let toml = base().replace(
+        &format!("file:{}", repo().join("certs/dev-jwt-secret").display()),
+        "env:TOKENGATE_TEST_NEVER_SET",
+    );
+    assert!(
+        problems(&toml).contains("tokens.signing.secret: environment variable TOKENGATE_TEST_NEVER_SET is not set")
+    );
 }
 
 #[test]
 fn missing_cert_file() {
     let toml = base().replace("localhost.pem", "no-such-cert.pem");
     let p = problems(&toml);
-    assert!(p.contains("server.tls.cert: ") && p.contains("no-such-cert.pem does not exist"), "{p}");
+    assert!(
+        p.contains("server.tls.cert: ") && p.contains("no-such-cert.pem does not exist"),
+        "{p}"
+    );
 }
 
 #[test]
@@ -57,7 +72,9 @@ fn bad_upstream_url() {
 
 #[test]
 fn several_errors_are_reported_together() {
-    let toml = base().replace("upstream = \"echo\"", "upstream = \"htp://x\"").replace("\"300ms\"", "\"soon\"");
+    let toml = base()
+        .replace("upstream = \"echo\"", "upstream = \"htp://x\"")
+        .replace("\"300ms\"", "\"soon\"");
     let p = problems(&toml);
     assert!(p.contains("3 errors in config"), "{p}");
 }
@@ -69,7 +86,11 @@ fn tokengate() -> Command {
 #[test]
 fn check_accepts_the_shipped_configs() {
     for file in ["config/tokengate.toml", "config/example.toml"] {
-        let out = tokengate().args(["check", "--config"]).arg(repo().join(file)).output().unwrap();
+        let out = tokengate()
+            .args(["check", "--config"])
+            .arg(repo().join(file))
+            .output()
+            .unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success(), "{file}: {}", String::from_utf8_lossy(&out.stderr));
         assert!(stdout.contains(": ok; listen https://127.0.0.1:8443"), "{stdout}");
@@ -81,7 +102,14 @@ fn check_names_a_misspelt_key_and_exits_2() {
     let dir = std::env::temp_dir().join(format!("tokengate-check-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("bad.toml");
-    std::fs::write(&path, base().replace("scopes = [\"orders:read\", \"orders:write\"]\n\n[[clients]]\nid = \"mobile\"", "scopez = [\"orders:read\"]\n\n[[clients]]\nid = \"mobile\"")).unwrap();
+    std::fs::write(
+        &path,
+        base().replace(
+            "scopes = [\"orders:read\", \"orders:write\"]\n\n[[clients]]\nid = \"mobile\"",
+            "scopez = [\"orders:read\"]\n\n[[clients]]\nid = \"mobile\"",
+        ),
+    )
+    .unwrap();
     let out = tokengate().args(["check", "--config"]).arg(&path).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);

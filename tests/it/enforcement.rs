@@ -73,21 +73,37 @@ async fn every_outcome_of_the_token_check() {
     let cases = vec![
         invalid("not-a-jwt".into(), "malformed"),
         invalid("a.b.c".into(), "malformed"),
-        invalid(mint_with(at_header(), &claims(), b"another-secret-another-secret-!!"), "signature"),
+        invalid(
+            mint_with(at_header(), &claims(), b"another-secret-another-secret-!!"),
+            "signature",
+        ),
         invalid(mint(&with("iss", json!("https://evil.test"))), "issuer"),
         invalid(mint(&with("aud", json!("other-api"))), "audience"),
         invalid(mint_with(plain_jwt, &claims(), &support::jwt_secret()), "typ"),
         invalid(mint_with(hs512, &claims(), &support::jwt_secret()), "algorithm"),
         invalid(mint(&with("exp", json!(now() - 10))), "expired"),
         invalid(mint(&with("nbf", json!(now() + 3600))), "not valid yet"),
-        invalid(format!("{}.{}.", "eyJhbGciOiJub25lIiwidHlwIjoiYXQrand0In0", "e30"), "malformed"),
+        invalid(
+            format!("{}.{}.", "eyJhbGciOiJub25lIiwidHlwIjoiYXQrand0In0", "e30"),
+            "malformed",
+        ),
     ];
     for (token, why) in cases {
         let r = c.get_with_token(&url, &token).await;
         assert_eq!(r.status, 401, "{why}");
         let challenge = r.header("www-authenticate");
-        assert!(challenge.starts_with("Bearer realm=\"tokengate\", error=\"invalid_token\""), "{why}: {challenge}");
-        assert!(support::json(&r.body)["error_description"].as_str().unwrap().contains(why), "{why}: {}", r.text());
+        assert!(
+            challenge.starts_with("Bearer realm=\"tokengate\", error=\"invalid_token\""),
+            "{why}: {challenge}"
+        );
+        assert!(
+            support::json(&r.body)["error_description"]
+                .as_str()
+                .unwrap()
+                .contains(why),
+            "{why}: {}",
+            r.text()
+        );
     }
 
     // Missing scope: 403 naming the scope.
@@ -122,7 +138,13 @@ async fn a_cached_token_whose_session_is_revoked_is_refused_on_its_next_request(
     for _ in 0..2 {
         assert_eq!(c.get_with_token(&gw.url("/api/orders"), access).await.status, 200);
     }
-    let r = c.form(&gw.url("/api/oauth2/revoke"), &[("token", str_of(&s, "refresh_token")), ("client_id", "web")], &[]).await;
+    let r = c
+        .form(
+            &gw.url("/api/oauth2/revoke"),
+            &[("token", str_of(&s, "refresh_token")), ("client_id", "web")],
+            &[],
+        )
+        .await;
     assert_eq!(r.status, 200);
     let r = c.get_with_token(&gw.url("/api/orders"), access).await;
     assert_eq!(r.status, 401);
@@ -142,7 +164,10 @@ async fn a_cached_token_is_refused_once_it_expires() {
     gw.clock.advance(Duration::from_secs(2));
     let r = c.get_with_token(&gw.url("/api/orders"), access).await;
     assert_eq!(r.status, 401);
-    assert!(r.header("www-authenticate").contains("expired"), "a client can tell it should refresh");
+    assert!(
+        r.header("www-authenticate").contains("expired"),
+        "a client can tell it should refresh"
+    );
 }
 
 #[tokio::test]

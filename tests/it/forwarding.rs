@@ -24,14 +24,19 @@ type FrameStream = futures_util::stream::BoxStream<'static, Result<Frame<Bytes>,
 
 fn channel_body(rx: mpsc::Receiver<Bytes>) -> StreamBody<FrameStream> {
     StreamBody::new(
-        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (Ok(Frame::data(b)), rx)) })
-            .boxed(),
+        futures_util::stream::unfold(
+            rx,
+            |mut rx| async move { rx.recv().await.map(|b| (Ok(Frame::data(b)), rx)) },
+        )
+        .boxed(),
     )
 }
 
 /// Guards against a hang (a buffering gateway would deadlock these tests).
 async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(Duration::from_secs(20), f).await.unwrap_or_else(|_| panic!("timed out: {what}"))
+    tokio::time::timeout(Duration::from_secs(20), f)
+        .await
+        .unwrap_or_else(|_| panic!("timed out: {what}"))
 }
 
 async fn token(gw: &support::TestGateway) -> String {
@@ -43,7 +48,10 @@ async fn identity_headers_are_set_from_the_token_and_spoofed_copies_never_arrive
     let up = Upstream::recording().await;
     let gw = support::start_with_routes(
         "",
-        &[("/api/orders", &up.url(), "scopes = [\"orders:read\"]"), ("/public", &up.url(), "auth = \"none\"")],
+        &[
+            ("/api/orders", &up.url(), "scopes = [\"orders:read\"]"),
+            ("/public", &up.url(), "auth = \"none\""),
+        ],
     )
     .await;
     let c = Client::new(Proto::Http1);
@@ -66,24 +74,40 @@ async fn identity_headers_are_set_from_the_token_and_spoofed_copies_never_arrive
     assert_eq!(c.get(&gw.url("/api/orders/7?x=1"), &headers).await.status, 200);
     let seen = up.last();
     assert_eq!(seen.uri, "/api/orders/7?x=1");
-    assert_eq!(seen.headers.get_all("x-auth-subject").iter().collect::<Vec<_>>(), ["ann"]);
+    assert_eq!(
+        seen.headers.get_all("x-auth-subject").iter().collect::<Vec<_>>(),
+        ["ann"]
+    );
     assert_eq!(seen.headers["x-auth-client-id"], "web");
     assert_eq!(seen.headers["x-auth-scope"], "orders:read orders:write");
     assert!(!seen.headers["x-auth-session"].is_empty());
     assert_ne!(seen.headers["x-auth-session"], "s");
     assert!(!seen.headers.contains_key("x-auth-role"));
-    assert!(!seen.headers.contains_key("authorization"), "the token is not forwarded by default");
-    assert!(!seen.headers.contains_key("x-hop"), "Connection-named headers are hop-by-hop");
+    assert!(
+        !seen.headers.contains_key("authorization"),
+        "the token is not forwarded by default"
+    );
+    assert!(
+        !seen.headers.contains_key("x-hop"),
+        "Connection-named headers are hop-by-hop"
+    );
     assert_eq!(seen.headers["x-forwarded-proto"], "https");
     assert_eq!(seen.headers["x-forwarded-for"], "198.51.100.9, 127.0.0.1");
-    assert_eq!(seen.headers["x-forwarded-host"], format!("localhost:{}", gw.addr.port()));
+    assert_eq!(
+        seen.headers["x-forwarded-host"],
+        format!("localhost:{}", gw.addr.port())
+    );
     assert_eq!(seen.headers["host"], up.addr.to_string());
     assert!(seen.headers.contains_key("x-request-id"));
 
     // A public route: every spoofed identity header is dropped too.
     assert_eq!(c.get(&gw.url("/public"), &spoofed).await.status, 200);
     let seen = up.last();
-    assert!(!seen.headers.keys().any(|k| k.as_str().starts_with("x-auth-")), "{:?}", seen.headers);
+    assert!(
+        !seen.headers.keys().any(|k| k.as_str().starts_with("x-auth-")),
+        "{:?}",
+        seen.headers
+    );
 }
 
 #[tokio::test]
@@ -92,7 +116,14 @@ async fn route_options_strip_prefix_preserve_host_and_forward_authorization() {
     let base = format!("{}/v1", up.url());
     let gw = support::start_with_routes(
         "",
-        &[("/svc", &base, "auth = \"none\"\nstrip_prefix = true\npreserve_host = true"), ("/fwd", &up.url(), "forward_authorization = true")],
+        &[
+            (
+                "/svc",
+                &base,
+                "auth = \"none\"\nstrip_prefix = true\npreserve_host = true",
+            ),
+            ("/fwd", &up.url(), "forward_authorization = true"),
+        ],
     )
     .await;
     let c = Client::new(Proto::Http1);
@@ -114,7 +145,10 @@ async fn path_tricks_cannot_reach_a_route_they_do_not_belong_to() {
     let public = Upstream::recording().await;
     let gw = support::start_with_routes(
         "",
-        &[("/api/orders", &protected.url(), "scopes = [\"orders:read\"]"), ("/public", &public.url(), "auth = \"none\"")],
+        &[
+            ("/api/orders", &protected.url(), "scopes = [\"orders:read\"]"),
+            ("/public", &public.url(), "auth = \"none\""),
+        ],
     )
     .await;
     let c = Client::new(Proto::Http1);
@@ -122,7 +156,13 @@ async fn path_tricks_cannot_reach_a_route_they_do_not_belong_to() {
     assert_eq!(c.get(&gw.url("/public/../api/orders"), &[]).await.status, 401);
     assert_eq!(c.get(&gw.url("/public/./../api/orders/7"), &[]).await.status, 401);
     // Spellings that servers disagree on are refused.
-    for path in ["/public/%2e%2e/api/orders", "/public/%2E./api/orders", "/public%2F..%2Fapi/orders", "/public/%2fx", "/public/%00"] {
+    for path in [
+        "/public/%2e%2e/api/orders",
+        "/public/%2E./api/orders",
+        "/public%2F..%2Fapi/orders",
+        "/public/%2fx",
+        "/public/%00",
+    ] {
         let r = c.get(&gw.url(path), &[]).await;
         assert_eq!(r.status, 400, "{path}");
         assert_eq!(json(&r.body)["error"], "invalid_request");
@@ -166,16 +206,28 @@ async fn a_large_upload_streams_to_the_upstream() {
         .connect("localhost".try_into().unwrap(), tcp)
         .await
         .unwrap();
-    let (mut send, conn) = hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), TokioIo::new(tls)).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
     tokio::spawn(conn);
     let (body_tx, body_rx) = mpsc::channel::<Bytes>(1);
-    let req = Request::builder().method(Method::POST).uri(gw.url("/upload")).body(channel_body(body_rx)).unwrap();
+    let req = Request::builder()
+        .method(Method::POST)
+        .uri(gw.url("/upload"))
+        .body(channel_body(body_rx))
+        .unwrap();
     let response = tokio::spawn(send.send_request(req));
 
     let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
     body_tx.send(chunk.clone()).await.unwrap();
-    let first = within("first upload chunk at the upstream", first_rx.recv()).await.unwrap();
-    assert!(!first.is_empty(), "the upstream saw data before the client sent the rest");
+    let first = within("first upload chunk at the upstream", first_rx.recv())
+        .await
+        .unwrap();
+    assert!(
+        !first.is_empty(),
+        "the upstream saw data before the client sent the rest"
+    );
     for _ in 0..15 {
         body_tx.send(chunk.clone()).await.unwrap();
     }
@@ -214,11 +266,24 @@ async fn a_large_download_streams_to_the_client() {
         .unwrap();
     let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.unwrap();
     tokio::spawn(conn);
-    let req = Request::builder().uri("/download").header("host", "localhost").body(http_body_util::Empty::<Bytes>::new()).unwrap();
+    let req = Request::builder()
+        .uri("/download")
+        .header("host", "localhost")
+        .body(http_body_util::Empty::<Bytes>::new())
+        .unwrap();
     let resp = within("download head", send.send_request(req)).await.unwrap();
     let mut body = resp.into_body();
-    let first = within("first download chunk", body.frame()).await.unwrap().unwrap().into_data().unwrap();
-    assert_eq!(&first[..], b"first chunk;", "the client got data before the upstream sent the rest");
+    let first = within("first download chunk", body.frame())
+        .await
+        .unwrap()
+        .unwrap()
+        .into_data()
+        .unwrap();
+    assert_eq!(
+        &first[..],
+        b"first chunk;",
+        "the client got data before the upstream sent the rest"
+    );
     more_tx.send(()).await.unwrap();
     let rest = within("rest of the download", body.collect()).await.unwrap().to_bytes();
     assert_eq!(rest.len(), 100 * 16 * 1024);
@@ -233,7 +298,11 @@ async fn upstream_down_is_502_and_slow_is_504() {
         "",
         &[
             ("/down", &format!("http://{closed}"), "auth = \"none\""),
-            ("/slow", &format!("http://{slow}"), "auth = \"none\"\ntimeout = \"200ms\""),
+            (
+                "/slow",
+                &format!("http://{slow}"),
+                "auth = \"none\"\ntimeout = \"200ms\"",
+            ),
         ],
     )
     .await;
@@ -241,7 +310,10 @@ async fn upstream_down_is_502_and_slow_is_504() {
     let r = c.get(&gw.url("/down"), &[]).await;
     assert_eq!(r.status, 502);
     assert_eq!(json(&r.body)["error"], "bad_gateway");
-    assert!(!r.text().contains(&closed.port().to_string()), "upstream details stay in the log");
+    assert!(
+        !r.text().contains(&closed.port().to_string()),
+        "upstream details stay in the log"
+    );
     let r = c.get(&gw.url("/slow"), &[]).await;
     assert_eq!(r.status, 504);
     assert_eq!(json(&r.body)["error"], "gateway_timeout");
@@ -251,11 +323,21 @@ async fn upstream_down_is_502_and_slow_is_504() {
 async fn an_http2_client_reaches_an_http11_upstream_with_its_body() {
     let up = Upstream::recording().await;
     let gw = support::start_with_routes("", &[("/in", &up.url(), "auth = \"none\"")]).await;
-    let r = Client::new(Proto::Http2).request(Method::PUT, &gw.url("/in/x"), &[("content-type", "text/plain")], Bytes::from("payload")).await;
+    let r = Client::new(Proto::Http2)
+        .request(
+            Method::PUT,
+            &gw.url("/in/x"),
+            &[("content-type", "text/plain")],
+            Bytes::from("payload"),
+        )
+        .await;
     assert_eq!((r.version, r.status), (http::Version::HTTP_2, 200));
     assert_eq!(r.text(), "upstream ok");
     let seen = up.last();
-    assert_eq!((seen.version, seen.method, seen.body), (http::Version::HTTP_11, Method::PUT, Bytes::from("payload")));
+    assert_eq!(
+        (seen.version, seen.method, seen.body),
+        (http::Version::HTTP_11, Method::PUT, Bytes::from("payload"))
+    );
     assert_eq!(seen.headers["host"], up.addr.to_string());
 }
 
@@ -304,7 +386,8 @@ async fn a_websocket_passes_through_after_the_token_check() {
                 .unwrap();
             let mut req = url.into_client_request().unwrap();
             if let Some(t) = token {
-                req.headers_mut().insert("authorization", format!("Bearer {t}").parse().unwrap());
+                req.headers_mut()
+                    .insert("authorization", format!("Bearer {t}").parse().unwrap());
             }
             tokio_tungstenite::client_async(req, tls).await
         }

@@ -26,7 +26,10 @@ async fn assert_closed_by_peer(stream: &mut (impl AsyncReadExt + Unpin), bound: 
 #[tokio::test]
 async fn alpn_selects_h2_or_http11_and_unrouted_paths_get_a_json_404() {
     let gw = support::start_with_routes("", &[]).await;
-    for (proto, version) in [(Proto::Http2, http::Version::HTTP_2), (Proto::Http1, http::Version::HTTP_11)] {
+    for (proto, version) in [
+        (Proto::Http2, http::Version::HTTP_2),
+        (Proto::Http1, http::Version::HTTP_11),
+    ] {
         let r = Client::new(proto).get(&gw.url("/anything"), &[]).await;
         assert_eq!(r.version, version);
         assert_eq!(r.status, 404);
@@ -59,7 +62,9 @@ async fn half_a_request_head_is_disconnected_after_the_header_read_timeout() {
     let tcp = TcpStream::connect(gw.addr).await.unwrap();
     let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(support::client::tls_config(&[b"http/1.1"])));
     let mut tls = connector.connect("localhost".try_into().unwrap(), tcp).await.unwrap();
-    tls.write_all(b"GET /slow HTTP/1.1\r\nHost: localhost\r\nX-Slow: ").await.unwrap();
+    tls.write_all(b"GET /slow HTTP/1.1\r\nHost: localhost\r\nX-Slow: ")
+        .await
+        .unwrap();
     assert_closed_by_peer(&mut tls, Duration::from_secs(20)).await;
 }
 
@@ -77,7 +82,11 @@ async fn health_and_readiness() {
     assert_eq!(status("/healthz").await.unwrap(), 200);
     assert_eq!(status("/readyz").await.unwrap(), 200);
     gw.running().stop_accepting().await;
-    assert_eq!(status("/readyz").await.unwrap(), 503, "not ready once shutdown has begun");
+    assert_eq!(
+        status("/readyz").await.unwrap(),
+        503,
+        "not ready once shutdown has begun"
+    );
     assert_eq!(status("/healthz").await.unwrap(), 200, "still alive while draining");
 }
 
@@ -97,8 +106,11 @@ async fn graceful_shutdown_finishes_in_flight_requests_and_refuses_new_connectio
         })
     });
     let up = support::upstream::serve(handler).await;
-    let mut gw =
-        support::start_with_routes("", &[("/slow", &format!("http://{up}"), "auth = \"none\"\ntimeout = \"60s\"")]).await;
+    let mut gw = support::start_with_routes(
+        "",
+        &[("/slow", &format!("http://{up}"), "auth = \"none\"\ntimeout = \"60s\"")],
+    )
+    .await;
 
     let client = Client::new(Proto::Http1);
     let url = gw.url("/slow");

@@ -117,14 +117,21 @@ pub async fn start(toml: &str) -> TestGateway {
     let config = Config::from_toml(toml, &repo(), "test.toml").unwrap_or_else(|e| panic!("{e}"));
     let clock = Arc::new(ManualClock::new());
     let running = Gateway::new(config, clock.clone()).unwrap().start().await.unwrap();
-    TestGateway { addr: running.addr, admin_addr: running.admin_addr, running: Some(running), clock }
+    TestGateway {
+        addr: running.addr,
+        admin_addr: running.admin_addr,
+        running: Some(running),
+        clock,
+    }
 }
 
 /// A gateway with one route per `(prefix, upstream, extra keys)`.
 pub async fn start_with_routes(tokens_extra: &str, routes: &[(&str, &str, &str)]) -> TestGateway {
     let mut rest = String::new();
     for (prefix, upstream, extra) in routes {
-        rest.push_str(&format!("[[routes]]\npath_prefix = \"{prefix}\"\nupstream = \"{upstream}\"\n{extra}\n"));
+        rest.push_str(&format!(
+            "[[routes]]\npath_prefix = \"{prefix}\"\nupstream = \"{upstream}\"\n{extra}\n"
+        ));
     }
     start(&config_toml(tokens_extra, &rest)).await
 }
@@ -136,7 +143,12 @@ pub fn json(body: &[u8]) -> serde_json::Value {
 
 /// Logs in `ann` through client `web`; returns the token response.
 pub async fn login(client: &Client, gw: &TestGateway, scope: Option<&str>) -> serde_json::Value {
-    let mut form = vec![("grant_type", "password"), ("client_id", "web"), ("username", USER), ("password", PASSWORD)];
+    let mut form = vec![
+        ("grant_type", "password"),
+        ("client_id", "web"),
+        ("username", USER),
+        ("password", PASSWORD),
+    ];
     if let Some(s) = scope {
         form.push(("scope", s));
     }
@@ -149,7 +161,11 @@ pub async fn refresh(client: &Client, gw: &TestGateway, refresh_token: &str, cli
     client
         .form(
             &gw.url("/api/oauth2/token"),
-            &[("grant_type", "refresh_token"), ("client_id", client_id), ("refresh_token", refresh_token)],
+            &[
+                ("grant_type", "refresh_token"),
+                ("client_id", client_id),
+                ("refresh_token", refresh_token),
+            ],
             &[],
         )
         .await

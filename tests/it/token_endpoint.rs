@@ -23,7 +23,17 @@ async fn login_returns_an_rfc6749_response_with_an_rfc9068_access_token() {
     let gw = support::start_with_routes("", &[ORDERS]).await;
     let c = Client::new(Proto::Http2);
     let r = c
-        .form(&gw.url("/api/oauth2/token"), &[("grant_type", "password"), ("client_id", "web"), ("username", USER), ("password", PASSWORD), ("scope", "orders:read")], &[])
+        .form(
+            &gw.url("/api/oauth2/token"),
+            &[
+                ("grant_type", "password"),
+                ("client_id", "web"),
+                ("username", USER),
+                ("password", PASSWORD),
+                ("scope", "orders:read"),
+            ],
+            &[],
+        )
         .await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.header("cache-control"), "no-store");
@@ -39,7 +49,10 @@ async fn login_returns_an_rfc6749_response_with_an_rfc9068_access_token() {
 
     let jwt = str_of(&body, "access_token");
     let header = jwt_part(jwt, 0);
-    assert_eq!((header["typ"].as_str(), header["alg"].as_str()), (Some("at+jwt"), Some("HS256")));
+    assert_eq!(
+        (header["typ"].as_str(), header["alg"].as_str()),
+        (Some("at+jwt"), Some("HS256"))
+    );
     let claims = jwt_part(jwt, 1);
     assert_eq!(claims["iss"], "https://gw.test");
     assert_eq!(claims["aud"], "api");
@@ -55,12 +68,29 @@ async fn login_returns_an_rfc6749_response_with_an_rfc9068_access_token() {
 async fn granted_scope_is_requested_intersect_user_intersect_client() {
     let gw = support::start_with_routes("", &[ORDERS]).await;
     let c = Client::new(Proto::Http1);
-    assert_eq!(login(&c, &gw, None).await["scope"], "orders:read orders:write", "absent: all allowed");
+    assert_eq!(
+        login(&c, &gw, None).await["scope"],
+        "orders:read orders:write",
+        "absent: all allowed"
+    );
     // svc's reports:read is known but neither ann's nor web's.
     let r = c
-        .form(&gw.url("/api/oauth2/token"), &[("grant_type", "password"), ("client_id", "web"), ("username", USER), ("password", PASSWORD), ("scope", "reports:read")], &[])
+        .form(
+            &gw.url("/api/oauth2/token"),
+            &[
+                ("grant_type", "password"),
+                ("client_id", "web"),
+                ("username", USER),
+                ("password", PASSWORD),
+                ("scope", "reports:read"),
+            ],
+            &[],
+        )
         .await;
-    assert_eq!((r.status, json(&r.body)["error"].as_str()), (400, Some("invalid_scope")));
+    assert_eq!(
+        (r.status, json(&r.body)["error"].as_str()),
+        (400, Some("invalid_scope"))
+    );
 }
 
 /// The seed flow: login → refresh → the pair changes → the old refresh token replayed after the
@@ -79,7 +109,10 @@ async fn replay_after_the_grace_revokes_the_whole_family() {
     assert_ne!(str_of(&second, "refresh_token"), old_refresh);
     assert_ne!(str_of(&second, "access_token"), str_of(&first, "access_token"));
     let newest_access = str_of(&second, "access_token");
-    assert_eq!(c.get_with_token(&gw.url("/api/orders"), newest_access).await.status, 200);
+    assert_eq!(
+        c.get_with_token(&gw.url("/api/orders"), newest_access).await.status,
+        200
+    );
 
     gw.clock.advance(Duration::from_secs(11));
     let r = refresh(&c, &gw, old_refresh, "web").await;
@@ -87,13 +120,20 @@ async fn replay_after_the_grace_revokes_the_whole_family() {
     assert_eq!(json(&r.body)["error"], "invalid_grant");
 
     let r = refresh(&c, &gw, str_of(&second, "refresh_token"), "web").await;
-    assert_eq!((r.status, json(&r.body)["error"].as_str()), (400, Some("invalid_grant")), "newest token is dead too");
+    assert_eq!(
+        (r.status, json(&r.body)["error"].as_str()),
+        (400, Some("invalid_grant")),
+        "newest token is dead too"
+    );
     let r = c.get_with_token(&gw.url("/api/orders"), newest_access).await;
     assert_eq!(r.status, 401, "the session's access token is refused at once");
     assert!(r.header("www-authenticate").contains("error=\"invalid_token\""));
 
     let logs = support::logs::captured();
-    assert!(logs.contains("session_revoked") && logs.contains("refresh_token_reuse"), "audit event logged");
+    assert!(
+        logs.contains("session_revoked") && logs.contains("refresh_token_reuse"),
+        "audit event logged"
+    );
 }
 
 #[tokio::test]
@@ -105,7 +145,16 @@ async fn fifty_concurrent_refreshes_within_the_grace_get_the_same_response() {
         .map(|_| {
             let (c, url, token) = (c.clone(), gw.url("/api/oauth2/token"), token.clone());
             tokio::spawn(async move {
-                c.form(&url, &[("grant_type", "refresh_token"), ("client_id", "web"), ("refresh_token", &token)], &[]).await
+                c.form(
+                    &url,
+                    &[
+                        ("grant_type", "refresh_token"),
+                        ("client_id", "web"),
+                        ("refresh_token", &token),
+                    ],
+                    &[],
+                )
+                .await
             })
         })
         .collect();
@@ -130,7 +179,16 @@ async fn with_zero_grace_exactly_one_of_fifty_concurrent_refreshes_succeeds_and_
         .map(|_| {
             let (c, url, token) = (c.clone(), gw.url("/api/oauth2/token"), token.clone());
             tokio::spawn(async move {
-                c.form(&url, &[("grant_type", "refresh_token"), ("client_id", "web"), ("refresh_token", &token)], &[]).await
+                c.form(
+                    &url,
+                    &[
+                        ("grant_type", "refresh_token"),
+                        ("client_id", "web"),
+                        ("refresh_token", &token),
+                    ],
+                    &[],
+                )
+                .await
             })
         })
         .collect();
@@ -157,7 +215,11 @@ async fn refresh_tokens_expire_after_a_day_and_sessions_at_their_absolute_cap() 
     let fresh = str_of(&login(&c, &gw, None).await, "refresh_token").to_owned();
     gw.clock.advance(Duration::from_secs(1));
     let r = refresh(&c, &gw, &day_old, "web").await;
-    assert_eq!((r.status, json(&r.body)["error"].as_str()), (400, Some("invalid_grant")), "1 day: expired");
+    assert_eq!(
+        (r.status, json(&r.body)["error"].as_str()),
+        (400, Some("invalid_grant")),
+        "1 day: expired"
+    );
 
     // Refreshing every 23 hours keeps `fresh`'s session alive only until its 2-day cap.
     let mut token = fresh;
@@ -177,7 +239,11 @@ async fn refresh_tokens_expire_after_a_day_and_sessions_at_their_absolute_cap() 
 
     gw.clock.advance(Duration::from_secs(2 * 3600));
     let r = refresh(&c, &gw, &token, "web").await;
-    assert_eq!((r.status, json(&r.body)["error"].as_str()), (400, Some("invalid_grant")), "the session cap ends it");
+    assert_eq!(
+        (r.status, json(&r.body)["error"].as_str()),
+        (400, Some("invalid_grant")),
+        "the session cap ends it"
+    );
 }
 
 #[tokio::test]
@@ -186,13 +252,34 @@ async fn a_refresh_may_narrow_the_scope_but_never_widen_it() {
     let c = Client::new(Proto::Http1);
     let t = str_of(&login(&c, &gw, Some("orders:read")).await, "refresh_token").to_owned();
     let widen = c
-        .form(&gw.url("/api/oauth2/token"), &[("grant_type", "refresh_token"), ("client_id", "web"), ("refresh_token", &t), ("scope", "orders:read orders:write")], &[])
+        .form(
+            &gw.url("/api/oauth2/token"),
+            &[
+                ("grant_type", "refresh_token"),
+                ("client_id", "web"),
+                ("refresh_token", &t),
+                ("scope", "orders:read orders:write"),
+            ],
+            &[],
+        )
         .await;
-    assert_eq!((widen.status, json(&widen.body)["error"].as_str()), (400, Some("invalid_scope")));
+    assert_eq!(
+        (widen.status, json(&widen.body)["error"].as_str()),
+        (400, Some("invalid_scope"))
+    );
 
     let t = str_of(&login(&c, &gw, None).await, "refresh_token").to_owned();
     let narrow = c
-        .form(&gw.url("/api/oauth2/token"), &[("grant_type", "refresh_token"), ("client_id", "web"), ("refresh_token", &t), ("scope", "orders:write")], &[])
+        .form(
+            &gw.url("/api/oauth2/token"),
+            &[
+                ("grant_type", "refresh_token"),
+                ("client_id", "web"),
+                ("refresh_token", &t),
+                ("scope", "orders:write"),
+            ],
+            &[],
+        )
         .await;
     assert_eq!(narrow.status, 200, "{}", narrow.text());
     let body = json(&narrow.body);
@@ -209,8 +296,15 @@ async fn a_refresh_token_used_by_another_client_is_refused_and_changes_nothing()
     let c = Client::new(Proto::Http1);
     let t = str_of(&login(&c, &gw, None).await, "refresh_token").to_owned();
     let r = refresh(&c, &gw, &t, "mobile").await;
-    assert_eq!((r.status, json(&r.body)["error"].as_str()), (400, Some("invalid_grant")));
-    assert_eq!(refresh(&c, &gw, &t, "web").await.status, 200, "its own client can still use it");
+    assert_eq!(
+        (r.status, json(&r.body)["error"].as_str()),
+        (400, Some("invalid_grant"))
+    );
+    assert_eq!(
+        refresh(&c, &gw, &t, "web").await.status,
+        200,
+        "its own client can still use it"
+    );
 }
 
 #[tokio::test]
@@ -236,16 +330,33 @@ async fn client_credentials_issue_an_access_token_only() {
     let gw = support::start_with_routes("", &[ORDERS]).await;
     let c = Client::new(Proto::Http1);
     let basic = format!("Basic {}", STANDARD.encode(format!("svc:{SERVICE_SECRET}")));
-    let r = c.form(&gw.url("/api/oauth2/token"), &[("grant_type", "client_credentials"), ("scope", "reports:read")], &[("authorization", &basic)]).await;
+    let r = c
+        .form(
+            &gw.url("/api/oauth2/token"),
+            &[("grant_type", "client_credentials"), ("scope", "reports:read")],
+            &[("authorization", &basic)],
+        )
+        .await;
     assert_eq!(r.status, 200, "{}", r.text());
     let body = json(&r.body);
     assert!(body.get("refresh_token").is_none());
     assert_eq!(body["scope"], "reports:read");
     let claims = jwt_part(str_of(&body, "access_token"), 1);
-    assert_eq!((claims["sub"].as_str(), claims["client_id"].as_str()), (Some("svc"), Some("svc")));
+    assert_eq!(
+        (claims["sub"].as_str(), claims["client_id"].as_str()),
+        (Some("svc"), Some("svc"))
+    );
     // client_secret_post works too.
     let r = c
-        .form(&gw.url("/api/oauth2/token"), &[("grant_type", "client_credentials"), ("client_id", "svc"), ("client_secret", SERVICE_SECRET)], &[])
+        .form(
+            &gw.url("/api/oauth2/token"),
+            &[
+                ("grant_type", "client_credentials"),
+                ("client_id", "svc"),
+                ("client_secret", SERVICE_SECRET),
+            ],
+            &[],
+        )
         .await;
     assert_eq!(r.status, 200, "{}", r.text());
 }
@@ -264,11 +375,47 @@ async fn every_rfc6749_error_code_with_its_status() {
     let url = gw.url("/api/oauth2/token");
     let cases: Vec<(Vec<(&str, &str)>, Vec<(&str, &str)>, u16, &str)> = vec![
         (vec![("client_id", "web")], vec![], 400, "invalid_request"),
-        (vec![("grant_type", "password"), ("client_id", "nobody")], vec![], 401, "invalid_client"),
-        (vec![("grant_type", "password"), ("client_id", "web"), ("username", USER), ("password", "wrong")], vec![], 400, "invalid_grant"),
-        (vec![("grant_type", "client_credentials"), ("client_id", "web")], vec![], 400, "unauthorized_client"),
-        (vec![("grant_type", "authorization_code"), ("client_id", "web")], vec![], 400, "unsupported_grant_type"),
-        (vec![("grant_type", "password"), ("client_id", "web"), ("username", USER), ("password", PASSWORD), ("scope", "admin")], vec![], 400, "invalid_scope"),
+        (
+            vec![("grant_type", "password"), ("client_id", "nobody")],
+            vec![],
+            401,
+            "invalid_client",
+        ),
+        (
+            vec![
+                ("grant_type", "password"),
+                ("client_id", "web"),
+                ("username", USER),
+                ("password", "wrong"),
+            ],
+            vec![],
+            400,
+            "invalid_grant",
+        ),
+        (
+            vec![("grant_type", "client_credentials"), ("client_id", "web")],
+            vec![],
+            400,
+            "unauthorized_client",
+        ),
+        (
+            vec![("grant_type", "authorization_code"), ("client_id", "web")],
+            vec![],
+            400,
+            "unsupported_grant_type",
+        ),
+        (
+            vec![
+                ("grant_type", "password"),
+                ("client_id", "web"),
+                ("username", USER),
+                ("password", PASSWORD),
+                ("scope", "admin"),
+            ],
+            vec![],
+            400,
+            "invalid_scope",
+        ),
     ];
     for (form, headers, status, code) in cases {
         let r = c.form(&url, &form, &headers).await;
@@ -276,7 +423,13 @@ async fn every_rfc6749_error_code_with_its_status() {
     }
     // A wrong secret over Basic gets a Basic challenge.
     let basic = format!("Basic {}", STANDARD.encode("svc:wrong"));
-    let r = c.form(&url, &[("grant_type", "client_credentials")], &[("authorization", &basic)]).await;
+    let r = c
+        .form(
+            &url,
+            &[("grant_type", "client_credentials")],
+            &[("authorization", &basic)],
+        )
+        .await;
     assert_eq!(r.header("www-authenticate"), "Basic realm=\"tokengate\"");
     assert_eq!(error_of(r).await, (401, "invalid_client".to_owned()));
 }
@@ -287,23 +440,56 @@ async fn malformed_and_oversized_requests() {
     let c = Client::new(Proto::Http1);
     let url = gw.url("/api/oauth2/token");
 
-    let r = c.request(Method::POST, &url, &[("content-type", "application/json")], Bytes::from("{\"grant_type\":\"password\"}")).await;
+    let r = c
+        .request(
+            Method::POST,
+            &url,
+            &[("content-type", "application/json")],
+            Bytes::from("{\"grant_type\":\"password\"}"),
+        )
+        .await;
     assert_eq!(error_of(r).await, (400, "invalid_request".to_owned()));
 
-    let r = c.request(Method::POST, &url, &[("content-type", "application/x-www-form-urlencoded")], Bytes::from("grant_type=password&grant_type=refresh_token&client_id=web")).await;
+    let r = c
+        .request(
+            Method::POST,
+            &url,
+            &[("content-type", "application/x-www-form-urlencoded")],
+            Bytes::from("grant_type=password&grant_type=refresh_token&client_id=web"),
+        )
+        .await;
     let (status, code) = (r.status, json(&r.body));
     assert_eq!((status, code["error"].as_str()), (400, Some("invalid_request")));
-    assert!(code["error_description"].as_str().unwrap().contains("grant_type is repeated"));
+    assert!(
+        code["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("grant_type is repeated")
+    );
 
     let big = format!("grant_type=password&client_id=web&username={}", "a".repeat(20_000));
-    let r = c.request(Method::POST, &url, &[("content-type", "application/x-www-form-urlencoded")], Bytes::from(big)).await;
+    let r = c
+        .request(
+            Method::POST,
+            &url,
+            &[("content-type", "application/x-www-form-urlencoded")],
+            Bytes::from(big),
+        )
+        .await;
     assert_eq!(r.status, 413);
 
     let r = c.get(&url, &[]).await;
     assert_eq!(r.status, 405);
     assert_eq!(r.header("allow"), "POST");
 
-    let r = c.request(Method::POST, &url, &[("content-type", "application/x-www-form-urlencoded")], Bytes::from_static(b"\xff\xfe=%zz&&==")).await;
+    let r = c
+        .request(
+            Method::POST,
+            &url,
+            &[("content-type", "application/x-www-form-urlencoded")],
+            Bytes::from_static(b"\xff\xfe=%zz&&=="),
+        )
+        .await;
     assert_eq!(r.status, 400);
 }
 
@@ -315,7 +501,17 @@ async fn repeated_login_failures_back_off_without_checking_the_password() {
     let attempt = |password: &'static str| {
         let (c, url) = (c.clone(), url.clone());
         async move {
-            c.form(&url, &[("grant_type", "password"), ("client_id", "web"), ("username", USER), ("password", password)], &[]).await
+            c.form(
+                &url,
+                &[
+                    ("grant_type", "password"),
+                    ("client_id", "web"),
+                    ("username", USER),
+                    ("password", password),
+                ],
+                &[],
+            )
+            .await
         }
     };
     for _ in 0..5 {
@@ -325,7 +521,11 @@ async fn repeated_login_failures_back_off_without_checking_the_password() {
     assert_eq!(r.status, 429, "even the right password waits");
     assert_eq!(r.header("retry-after"), "1");
     gw.clock.advance(Duration::from_secs(1));
-    assert_eq!(attempt(PASSWORD).await.status, 200, "after the wait the right password works");
+    assert_eq!(
+        attempt(PASSWORD).await.status,
+        200,
+        "after the wait the right password works"
+    );
 }
 
 #[tokio::test]
@@ -341,22 +541,40 @@ async fn revocation_by_refresh_token_by_access_token_and_of_unknown_tokens() {
     let s = login(&c, &gw, None).await;
     assert_eq!(revoke(str_of(&s, "refresh_token").to_owned(), "web").await.status, 200);
     assert_eq!(refresh(&c, &gw, str_of(&s, "refresh_token"), "web").await.status, 400);
-    assert_eq!(c.get_with_token(&gw.url("/api/orders"), str_of(&s, "access_token")).await.status, 401);
+    assert_eq!(
+        c.get_with_token(&gw.url("/api/orders"), str_of(&s, "access_token"))
+            .await
+            .status,
+        401
+    );
 
     // By access token: same.
     let s = login(&c, &gw, None).await;
-    assert_eq!(c.get_with_token(&gw.url("/api/orders"), str_of(&s, "access_token")).await.status, 200);
+    assert_eq!(
+        c.get_with_token(&gw.url("/api/orders"), str_of(&s, "access_token"))
+            .await
+            .status,
+        200
+    );
     let r = revoke(str_of(&s, "access_token").to_owned(), "web").await;
     assert_eq!(r.status, 200);
     assert_eq!(r.header("cache-control"), "no-store");
-    assert_eq!(c.get_with_token(&gw.url("/api/orders"), str_of(&s, "access_token")).await.status, 401);
+    assert_eq!(
+        c.get_with_token(&gw.url("/api/orders"), str_of(&s, "access_token"))
+            .await
+            .status,
+        401
+    );
     assert_eq!(refresh(&c, &gw, str_of(&s, "refresh_token"), "web").await.status, 400);
 
     // Unknown tokens: 200, nothing happens.
     assert_eq!(revoke("no-such-token".into(), "web").await.status, 200);
     // Another client's token: refused, and the session lives on.
     let s = login(&c, &gw, None).await;
-    assert_eq!(revoke(str_of(&s, "refresh_token").to_owned(), "mobile").await.status, 400);
+    assert_eq!(
+        revoke(str_of(&s, "refresh_token").to_owned(), "mobile").await.status,
+        400
+    );
     assert_eq!(refresh(&c, &gw, str_of(&s, "refresh_token"), "web").await.status, 200);
 }
 
@@ -367,9 +585,20 @@ async fn tokens_and_passwords_never_reach_the_logs() {
     let s = login(&c, &gw, None).await;
     let r2 = json(&refresh(&c, &gw, str_of(&s, "refresh_token"), "web").await.body);
     refresh(&c, &gw, str_of(&s, "refresh_token"), "web").await; // reuse: audit event
-    c.get_with_token(&gw.url("/api/orders?access_token=x"), str_of(&r2, "access_token")).await;
+    c.get_with_token(&gw.url("/api/orders?access_token=x"), str_of(&r2, "access_token"))
+        .await;
     let secret_password = "pw-that-must-not-be-logged-3141";
-    c.form(&gw.url("/api/oauth2/token"), &[("grant_type", "password"), ("client_id", "web"), ("username", USER), ("password", secret_password)], &[]).await;
+    c.form(
+        &gw.url("/api/oauth2/token"),
+        &[
+            ("grant_type", "password"),
+            ("client_id", "web"),
+            ("username", USER),
+            ("password", secret_password),
+        ],
+        &[],
+    )
+    .await;
 
     let logs = support::logs::captured();
     assert!(logs.contains("tokengate::access"), "the access log is captured");

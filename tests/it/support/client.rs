@@ -52,14 +52,19 @@ impl Resp {
         String::from_utf8_lossy(&self.body).into_owned()
     }
     pub fn header(&self, name: &str) -> &str {
-        self.headers.get(name).map(|v| v.to_str().unwrap()).unwrap_or_else(|| panic!("no {name} header in {:?}", self.headers))
+        self.headers
+            .get(name)
+            .map(|v| v.to_str().unwrap())
+            .unwrap_or_else(|| panic!("no {name} header in {:?}", self.headers))
     }
 }
 
 impl Client {
     pub fn new(proto: Proto) -> Client {
         // hyper-rustls sets ALPN itself from the enabled protocols.
-        let builder = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls_config(&[])).https_only();
+        let builder = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls_config(&[]))
+            .https_only();
         let connector = match proto {
             Proto::Http1 => builder.enable_http1().build(),
             Proto::Http2 => builder.enable_http2().build(),
@@ -68,7 +73,9 @@ impl Client {
         if proto == Proto::Http2 {
             b.http2_only(true);
         }
-        Client { inner: b.build(connector) }
+        Client {
+            inner: b.build(connector),
+        }
     }
 
     pub async fn request(&self, method: Method, url: &str, headers: &[(&str, &str)], body: Bytes) -> Resp {
@@ -76,12 +83,21 @@ impl Client {
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
-        let resp = self.inner.request(req.body(Full::new(body)).unwrap()).await.expect("request failed");
+        let resp = self
+            .inner
+            .request(req.body(Full::new(body)).unwrap())
+            .await
+            .expect("request failed");
         let status = resp.status().as_u16();
         let version = resp.version();
         let headers = resp.headers().clone();
         let body = resp.into_body().collect().await.unwrap().to_bytes();
-        Resp { status, version, headers, body }
+        Resp {
+            status,
+            version,
+            headers,
+            body,
+        }
     }
 
     pub async fn get(&self, url: &str, headers: &[(&str, &str)]) -> Resp {
@@ -96,7 +112,9 @@ impl Client {
 
     /// `POST` of an `application/x-www-form-urlencoded` body.
     pub async fn form(&self, url: &str, form: &[(&str, &str)], headers: &[(&str, &str)]) -> Resp {
-        let body: String = form_urlencoded::Serializer::new(String::new()).extend_pairs(form).finish();
+        let body: String = form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(form)
+            .finish();
         let mut hs = vec![("content-type", "application/x-www-form-urlencoded")];
         hs.extend_from_slice(headers);
         self.request(Method::POST, url, &hs, Bytes::from(body)).await
