@@ -52,6 +52,6 @@ sed -e "s#$RUN_DIR/tls.crt#$ROOT/certs/localhost.pem#" -e "s#$RUN_DIR/tls.key#$R
 # $RUN_DIR/G.out (run.sh) or $RUN_DIR/cg_G.out (callgrind.sh).
 export G_CMD="$BIN --config $CONFIG"
 export G_URL=${G_URL:-https://127.0.0.1:18449/}
-echo "# tokengate $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$ROOT" diff --quiet HEAD 2>/dev/null || echo '+dirty'); G_CMD=$G_CMD; RUN_DIR=$RUN_DIR"
+echo "# repo HEAD $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$ROOT" diff --quiet HEAD 2>/dev/null || echo '+dirty'); binary built $(date -r "$BIN" -Is); G_CMD=$G_CMD; RUN_DIR=$RUN_DIR"
 echo "# machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
 exec bash "$PEERS/$SCRIPT"
