@@ -36,6 +36,15 @@ impl Clock for SystemClock {
     }
 }
 
+/// Microseconds since the Unix epoch from the wall clock, for log timestamps only (never for
+/// decisions: those take a [`Clock`]).
+pub fn wall_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
 /// A clock that only moves when told to.
 #[derive(Debug)]
 pub struct ManualClock {

@@ -3,14 +3,23 @@
 //! Lines are appended to an in-memory buffer and written by a background thread every 100 ms (or
 //! sooner when 64 KiB pile up), so the access log costs no syscall on the request path: one write
 //! per batch instead of one per request.
+//!
+//! The access log (target `tokengate::access`, one event per request) has its own layer: it writes
+//! its fixed fields straight into the buffer, in the same shape tracing-subscriber's formatter
+//! would, at a fraction of the cost. Every other event goes through tracing-subscriber's `fmt`.
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use tracing::field::{Field, Visit};
+use tracing::{Event, Subscriber};
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::FilterExt;
 use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::layer::{Context, Layer, SubscriberExt};
+use tracing_subscriber::util::SubscriberInitExt;
 
 use crate::config::LogFormat;
 
@@ -99,16 +108,24 @@ pub fn init_to(format: LogFormat, sink: Box<dyn Write + Send>) -> LogGuard {
         stopping: Default::default(),
     });
     let writer = BufferedWriter(shared.clone());
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(writer)
-        .with_ansi(false);
-    // A second init (only possible in tests) keeps the first subscriber.
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    let env_filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let not_access = tracing_subscriber::filter::filter_fn(|m| m.target() != ACCESS_TARGET);
+    let access = AccessLayer {
+        shared: shared.clone(),
+        json: format == LogFormat::Json,
+    }
+    .with_filter(env_filter().and(tracing_subscriber::filter::filter_fn(|m| m.target() == ACCESS_TARGET)));
+    let fmt = tracing_subscriber::fmt::layer().with_writer(writer).with_ansi(false);
+    let fmt: Box<dyn Layer<tracing_subscriber::Registry> + Send + Sync> = match format {
+        LogFormat::Text => fmt.with_filter(env_filter().and(not_access)).boxed(),
+        LogFormat::Json => fmt
+            .json()
+            .flatten_event(true)
+            .with_filter(env_filter().and(not_access))
+            .boxed(),
     };
+    // A second init (only possible in tests) keeps the first subscriber.
+    let _ = tracing_subscriber::registry().with(fmt).with(access).try_init();
     let flusher_shared = shared.clone();
     let flusher = std::thread::Builder::new()
         .name("tokengate-log".into())
@@ -120,4 +137,163 @@ pub fn init_to(format: LogFormat, sink: Box<dyn Write + Send>) -> LogGuard {
         })
         .ok();
     LogGuard { shared, flusher }
+}
+
+/// The target of access-log events.
+pub const ACCESS_TARGET: &str = "tokengate::access";
+
+/// Formats access-log events directly into the shared buffer.
+struct AccessLayer {
+    shared: Arc<Shared>,
+    json: bool,
+}
+
+impl<S: Subscriber> Layer<S> for AccessLayer {
+    fn on_event(&self, event: &Event<'_>, _ctx: Context<'_, S>) {
+        let mut line = Vec::with_capacity(200);
+        let micros = crate::clock::wall_micros();
+        if self.json {
+            line.extend_from_slice(b"{\"timestamp\":\"");
+            write_rfc3339(&mut line, micros);
+            line.extend_from_slice(b"\",\"level\":\"INFO\",\"target\":\"tokengate::access\"");
+        } else {
+            write_rfc3339(&mut line, micros);
+            line.extend_from_slice(b"  INFO tokengate::access:");
+        }
+        event.record(&mut AccessFields {
+            out: &mut line,
+            json: self.json,
+        });
+        line.extend_from_slice(if self.json { b"}\n" } else { b"\n" });
+        let full = match self.shared.buf.lock() {
+            Ok(mut b) => {
+                b.extend_from_slice(&line);
+                b.len() >= FLUSH_AT_BYTES
+            }
+            Err(_) => false,
+        };
+        if full {
+            self.shared.flush_to_sink();
+        }
+    }
+}
+
+struct AccessFields<'a> {
+    out: &'a mut Vec<u8>,
+    json: bool,
+}
+
+impl AccessFields<'_> {
+    fn key(&mut self, field: &Field) {
+        if self.json {
+            self.out.extend_from_slice(b",\"");
+            self.out.extend_from_slice(field.name().as_bytes());
+            self.out.extend_from_slice(b"\":");
+        } else {
+            self.out.push(b' ');
+            self.out.extend_from_slice(field.name().as_bytes());
+            self.out.push(b'=');
+        }
+    }
+}
+
+impl Visit for AccessFields<'_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.key(field);
+        write_quoted(self.out, value);
+    }
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.key(field);
+        self.out.extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
+    }
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.key(field);
+        self.out.extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
+    }
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        self.key(field);
+        write_quoted(self.out, &format!("{value:?}"));
+    }
+}
+
+/// A JSON string literal (also safe and unambiguous in a text line): quotes, backslashes and
+/// control characters escaped, so a request path can never forge a log line.
+fn write_quoted(out: &mut Vec<u8>, s: &str) {
+    out.push(b'"');
+    for &b in s.as_bytes() {
+        match b {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            0x00..=0x1f | 0x7f => {
+                const HEX: &[u8; 16] = b"0123456789abcdef";
+                out.extend_from_slice(b"\\u00");
+                out.push(HEX[(b >> 4) as usize]);
+                out.push(HEX[(b & 0xf) as usize]);
+            }
+            _ => out.push(b),
+        }
+    }
+    out.push(b'"');
+}
+
+/// `n` as exactly `width` decimal digits (zero-padded; `width` at most 6).
+fn push_digits(out: &mut Vec<u8>, mut n: u64, width: usize) {
+    let mut buf = [b'0'; 6];
+    for slot in buf[..width].iter_mut().rev() {
+        *slot = b'0' + (n % 10) as u8;
+        n /= 10;
+    }
+    out.extend_from_slice(&buf[..width]);
+}
+
+/// `YYYY-MM-DDTHH:MM:SS.ffffffZ` from microseconds since the epoch (civil-from-days, H. Hinnant).
+fn write_rfc3339(out: &mut Vec<u8>, micros: u64) {
+    let secs = micros / 1_000_000;
+    let days = (secs / 86_400) as i64;
+    let sod = secs % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    push_digits(out, year.max(0) as u64, 4);
+    out.push(b'-');
+    push_digits(out, month as u64, 2);
+    out.push(b'-');
+    push_digits(out, day as u64, 2);
+    out.push(b'T');
+    push_digits(out, sod / 3600, 2);
+    out.push(b':');
+    push_digits(out, sod % 3600 / 60, 2);
+    out.push(b':');
+    push_digits(out, sod % 60, 2);
+    out.push(b'.');
+    push_digits(out, micros % 1_000_000, 6);
+    out.push(b'Z');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_timestamps() {
+        let mut out = Vec::new();
+        write_rfc3339(&mut out, 1_795_777_160_123_456);
+        assert_eq!(String::from_utf8(out).unwrap(), "2026-11-27T10:59:20.123456Z");
+        let mut out = Vec::new();
+        write_rfc3339(&mut out, 951_782_400_000_001); // 2000-02-29
+        assert_eq!(String::from_utf8(out).unwrap(), "2000-02-29T00:00:00.000001Z");
+    }
+
+    #[test]
+    fn quoted_values_cannot_forge_lines() {
+        let mut out = Vec::new();
+        write_quoted(&mut out, "/a\"b\nINFO fake\\");
+        assert_eq!(String::from_utf8(out).unwrap(), r#""/a\"b\u000aINFO fake\\""#);
+    }
 }

@@ -27,12 +27,13 @@ use crate::auth::validator::InvalidToken;
 use crate::auth::{AuthError, Validator, VerifiedToken};
 use crate::config::{AuthPolicy, RouteSettings};
 use crate::oauth::{OAuthError, OAuthServer};
+use crate::proxy::forward::PooledBody;
 use crate::proxy::headers::{self, RequestContext, X_REQUEST_ID};
 use crate::proxy::{ForwardError, Forwarder, echo};
 use crate::routing::{PathError, RouteTable, normalize_path};
 
 /// Responses are either ours (small, whole) or the upstream's (streamed).
-pub type ResponseBody = Either<Full<Bytes>, Incoming>;
+pub type ResponseBody = Either<Full<Bytes>, PooledBody>;
 
 /// What the service knows of the connection a request came on.
 #[derive(Debug, Clone, Copy)]

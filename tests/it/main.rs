@@ -1,6 +1,9 @@
 //! Integration tests: the real gateway in-process over real TLS, bound to port 0, in front of real
 //! in-process upstreams. One binary; each file is a module.
 
+// Test code: an unexpected Err should fail the test loudly, helpers included.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 mod config_errors;
