@@ -373,7 +373,8 @@ async fn every_rfc6749_error_code_with_its_status() {
     let gw = support::start_with_routes("", &[ORDERS]).await;
     let c = Client::new(Proto::Http1);
     let url = gw.url("/api/oauth2/token");
-    let cases: Vec<(Vec<(&str, &str)>, u16, &str)> = vec![
+    type Case<'a> = (Vec<(&'a str, &'a str)>, u16, &'a str);
+    let cases: Vec<Case> = vec![
         (vec![("client_id", "web")], 400, "invalid_request"),
         (
             vec![("grant_type", "password"), ("client_id", "nobody")],
