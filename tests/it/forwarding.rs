@@ -11,6 +11,7 @@ use http::{Method, Request, Response};
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use hyper_util::rt::TokioIo;
+use rustls_pki_types::pem::PemObject;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
@@ -401,4 +402,57 @@ async fn a_websocket_passes_through_after_the_token_check() {
     ws.send(Message::text("hello through the gateway")).await.unwrap();
     let echoed = within("websocket echo", ws.next()).await.unwrap().unwrap();
     assert_eq!(echoed.into_text().unwrap().as_str(), "hello through the gateway");
+}
+
+#[tokio::test]
+async fn an_https_upstream_is_reached_through_tls_with_the_routes_ca_file() {
+    // An upstream serving TLS with the repo's localhost certificate.
+    let certs = support::repo().join("certs");
+    let chain: Vec<_> = rustls_pki_types::CertificateDer::pem_file_iter(certs.join("localhost.pem"))
+        .unwrap()
+        .map(|c| c.unwrap())
+        .collect();
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_file(certs.join("localhost-key.pem")).unwrap();
+    let server = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else { return };
+                let svc = hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
+                    let host = req.headers()["host"].to_str().unwrap().to_owned();
+                    Ok::<_, Infallible>(Response::new(full(format!("tls upstream saw host {host}"))))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    let gw = support::start_with_routes(
+        "",
+        &[
+            (
+                "/secure",
+                &format!("https://localhost:{port}"),
+                &format!("auth = \"none\"\nca_file = \"{}\"", certs.join("ca.pem").display()),
+            ),
+            ("/untrusted", &format!("https://localhost:{port}"), "auth = \"none\""),
+        ],
+    )
+    .await;
+    let c = Client::new(Proto::Http1);
+    let r = c.get(&gw.url("/secure/x"), &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.text(), format!("tls upstream saw host localhost:{port}"));
+    // Without the CA file the system roots do not trust the dev CA: 502, not a silent downgrade.
+    assert_eq!(c.get(&gw.url("/untrusted/x"), &[]).await.status, 502);
 }

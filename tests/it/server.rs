@@ -127,3 +127,27 @@ async fn graceful_shutdown_finishes_in_flight_requests_and_refuses_new_connectio
     assert_eq!((r.status, r.text().as_str()), (200, "finished"));
     assert_eq!(running.finish().await, tokengate::Drained::Cleanly);
 }
+
+#[tokio::test]
+async fn without_tls_the_listener_speaks_plain_http11() {
+    let toml = support::config_toml(
+        "",
+        "[[routes]]\npath_prefix = \"/pub\"\nupstream = \"echo\"\nauth = \"none\"\n",
+    );
+    let start = toml.find("tls = {").unwrap();
+    let end = start + toml[start..].find('\n').unwrap();
+    let plain_toml = format!("{}{}", &toml[..start], &toml[end..]);
+    let gw = support::start(&plain_toml).await;
+    let plain = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Empty<bytes::Bytes>>();
+    let resp = plain
+        .get(format!("http://{}/pub/x", gw.addr).parse().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    assert_eq!(json(&body)["headers"]["x-forwarded-proto"], "http");
+}
