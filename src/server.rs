@@ -100,12 +100,10 @@ async fn serve_connection(
     settings: &ConnSettings,
     phase: watch::Receiver<Phase>,
 ) {
-    let info = ConnInfo {
-        peer,
-        tls: tls.is_some(),
-    };
+    let info = Arc::new(ConnInfo::new(peer, tls.is_some()));
     let service = service_fn(move |req: Request<Incoming>| {
         let app = app.clone();
+        let info = info.clone();
         async move { Ok::<_, Infallible>(app.handle(req, &info).await) }
     });
     let Some(acceptor) = tls else {

@@ -36,10 +36,19 @@ use crate::routing::{PathError, RouteTable, normalize_path};
 pub type ResponseBody = Either<Full<Bytes>, PooledBody>;
 
 /// What the service knows of the connection a request came on.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ConnInfo {
     pub peer: SocketAddr,
     pub tls: bool,
+    /// The peer's IP as a header value, formatted once per connection for X-Forwarded-For.
+    pub peer_ip: HeaderValue,
+}
+
+impl ConnInfo {
+    pub fn new(peer: SocketAddr, tls: bool) -> Self {
+        let peer_ip = HeaderValue::from_str(&peer.ip().to_string()).unwrap_or(HeaderValue::from_static("unknown"));
+        ConnInfo { peer, tls, peer_ip }
+    }
 }
 
 /// A request that failed, tagged with whose fault it is; [`error_response`] renders it.
@@ -214,7 +223,22 @@ impl RequestIds {
             return v.clone();
         }
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        HeaderValue::from_str(&format!("{:08x}-{n:x}", self.prefix)).unwrap_or(HeaderValue::from_static("-"))
+        // `<8 hex digits of the process prefix>-<counter in hex>`, without going through fmt.
+        let mut buf = [0u8; 25];
+        hex_into(&mut buf[..8], u64::from(self.prefix));
+        buf[8] = b'-';
+        let digits = (64 - n.leading_zeros()).div_ceil(4).max(1) as usize;
+        hex_into(&mut buf[9..9 + digits], n);
+        HeaderValue::from_bytes(&buf[..9 + digits]).unwrap_or(HeaderValue::from_static("-"))
+    }
+}
+
+/// Writes the low `out.len() * 4` bits of `n` as lower-case hex.
+fn hex_into(out: &mut [u8], mut n: u64) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for slot in out.iter_mut().rev() {
+        *slot = HEX[(n & 0xf) as usize];
+        n >>= 4;
     }
 }
 
@@ -421,7 +445,7 @@ impl App {
         });
         let forwarder = self.forwarders[index].as_ref();
         let ctx = RequestContext {
-            peer_ip: conn.peer.ip(),
+            peer_ip: &conn.peer_ip,
             proto: if conn.tls { "https" } else { "http" },
             original_host,
             upstream_host: if route.preserve_host {
@@ -518,5 +542,42 @@ async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnU
     let mut upstream = hyper_util::rt::TokioIo::new(upstream);
     if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
         tracing::debug!(error = %e, "upgraded connection ended with an error");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_request_ids_are_prefix_dash_counter_in_hex() {
+        let ids = RequestIds::new(0xabc);
+        let none = HeaderMap::new();
+        assert_eq!(ids.for_request(&none), "00000abc-0");
+        assert_eq!(ids.for_request(&none), "00000abc-1");
+        ids.counter.store(0x1f, Ordering::Relaxed);
+        assert_eq!(ids.for_request(&none), "00000abc-1f");
+        ids.counter.store(u64::MAX, Ordering::Relaxed);
+        assert_eq!(ids.for_request(&none), "00000abc-ffffffffffffffff");
+    }
+
+    #[test]
+    fn client_request_ids_are_kept_only_when_sane() {
+        let ids = RequestIds::new(1);
+        let mut h = HeaderMap::new();
+        h.insert(&X_REQUEST_ID, HeaderValue::from_static("trace-42.a:b_c"));
+        assert_eq!(ids.for_request(&h), "trace-42.a:b_c");
+        h.insert(&X_REQUEST_ID, HeaderValue::from_static("has space"));
+        assert_eq!(ids.for_request(&h), "00000001-0");
+        h.insert(&X_REQUEST_ID, HeaderValue::from_str(&"x".repeat(129)).unwrap());
+        assert_eq!(ids.for_request(&h), "00000001-1");
+    }
+
+    #[test]
+    fn strip_prefix_keeps_an_absolute_path() {
+        assert_eq!(strip_prefix("/api/orders/7", "/api/orders"), "/7");
+        assert_eq!(strip_prefix("/api/orders", "/api/orders"), "/");
+        assert_eq!(strip_prefix("/api/orders/", "/api/orders"), "/");
+        assert_eq!(strip_prefix("/x", "/"), "/x");
     }
 }

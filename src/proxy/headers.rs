@@ -6,8 +6,6 @@
 //! unless the route forwards it; X-Forwarded-For is appended to, X-Forwarded-Proto/Host are ours.
 //! All of it is one pass over the client's headers into a new map, not a `remove` per name.
 
-use std::net::IpAddr;
-
 use http::HeaderMap;
 use http::header::{self, HeaderName, HeaderValue};
 
@@ -61,7 +59,8 @@ pub fn is_upgrade_request(headers: &HeaderMap) -> bool {
 }
 
 pub struct RequestContext<'a> {
-    pub peer_ip: IpAddr,
+    /// The client's address, as a header value (formatted once per connection).
+    pub peer_ip: &'a HeaderValue,
     pub proto: &'static str,
     /// The Host (or :authority) the client addressed.
     pub original_host: Option<HeaderValue>,
@@ -75,28 +74,22 @@ pub struct RequestContext<'a> {
     pub request_id: &'a HeaderValue,
 }
 
-/// The headers to send upstream, built from the client's in one pass.
-pub fn upstream_request_headers(mut client: HeaderMap, ctx: &RequestContext<'_>) -> HeaderMap {
-    let named = if client.contains_key(header::CONNECTION) {
-        connection_named(&client)
+/// The headers to send upstream, made from the client's in place: one scan over the names finds
+/// what must go (usually just Host and Authorization), then the gateway's own headers are set.
+pub fn upstream_request_headers(mut headers: HeaderMap, ctx: &RequestContext<'_>) -> HeaderMap {
+    let named = if headers.contains_key(header::CONNECTION) {
+        connection_named(&headers)
     } else {
         Vec::new()
     };
     let upgrade_value = if ctx.upgrade {
-        client.get(header::UPGRADE).cloned()
+        headers.get(header::UPGRADE).cloned()
     } else {
         None
     };
-    let mut out = HeaderMap::with_capacity(client.len() + 8);
-    let mut forwarded_for: Option<Vec<u8>> = None;
-    let mut current: Option<HeaderName> = None;
-    for (name, value) in client.drain() {
-        if let Some(name) = name {
-            current = Some(name);
-        }
-        let Some(name) = current.as_ref() else {
-            continue;
-        };
+    let mut doomed: Vec<HeaderName> = Vec::new();
+    let mut has_forwarded_for = false;
+    for name in headers.keys() {
         if is_hop_by_hop(name)
             || is_identity(name)
             || name == header::HOST
@@ -106,56 +99,47 @@ pub fn upstream_request_headers(mut client: HeaderMap, ctx: &RequestContext<'_>)
             || (name == header::AUTHORIZATION && !ctx.keep_authorization)
             || named.contains(name)
         {
-            continue;
+            doomed.push(name.clone());
+        } else if name == X_FORWARDED_FOR {
+            has_forwarded_for = true;
         }
-        if name == X_FORWARDED_FOR {
-            let buf = forwarded_for.get_or_insert_with(Vec::new);
-            if !buf.is_empty() {
-                buf.extend_from_slice(b", ");
-            }
-            buf.extend_from_slice(value.as_bytes());
-            continue;
-        }
-        out.append(name.clone(), value);
     }
+    for name in &doomed {
+        headers.remove(name);
+    }
+    headers.reserve(12);
 
-    let peer = ctx.peer_ip.to_string();
-    let xff = match forwarded_for {
-        Some(mut prior) => {
-            prior.extend_from_slice(b", ");
-            prior.extend_from_slice(peer.as_bytes());
-            HeaderValue::from_bytes(&prior).ok()
+    let xff = if has_forwarded_for {
+        let mut joined: Vec<u8> = Vec::new();
+        for v in headers.get_all(&X_FORWARDED_FOR) {
+            joined.extend_from_slice(v.as_bytes());
+            joined.extend_from_slice(b", ");
         }
-        None => HeaderValue::from_str(&peer).ok(),
+        joined.extend_from_slice(ctx.peer_ip.as_bytes());
+        HeaderValue::from_bytes(&joined).unwrap_or_else(|_| ctx.peer_ip.clone())
+    } else {
+        ctx.peer_ip.clone()
     };
-    if let Some(xff) = xff {
-        out.insert(X_FORWARDED_FOR.clone(), xff);
-    }
-    out.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(ctx.proto));
+    headers.insert(X_FORWARDED_FOR.clone(), xff);
+    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(ctx.proto));
     if let Some(host) = &ctx.original_host {
-        out.insert(X_FORWARDED_HOST.clone(), host.clone());
+        headers.insert(X_FORWARDED_HOST.clone(), host.clone());
     }
-    match (ctx.upstream_host, &ctx.original_host) {
-        (Some(h), _) => {
-            out.insert(header::HOST, h.clone());
-        }
-        (None, Some(h)) => {
-            out.insert(header::HOST, h.clone());
-        }
-        (None, None) => {}
+    if let Some(h) = ctx.upstream_host.or(ctx.original_host.as_ref()) {
+        headers.insert(header::HOST, h.clone());
     }
     if let Some([sub, client_id, scope, sid]) = ctx.identity {
-        out.insert(X_AUTH_SUBJECT.clone(), sub.clone());
-        out.insert(X_AUTH_CLIENT_ID.clone(), client_id.clone());
-        out.insert(X_AUTH_SCOPE.clone(), scope.clone());
-        out.insert(X_AUTH_SESSION.clone(), sid.clone());
+        headers.insert(X_AUTH_SUBJECT.clone(), sub.clone());
+        headers.insert(X_AUTH_CLIENT_ID.clone(), client_id.clone());
+        headers.insert(X_AUTH_SCOPE.clone(), scope.clone());
+        headers.insert(X_AUTH_SESSION.clone(), sid.clone());
     }
-    out.insert(X_REQUEST_ID.clone(), ctx.request_id.clone());
+    headers.insert(X_REQUEST_ID.clone(), ctx.request_id.clone());
     if let Some(upgrade) = upgrade_value {
-        out.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        out.insert(header::UPGRADE, upgrade);
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, upgrade);
     }
-    out
+    headers
 }
 
 /// Strips hop-by-hop headers from an upstream response in place (kept for a 101 handshake).
@@ -168,22 +152,13 @@ pub fn clean_response_headers(headers: &mut HeaderMap, switching_protocols: bool
     } else {
         Vec::new()
     };
-    if named.is_empty() && !headers.keys().any(is_hop_by_hop) {
-        return;
-    }
-    let old = std::mem::take(headers);
-    let mut current: Option<HeaderName> = None;
-    for (name, value) in old {
-        if let Some(name) = name {
-            current = Some(name);
-        }
-        let Some(name) = current.as_ref() else {
-            continue;
-        };
-        if is_hop_by_hop(name) || named.contains(name) {
-            continue;
-        }
-        headers.append(name.clone(), value);
+    let doomed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| is_hop_by_hop(name) || named.contains(name))
+        .cloned()
+        .collect();
+    for name in &doomed {
+        headers.remove(name);
     }
 }
 
@@ -197,7 +172,7 @@ mod tests {
         upstream_host: Option<&'a HeaderValue>,
     ) -> RequestContext<'a> {
         RequestContext {
-            peer_ip: "192.0.2.7".parse().unwrap(),
+            peer_ip: Box::leak(Box::new(HeaderValue::from_static("192.0.2.7"))),
             proto: "https",
             original_host: Some(HeaderValue::from_static("gw.example")),
             upstream_host,
