@@ -5,7 +5,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::hint::black_box;
-use std::net::IpAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -136,13 +135,13 @@ fn bench_headers(c: &mut Criterion) {
     ];
     let rid = HeaderValue::from_static("0000-1");
     let up = HeaderValue::from_static("127.0.0.1:9000");
-    let peer: IpAddr = "127.0.0.1".parse().unwrap();
+    let peer = HeaderValue::from_static("127.0.0.1");
     c.bench_function("headers/prepare_upstream", |b| {
         b.iter_batched(
             || h.clone(),
             |h| {
                 let ctx = RequestContext {
-                    peer_ip: peer,
+                    peer_ip: &peer,
                     proto: "https",
                     original_host: Some(HeaderValue::from_static("localhost:8443")),
                     upstream_host: Some(&up),
