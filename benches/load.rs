@@ -197,6 +197,17 @@ struct Creds {
     path: String,
 }
 
+impl From<&Opts> for Creds {
+    fn from(o: &Opts) -> Self {
+        Creds {
+            client_id: o.client_id.clone(),
+            username: o.username.clone(),
+            password: o.password.clone(),
+            path: o.path.clone(),
+        }
+    }
+}
+
 async fn login(t: &Target, s: &mut SendRequest<Full<Bytes>>, c: &Creds) -> Option<(String, String, u64)> {
     let r = send(
         s,
@@ -465,12 +476,7 @@ scopes = ["orders:read"]
         authority: format!("localhost:{}", running.addr.port()),
         tls: tls_connector(&repo.join("certs/ca.pem")),
     };
-    let creds = Creds {
-        client_id: o.client_id.clone(),
-        username: o.username.clone(),
-        password: o.password.clone(),
-        path: o.path.clone(),
-    };
+    let creds = Creds::from(&o);
     println!(
         "in-process gateway ({} worker thread(s)), TLS 1.3 on loopback, {}s per scenario",
         o.gw_threads,
@@ -552,12 +558,7 @@ async fn external(url: String, o: Opts) {
         authority: format!("{host}:{port}"),
         tls: tls_connector(&ca),
     };
-    let creds = Creds {
-        client_id: o.client_id.clone(),
-        username: o.username.clone(),
-        password: o.password.clone(),
-        path: o.path.clone(),
-    };
+    let creds = Creds::from(&o);
     println!(
         "target {url}: each connection logs in, calls {} with its token, refreshes before expiry",
         o.path

@@ -128,7 +128,7 @@ async fn serve_connection(
     }
 }
 
-async fn serve_http1<I, S>(io: I, service: S, settings: &ConnSettings, mut phase: watch::Receiver<Phase>)
+async fn serve_http1<I, S>(io: I, service: S, settings: &ConnSettings, phase: watch::Receiver<Phase>)
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     S: hyper::service::HttpService<Incoming, ResBody = crate::service::ResponseBody> + Send,
@@ -141,20 +141,10 @@ where
         .keep_alive(true)
         .serve_connection(io, service)
         .with_upgrades();
-    tokio::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => log_conn_end(r),
-        _ = reached(&mut phase, Phase::Draining) => {
-            conn.as_mut().graceful_shutdown();
-            tokio::select! {
-                r = conn.as_mut() => log_conn_end(r),
-                _ = reached(&mut phase, Phase::Closing) => {}
-            }
-        }
-    }
+    drive(conn, phase).await
 }
 
-async fn serve_http2<I, S>(io: I, service: S, mut phase: watch::Receiver<Phase>)
+async fn serve_http2<I, S>(io: I, service: S, phase: watch::Receiver<Phase>)
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     S: hyper::service::HttpService<Incoming, ResBody = crate::service::ResponseBody> + Send,
@@ -164,11 +154,46 @@ where
     let conn = http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .serve_connection(io, service);
+    drive(conn, phase).await
+}
+
+/// A hyper server connection that can be asked to finish (HTTP/1.1 and HTTP/2 each have the
+/// method, but no common trait).
+trait Graceful: std::future::Future<Output = Result<(), hyper::Error>> {
+    fn begin_graceful_shutdown(self: std::pin::Pin<&mut Self>);
+}
+
+impl<I, S> Graceful for http1::UpgradeableConnection<I, S>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::HttpService<Incoming, ResBody = crate::service::ResponseBody>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn begin_graceful_shutdown(self: std::pin::Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+impl<I, S> Graceful for http2::Connection<I, S, TokioExecutor>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::HttpService<Incoming, ResBody = crate::service::ResponseBody> + Send,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn begin_graceful_shutdown(self: std::pin::Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+/// Serves a connection until it ends; when draining starts, asks it to finish its in-flight
+/// requests, and when closing starts, drops it.
+async fn drive(conn: impl Graceful, mut phase: watch::Receiver<Phase>) {
     tokio::pin!(conn);
     tokio::select! {
         r = conn.as_mut() => log_conn_end(r),
         _ = reached(&mut phase, Phase::Draining) => {
-            conn.as_mut().graceful_shutdown();
+            conn.as_mut().begin_graceful_shutdown();
             tokio::select! {
                 r = conn.as_mut() => log_conn_end(r),
                 _ = reached(&mut phase, Phase::Closing) => {}

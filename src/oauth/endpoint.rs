@@ -259,23 +259,15 @@ impl OAuthServer {
             .registry
             .start_session(user_index, client_index, granted, now)
             .map_err(|_| OAuthError::Internal("could not mint a refresh token"))?;
-        let scope = self.scopes.render(granted);
-        let access = self
-            .issuer
-            .access_token(
-                &user.username,
-                &client.id,
-                &scope,
-                &sid_to_string(session.sid),
-                now / 1000,
-            )
-            .map_err(|_| OAuthError::Internal("could not sign the access token"))?;
         tracing::info!(target: "tokengate::audit", event = "login", username, client = %client.id, sid = %sid_to_string(session.sid));
-        Ok(self.response(
-            &access.jwt,
+        self.token_response(
+            &user.username,
+            client,
+            granted,
+            session.sid,
+            now,
             Some((&session.refresh_token, session.refresh_expires_in_secs)),
-            &scope,
-        ))
+        )
     }
 
     fn refresh_grant(&self, client_index: u32, client: &ClientSettings, form: &Form) -> Result<Bytes, OAuthError> {
@@ -298,24 +290,15 @@ impl OAuthServer {
                 .users
                 .get(session.user)
                 .ok_or(OAuthError::Internal("user index out of range"))?;
-            let scope = self.scopes.render(scope);
-            let access = self
-                .issuer
-                .access_token(
-                    &user.username,
-                    &client.id,
-                    &scope,
-                    &sid_to_string(session.sid),
-                    now / 1000,
-                )
-                .map_err(|_| OAuthError::Internal("could not sign the access token"))?;
-            Ok(self
-                .response(
-                    &access.jwt,
-                    Some((rotation.refresh_token, rotation.refresh_expires_in_secs)),
-                    &scope,
-                )
-                .to_vec())
+            self.token_response(
+                &user.username,
+                client,
+                scope,
+                session.sid,
+                now,
+                Some((rotation.refresh_token, rotation.refresh_expires_in_secs)),
+            )
+            .map(|b| b.to_vec())
         });
         match outcome {
             Ok(Rotated::Fresh(body)) => Ok(Bytes::from(body)),
@@ -343,15 +326,26 @@ impl OAuthServer {
                 "no requested scope may be granted",
             ));
         }
-        let now = self.clock.now_secs();
-        let sid_bytes = issuer::random_bytes::<8>().map_err(|_| OAuthError::Internal("no randomness"))?;
-        let sid = sid_to_string(u64::from_le_bytes(sid_bytes));
-        let scope = self.scopes.render(granted);
+        let sid = u64::from_le_bytes(issuer::random_bytes::<8>().map_err(|_| OAuthError::Internal("no randomness"))?);
+        self.token_response(&client.id, client, granted, sid, self.clock.now_millis(), None)
+    }
+
+    /// Signs the access token and renders the §5.1 body (with a refresh token when given).
+    fn token_response(
+        &self,
+        subject: &str,
+        client: &ClientSettings,
+        scope: ScopeSet,
+        sid: u64,
+        now_ms: u64,
+        refresh: Option<(&str, u64)>,
+    ) -> Result<Bytes, OAuthError> {
+        let scope = self.scopes.render(scope);
         let access = self
             .issuer
-            .access_token(&client.id, &client.id, &scope, &sid, now)
+            .access_token(subject, &client.id, &scope, &sid_to_string(sid), now_ms / 1000)
             .map_err(|_| OAuthError::Internal("could not sign the access token"))?;
-        Ok(self.response(&access.jwt, None, &scope))
+        Ok(self.response(&access.jwt, refresh, &scope))
     }
 
     fn response(&self, access_token: &str, refresh: Option<(&str, u64)>, scope: &str) -> Bytes {

@@ -136,14 +136,11 @@ async fn replay_after_the_grace_revokes_the_whole_family() {
     );
 }
 
-#[tokio::test]
-async fn fifty_concurrent_refreshes_within_the_grace_get_the_same_response() {
-    let gw = support::start_with_routes("", &[ORDERS]).await;
-    let c = Client::new(Proto::Http2);
-    let token = str_of(&login(&c, &gw, None).await, "refresh_token").to_owned();
-    let tasks: Vec<_> = (0..50)
+/// `n` refreshes of one token, all in flight at once over one HTTP/2 connection.
+async fn concurrent_refreshes(c: &Client, gw: &support::TestGateway, token: &str, n: usize) -> Vec<support::Resp> {
+    let tasks: Vec<_> = (0..n)
         .map(|_| {
-            let (c, url, token) = (c.clone(), gw.url("/api/oauth2/token"), token.clone());
+            let (c, url, token) = (c.clone(), gw.url("/api/oauth2/token"), token.to_owned());
             tokio::spawn(async move {
                 c.form(
                     &url,
@@ -158,9 +155,21 @@ async fn fifty_concurrent_refreshes_within_the_grace_get_the_same_response() {
             })
         })
         .collect();
-    let mut bodies = HashSet::new();
+    let mut out = Vec::with_capacity(n);
     for t in tasks {
-        let r = t.await.unwrap();
+        out.push(t.await.unwrap());
+    }
+    out
+}
+
+#[tokio::test]
+async fn fifty_concurrent_refreshes_within_the_grace_get_the_same_response() {
+    let gw = support::start_with_routes("", &[ORDERS]).await;
+    let c = Client::new(Proto::Http2);
+    let token = str_of(&login(&c, &gw, None).await, "refresh_token").to_owned();
+    let responses = concurrent_refreshes(&c, &gw, &token, 50).await;
+    let mut bodies = HashSet::new();
+    for r in responses {
         assert_eq!(r.status, 200, "{}", r.text());
         bodies.insert(r.body);
     }
@@ -175,26 +184,9 @@ async fn with_zero_grace_exactly_one_of_fifty_concurrent_refreshes_succeeds_and_
     let gw = support::start_with_routes("reuse_grace = \"0s\"", &[ORDERS]).await;
     let c = Client::new(Proto::Http2);
     let token = str_of(&login(&c, &gw, None).await, "refresh_token").to_owned();
-    let tasks: Vec<_> = (0..50)
-        .map(|_| {
-            let (c, url, token) = (c.clone(), gw.url("/api/oauth2/token"), token.clone());
-            tokio::spawn(async move {
-                c.form(
-                    &url,
-                    &[
-                        ("grant_type", "refresh_token"),
-                        ("client_id", "web"),
-                        ("refresh_token", &token),
-                    ],
-                    &[],
-                )
-                .await
-            })
-        })
-        .collect();
+    let responses = concurrent_refreshes(&c, &gw, &token, 50).await;
     let mut winners = Vec::new();
-    for t in tasks {
-        let r = t.await.unwrap();
+    for r in responses {
         match r.status {
             200 => winners.push(json(&r.body)),
             400 => assert_eq!(json(&r.body)["error"], "invalid_grant"),
