@@ -109,10 +109,17 @@ fn run(path: Option<PathBuf>, log_format: Option<LogFormatArg>) -> anyhow::Resul
         None => config.log.format,
     };
     let _log = tokengate::logging::init(format);
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = config.server.worker_threads {
-        runtime.worker_threads(n);
-    }
+    // One worker: a current-thread runtime does the same work without the multi-thread
+    // scheduler's hand-offs (the main thread is the worker; Argon2 still goes to the blocking pool).
+    let mut runtime = match config.server.worker_threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
     let runtime = runtime.enable_all().build().context("cannot start the tokio runtime")?;
     runtime.block_on(async move {
         let gateway = Gateway::new(config, Arc::new(SystemClock))?;

@@ -22,7 +22,7 @@ use http::{HeaderMap, Request, Response, StatusCode, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
-use crate::auth::bearer::{BearerError, bearer_token};
+use crate::auth::bearer::{BearerError, bearer_token, is_b64token};
 use crate::auth::validator::InvalidToken;
 use crate::auth::{AuthError, Validator, VerifiedToken};
 use crate::config::{AuthPolicy, RouteSettings};
@@ -406,10 +406,16 @@ impl App {
                 )));
             }
         };
-        let verified = self
-            .validator
-            .validate(token)
-            .map_err(|e: InvalidToken| GatewayError::Auth(AuthError::InvalidToken(e)))?;
+        let verified = match self.validator.cached(token) {
+            Some(hit) => hit,
+            None if !is_b64token(token.as_bytes()) => {
+                return Err(GatewayError::Auth(AuthError::BadRequest(
+                    "malformed Bearer credentials",
+                )));
+            }
+            None => self.validator.validate_uncached(token),
+        }
+        .map_err(|e: InvalidToken| GatewayError::Auth(AuthError::InvalidToken(e)))?;
         if !verified.scopes.contains_all(route.scopes) {
             return Err(GatewayError::Auth(AuthError::InsufficientScope(
                 self.route_scope_names[index].clone(),

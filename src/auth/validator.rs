@@ -147,11 +147,21 @@ impl Validator {
 
     /// Validates a bearer token, from the cache when it can.
     pub fn validate(&self, token: &str) -> Result<Arc<VerifiedToken>, InvalidToken> {
-        let now = self.clock.now_secs();
-        if let Some(hit) = self.cache.get(token) {
-            self.still_valid(&hit, now)?;
-            return Ok(hit);
+        match self.cached(token) {
+            Some(result) => result,
+            None => self.validate_uncached(token),
         }
+    }
+
+    /// A cache hit, still checked against the clock and the revoked-session set; `None` on a miss.
+    pub fn cached(&self, token: &str) -> Option<Result<Arc<VerifiedToken>, InvalidToken>> {
+        let hit = self.cache.get(token)?;
+        Some(self.still_valid(&hit, self.clock.now_secs()).map(|()| hit))
+    }
+
+    /// Verifies a token the cache does not hold, and caches it if it is valid.
+    pub fn validate_uncached(&self, token: &str) -> Result<Arc<VerifiedToken>, InvalidToken> {
+        let now = self.clock.now_secs();
         let verified = Arc::new(self.verify(token, now)?);
         self.cache.insert(token.into(), verified.clone());
         Ok(verified)

@@ -38,13 +38,21 @@ fn is_identity(name: &HeaderName) -> bool {
     name.as_str().starts_with("x-auth-")
 }
 
-/// Header names listed in the Connection header(s), lower-cased.
+/// Header names listed in the Connection header(s), lower-cased. The usual tokens (`keep-alive`,
+/// `close`, `upgrade`) name nothing beyond the always-hop-by-hop headers, so they are skipped
+/// without building a `HeaderName`: most upstream responses carry `Connection: keep-alive`.
 fn connection_named(headers: &HeaderMap) -> Vec<HeaderName> {
     let mut named = Vec::new();
     for value in headers.get_all(header::CONNECTION) {
         let Ok(value) = value.to_str() else { continue };
         for token in value.split(',') {
             let token = token.trim();
+            if ["keep-alive", "close", "upgrade"]
+                .iter()
+                .any(|t| token.eq_ignore_ascii_case(t))
+            {
+                continue;
+            }
             if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
                 named.push(name);
             }
@@ -55,7 +63,11 @@ fn connection_named(headers: &HeaderMap) -> Vec<HeaderName> {
 
 /// Is this an HTTP/1.1 Upgrade request (Connection: upgrade + Upgrade)?
 pub fn is_upgrade_request(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::UPGRADE) && connection_named(headers).contains(&header::UPGRADE)
+    headers.contains_key(header::UPGRADE)
+        && headers.get_all(header::CONNECTION).iter().any(|v| {
+            v.to_str()
+                .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
+        })
 }
 
 pub struct RequestContext<'a> {
