@@ -139,6 +139,8 @@ where
         .timer(TokioTimer::new())
         .header_read_timeout(settings.header_read_timeout)
         .keep_alive(true)
+        // One flat buffer per response: over TLS, vectored writes become one record per slice.
+        .writev(false)
         .serve_connection(io, service)
         .with_upgrades();
     drive(conn, phase).await
