@@ -530,6 +530,9 @@ fn validate(file: FileConfig, base_dir: &Path) -> Result<Config, Vec<Problem>> {
             c.fail(key, "must be at least 1s");
         }
     }
+    if leeway > Duration::from_secs(300) {
+        c.fail("tokens.leeway", "must be at most 5m (it extends every token's life)");
+    }
     if reuse_grace >= refresh_ttl {
         c.fail("tokens.reuse_grace", "must be shorter than tokens.refresh_ttl");
     }

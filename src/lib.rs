@@ -52,7 +52,7 @@ pub struct Gateway {
 
 impl Gateway {
     pub fn new(config: Config, clock: SharedClock) -> anyhow::Result<Gateway> {
-        let revoked = Arc::new(RevokedSessions::new());
+        let revoked = Arc::new(RevokedSessions::with_leeway(config.tokens.leeway.as_secs()));
         let validator = Arc::new(Validator::new(
             &config.tokens,
             config.scopes.clone(),

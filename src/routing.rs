@@ -25,6 +25,11 @@ pub enum PathError {
     EncodedDotSegment,
     /// A NUL byte, raw or encoded.
     Nul,
+    /// A backslash, raw or encoded: some servers (IIS, ASP.NET) read it as `/`.
+    Backslash,
+    /// A dot-segment with `;parameters` (`..;`): Tomcat, Jetty and Spring drop the parameters and
+    /// then resolve the dot-segment, after the gateway routed the path.
+    DotSegmentWithParameters,
 }
 
 impl PathError {
@@ -35,6 +40,8 @@ impl PathError {
             PathError::EncodedSlash => "path contains an encoded slash",
             PathError::EncodedDotSegment => "path contains an encoded dot-segment",
             PathError::Nul => "path contains a NUL byte",
+            PathError::Backslash => "path contains a backslash",
+            PathError::DotSegmentWithParameters => "path contains a dot-segment with parameters",
         }
     }
 }
@@ -61,7 +68,7 @@ pub fn normalize_path(raw: &str) -> Result<String, PathError> {
         return Err(PathError::NotOriginForm);
     }
     // Fast path: nothing to decode, no dot-segments, no empty segments.
-    if !bytes.contains(&b'%') && !bytes.contains(&0) && !raw.contains("//") && !raw.contains("/.") {
+    if !bytes.iter().any(|&b| matches!(b, b'%' | 0 | b'\\')) && !raw.contains("//") && !raw.contains("/.") {
         return Ok(raw.to_owned());
     }
 
@@ -77,6 +84,9 @@ pub fn normalize_path(raw: &str) -> Result<String, PathError> {
             if b == 0 {
                 return Err(PathError::Nul);
             }
+            if b == b'\\' {
+                return Err(PathError::Backslash);
+            }
             if b == b'%' {
                 let (Some(h), Some(l)) = (
                     sb.get(i + 1).copied().and_then(hex_val),
@@ -88,6 +98,7 @@ pub fn normalize_path(raw: &str) -> Result<String, PathError> {
                 match v {
                     0 => return Err(PathError::Nul),
                     b'/' => return Err(PathError::EncodedSlash),
+                    b'\\' => return Err(PathError::Backslash),
                     v if is_unreserved(v) => {
                         seg.push(v as char);
                         decoded_any = true;
@@ -106,6 +117,11 @@ pub fn normalize_path(raw: &str) -> Result<String, PathError> {
             }
         }
         trailing_slash = false;
+        if let Some((before, _)) = seg.split_once(';')
+            && matches!(before, "." | "..")
+        {
+            return Err(PathError::DotSegmentWithParameters);
+        }
         match seg.as_str() {
             "." | ".." if decoded_any => return Err(PathError::EncodedDotSegment),
             "" => trailing_slash = true,
@@ -272,6 +288,26 @@ mod tests {
         assert_eq!(normalize_path("/api/%zz"), Err(PathError::BadPercentEncoding));
         assert_eq!(normalize_path("/api/%4"), Err(PathError::BadPercentEncoding));
         assert_eq!(normalize_path("api"), Err(PathError::NotOriginForm));
+        assert_eq!(
+            normalize_path("/api/orders/..;/admin"),
+            Err(PathError::DotSegmentWithParameters)
+        );
+        assert_eq!(
+            normalize_path("/api/orders/.;x=1/admin"),
+            Err(PathError::DotSegmentWithParameters)
+        );
+        assert_eq!(
+            normalize_path("/api/orders/%2e%2e;/admin"),
+            Err(PathError::DotSegmentWithParameters)
+        );
+        assert_eq!(normalize_path("/api/orders/..\\admin"), Err(PathError::Backslash));
+        assert_eq!(normalize_path("/api/orders/..%5Cadmin"), Err(PathError::Backslash));
+        assert_eq!(normalize_path("/api\\admin"), Err(PathError::Backslash));
+        assert_eq!(
+            normalize_path("/api/orders;v=1/x").unwrap(),
+            "/api/orders;v=1/x",
+            "other parameters pass"
+        );
         assert_eq!(normalize_path("*"), Err(PathError::NotOriginForm));
     }
 

@@ -15,7 +15,7 @@ pub mod tls;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -101,13 +101,24 @@ async fn serve_connection(
     phase: watch::Receiver<Phase>,
 ) {
     let info = Arc::new(ConnInfo::new(peer, tls.is_some()));
-    let service = service_fn(move |req: Request<Incoming>| {
-        let app = app.clone();
-        let info = info.clone();
-        async move { Ok::<_, Infallible>(app.handle(req, &info).await) }
-    });
+    // The per-connection service; `$activity` counts requests in flight for HTTP/2's idle timeout.
+    macro_rules! service {
+        ($activity:expr) => {{
+            let activity: Option<Arc<Activity>> = $activity;
+            service_fn(move |req: Request<Incoming>| {
+                let app = app.clone();
+                let info = info.clone();
+                let in_flight = activity.clone().map(InFlight::new);
+                async move {
+                    let response = app.handle(req, &info).await;
+                    drop(in_flight);
+                    Ok::<_, Infallible>(response)
+                }
+            })
+        }};
+    }
     let Some(acceptor) = tls else {
-        return serve_http1(TokioIo::new(stream), service, settings, phase).await;
+        return serve_http1(TokioIo::new(stream), service!(None), settings, phase).await;
     };
     let stream = match tokio::time::timeout(settings.handshake_timeout, acceptor.accept(stream)).await {
         Ok(Ok(s)) => s,
@@ -122,9 +133,67 @@ async fn serve_connection(
     };
     let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
     if h2 {
-        serve_http2(TokioIo::new(stream), service, phase).await
+        let activity = Arc::new(Activity::new());
+        let service = service!(Some(activity.clone()));
+        serve_http2(
+            TokioIo::new(stream),
+            service,
+            activity,
+            settings.header_read_timeout,
+            phase,
+        )
+        .await
     } else {
-        serve_http1(TokioIo::new(stream), service, settings, phase).await
+        serve_http1(TokioIo::new(stream), service!(None), settings, phase).await
+    }
+}
+
+/// What an HTTP/2 connection is doing, for its idle timeout (HTTP/1.1's comes from hyper's
+/// header-read timeout, which also runs while a keep-alive connection waits for its next request).
+struct Activity {
+    started: std::time::Instant,
+    in_flight: AtomicUsize,
+    /// Milliseconds from `started` to the last request's start or end.
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            started: std::time::Instant::now(),
+            in_flight: AtomicUsize::new(0),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+    fn touch(&self) {
+        self.last_ms
+            .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+    /// How long the connection has had no request in flight (zero while one is).
+    fn idle_for(&self) -> Duration {
+        if self.in_flight.load(Ordering::Relaxed) > 0 {
+            return Duration::ZERO;
+        }
+        let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+        self.started.elapsed().saturating_sub(last)
+    }
+}
+
+/// Counts a request in flight for as long as it lives.
+struct InFlight(Arc<Activity>);
+
+impl InFlight {
+    fn new(a: Arc<Activity>) -> Self {
+        a.in_flight.fetch_add(1, Ordering::Relaxed);
+        a.touch();
+        InFlight(a)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -143,11 +212,16 @@ where
         .writev(false)
         .serve_connection(io, service)
         .with_upgrades();
-    drive(conn, phase).await
+    drive(conn, phase, std::future::pending()).await
 }
 
-async fn serve_http2<I, S>(io: I, service: S, phase: watch::Receiver<Phase>)
-where
+async fn serve_http2<I, S>(
+    io: I,
+    service: S,
+    activity: Arc<Activity>,
+    idle_timeout: Duration,
+    phase: watch::Receiver<Phase>,
+) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     S: hyper::service::HttpService<Incoming, ResBody = crate::service::ResponseBody> + Send,
     S::Future: Send + 'static,
@@ -155,8 +229,21 @@ where
 {
     let conn = http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
+        // Also detects peers that vanished without closing.
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(10))
         .serve_connection(io, service);
-    drive(conn, phase).await
+    // No request in flight for `idle_timeout`: close (GOAWAY), as HTTP/1.1 connections do.
+    let idle = async move {
+        loop {
+            let idle_for = activity.idle_for();
+            if idle_for >= idle_timeout {
+                return;
+            }
+            tokio::time::sleep(idle_timeout - idle_for).await;
+        }
+    };
+    drive(conn, phase, idle).await
 }
 
 /// A hyper server connection that can be asked to finish (HTTP/1.1 and HTTP/2 each have the
@@ -188,19 +275,19 @@ where
     }
 }
 
-/// Serves a connection until it ends; when draining starts, asks it to finish its in-flight
-/// requests, and when closing starts, drops it.
-async fn drive(conn: impl Graceful, mut phase: watch::Receiver<Phase>) {
+/// Serves a connection until it ends; when draining starts or `idle` resolves, asks it to finish
+/// its in-flight requests; when closing starts, drops it.
+async fn drive(conn: impl Graceful, mut phase: watch::Receiver<Phase>, idle: impl std::future::Future<Output = ()>) {
     tokio::pin!(conn);
     tokio::select! {
+        r = conn.as_mut() => return log_conn_end(r),
+        _ = reached(&mut phase, Phase::Draining) => {}
+        _ = idle => {}
+    }
+    conn.as_mut().begin_graceful_shutdown();
+    tokio::select! {
         r = conn.as_mut() => log_conn_end(r),
-        _ = reached(&mut phase, Phase::Draining) => {
-            conn.as_mut().begin_graceful_shutdown();
-            tokio::select! {
-                r = conn.as_mut() => log_conn_end(r),
-                _ = reached(&mut phase, Phase::Closing) => {}
-            }
-        }
+        _ = reached(&mut phase, Phase::Closing) => {}
     }
 }
 

@@ -408,11 +408,8 @@ impl App {
         };
         let verified = match self.validator.cached(token) {
             Some(hit) => hit,
-            None if !is_b64token(token.as_bytes()) => {
-                return Err(GatewayError::Auth(AuthError::BadRequest(
-                    "malformed Bearer credentials",
-                )));
-            }
+            // Not even the token alphabet (RFC 6750 b64token): a malformed token.
+            None if !is_b64token(token.as_bytes()) => Err(InvalidToken::Malformed),
             None => self.validator.validate_uncached(token),
         }
         .map_err(|e: InvalidToken| GatewayError::Auth(AuthError::InvalidToken(e)))?;

@@ -12,15 +12,25 @@ use foldhash::fast::RandomState;
 
 #[derive(Debug, Default)]
 pub struct RevokedSessions {
-    /// sid → unix seconds after which the entry is useless.
+    /// sid → `exp` of the session's last access token.
     until: DashMap<Box<str>, u64, RandomState>,
     /// Entry count, read without touching the shards: the common case is an empty set.
     len: AtomicUsize,
+    /// The validator accepts a token until `exp + leeway`, so an entry must last as long.
+    leeway_secs: u64,
 }
 
 impl RevokedSessions {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A set for a validator that tolerates `leeway_secs` of clock skew.
+    pub fn with_leeway(leeway_secs: u64) -> Self {
+        RevokedSessions {
+            leeway_secs,
+            ..Self::default()
+        }
     }
 
     /// Refuses `sid`'s access tokens until `until_secs` (extends an existing entry, never shortens).
@@ -42,14 +52,14 @@ impl RevokedSessions {
         if self.len.load(Ordering::Relaxed) == 0 {
             return false;
         }
-        self.until.get(sid).is_some_and(|u| now_secs <= *u)
+        self.until.get(sid).is_some_and(|u| now_secs <= *u + self.leeway_secs)
     }
 
     /// Drops entries whose tokens have all expired.
     pub fn sweep(&self, now_secs: u64) {
         let mut removed = 0;
         self.until.retain(|_, until| {
-            let keep = now_secs <= *until;
+            let keep = now_secs <= *until + self.leeway_secs;
             removed += usize::from(!keep);
             keep
         });
@@ -82,6 +92,15 @@ mod tests {
         set.sweep(201);
         assert!(set.is_empty());
         assert!(!set.is_revoked("s1", 201));
+    }
+
+    #[test]
+    fn entries_outlast_the_validators_leeway() {
+        let set = RevokedSessions::with_leeway(30);
+        set.revoke("s", 100);
+        set.sweep(129);
+        assert!(set.is_revoked("s", 130), "a token is still accepted until exp + leeway");
+        assert!(!set.is_revoked("s", 131));
     }
 
     #[test]

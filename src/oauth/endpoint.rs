@@ -22,7 +22,7 @@ use crate::oauth::limiter::LoginLimiter;
 use crate::oauth::registry::{
     Invalid, RefreshError, RefreshRegistry, RegistryLimits, RevokeOutcome, RevokedFamily, Rotated,
 };
-use crate::oauth::users::UserStore;
+use crate::oauth::users::{UserStore, VerifyError};
 use crate::scope::{ScopeSet, ScopeUniverse};
 
 /// Form bodies beyond this are refused with 413 and not read further.
@@ -224,23 +224,28 @@ impl OAuthServer {
         let password = form.require("password")?;
         let requested = self.requested_scope(form)?;
         let now = self.clock.now_millis();
-        if let Some(retry_after_secs) = self.limiter.check(username, peer, now) {
+        if let Err(retry_after_secs) = self.limiter.admit(username, peer, now) {
             return Err(OAuthError::SlowDown { retry_after_secs });
         }
-        let verified = self
-            .users
-            .verify(username, password)
-            .await
-            .map_err(|_| OAuthError::Internal("password verification failed to run"))?;
+        let verified = self.users.verify(username, password).await.map_err(|e| match e {
+            VerifyError::Busy => OAuthError::SlowDown { retry_after_secs: 1 },
+            VerifyError::TaskFailed => OAuthError::Internal("password verification failed to run"),
+        })?;
         let Some(user_index) = verified else {
-            self.limiter.record_failure(username, peer, self.clock.now_millis());
+            // Already counted when admitted. Only known usernames are logged: people type
+            // passwords into the username field.
+            let username = if self.users.exists(username) {
+                username
+            } else {
+                "(unknown user)"
+            };
             tracing::info!(target: "tokengate::audit", event = "login_failed", username, client = %client.id, %peer);
             return Err(OAuthError::new(
                 ErrorCode::InvalidGrant,
                 "the username or password is incorrect",
             ));
         };
-        self.limiter.record_success(username);
+        self.limiter.succeeded(username, peer);
         let user = self
             .users
             .get(user_index)

@@ -3,10 +3,12 @@
 //! guessing nor a CPU-exhaustion flood gets far.
 //!
 //! Policy: the first `free` failures cost nothing; each failure after that doubles the wait (1 s,
-//! 2 s, 4 s … capped at 15 min) before the next attempt is heard. A success for a username clears
-//! its count. Counters are forgotten once they have been quiet for longer than the cap.
+//! 2 s, 4 s … capped at 15 min) before the next attempt is heard. An attempt counts as a failure
+//! from the moment it is admitted (so a burst of parallel guesses is counted before Argon2 runs for
+//! any of them); a success clears the username's count and gives the address its attempt back.
+//! Counters are forgotten once they have been quiet for longer than twice the cap.
 
-use std::hash::Hash;
+use std::hash::{BuildHasher, Hash};
 use std::net::IpAddr;
 
 use dashmap::DashMap;
@@ -35,6 +37,10 @@ fn wait_ms(failures: u32, free: u32) -> u64 {
     (BASE_MS << doublings).min(CAP_MS)
 }
 
+/// Past this many tracked keys, new keys are not tracked (the per-address limit still applies):
+/// a flood of invented usernames cannot grow the map without bound.
+const MAX_TRACKED: usize = 1_000_000;
+
 struct Counter<K: Eq + Hash> {
     map: DashMap<K, Attempts, RandomState>,
     free: u32,
@@ -48,21 +54,36 @@ impl<K: Eq + Hash> Counter<K> {
         }
     }
 
-    /// Milliseconds until `key` may try again (0: now).
-    fn retry_in(&self, key: &K, now_ms: UnixMillis) -> u64 {
-        self.map
-            .get(key)
-            .map(|a| (a.last_ms + wait_ms(a.failures, self.free)).saturating_sub(now_ms))
-            .unwrap_or(0)
-    }
-
-    fn fail(&self, key: K, now_ms: UnixMillis) {
+    /// Counts an attempt if `key` may try now (it stays counted as a failure until `undo`), else
+    /// the milliseconds to wait. Check and count are one step, so parallel attempts cannot all
+    /// pass the check before any of them is counted.
+    fn admit(&self, key: K, now_ms: UnixMillis) -> Result<(), u64> {
+        if self.map.len() >= MAX_TRACKED && !self.map.contains_key(&key) {
+            return Ok(());
+        }
         let mut a = self.map.entry(key).or_insert(Attempts {
             failures: 0,
             last_ms: now_ms,
         });
+        let wait = (a.last_ms + wait_ms(a.failures, self.free)).saturating_sub(now_ms);
+        if wait > 0 {
+            return Err(wait);
+        }
         a.failures = a.failures.saturating_add(1);
         a.last_ms = now_ms;
+        Ok(())
+    }
+
+    /// Takes back one counted attempt.
+    fn undo(&self, key: &K) {
+        self.map.remove_if_mut(key, |_, a| {
+            a.failures = a.failures.saturating_sub(1);
+            a.failures == 0
+        });
+    }
+
+    fn forget(&self, key: &K) {
+        self.map.remove(key);
     }
 
     fn sweep(&self, now_ms: UnixMillis) {
@@ -70,9 +91,13 @@ impl<K: Eq + Hash> Counter<K> {
     }
 }
 
+/// Usernames are kept as keyed 64-bit hashes: bounded size whatever an attacker types.
+type UserKey = u64;
+
 pub struct LoginLimiter {
-    users: Counter<Box<str>>,
+    users: Counter<UserKey>,
     ips: Counter<IpAddr>,
+    hasher: RandomState,
 }
 
 impl Default for LoginLimiter {
@@ -86,26 +111,30 @@ impl LoginLimiter {
         LoginLimiter {
             users: Counter::new(free_per_user),
             ips: Counter::new(free_per_ip),
+            hasher: RandomState::default(),
         }
     }
 
-    /// `Some(seconds)` to wait before this login may be attempted.
-    pub fn check(&self, username: &str, ip: IpAddr, now_ms: UnixMillis) -> Option<u64> {
-        let user_key: Box<str> = username.into();
-        let wait = self
-            .users
-            .retry_in(&user_key, now_ms)
-            .max(self.ips.retry_in(&ip, now_ms));
-        (wait > 0).then(|| wait.div_ceil(1000))
+    fn user_key(&self, username: &str) -> UserKey {
+        self.hasher.hash_one(username)
     }
 
-    pub fn record_failure(&self, username: &str, ip: IpAddr, now_ms: UnixMillis) {
-        self.users.fail(username.into(), now_ms);
-        self.ips.fail(ip, now_ms);
+    /// Admits a login attempt, counting it as a failure until [`LoginLimiter::succeeded`]; or
+    /// `Err(seconds)` to wait, with nothing counted.
+    pub fn admit(&self, username: &str, ip: IpAddr, now_ms: UnixMillis) -> Result<(), u64> {
+        let user = self.user_key(username);
+        self.users.admit(user, now_ms).map_err(|ms| ms.div_ceil(1000))?;
+        if let Err(ms) = self.ips.admit(ip, now_ms) {
+            self.users.undo(&user);
+            return Err(ms.div_ceil(1000));
+        }
+        Ok(())
     }
 
-    pub fn record_success(&self, username: &str) {
-        self.users.map.remove(username);
+    /// The admitted attempt succeeded: the username starts afresh, the address gets its attempt back.
+    pub fn succeeded(&self, username: &str, ip: IpAddr) {
+        self.users.forget(&self.user_key(username));
+        self.ips.undo(&ip);
     }
 
     pub fn sweep(&self, now_ms: UnixMillis) {
@@ -120,44 +149,63 @@ mod tests {
 
     const T0: u64 = 1_800_000_000_000;
 
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
     #[test]
     fn backoff_doubles_after_the_free_failures() {
         let l = LoginLimiter::new(3, 100);
-        let ip: IpAddr = "192.0.2.1".parse().unwrap();
-        for _ in 0..2 {
-            l.record_failure("ann", ip, T0);
-            assert_eq!(l.check("ann", ip, T0), None);
+        let a = ip("192.0.2.1");
+        for _ in 0..3 {
+            assert_eq!(l.admit("ann", a, T0), Ok(()));
         }
-        l.record_failure("ann", ip, T0);
-        assert_eq!(l.check("ann", ip, T0), Some(1));
-        assert_eq!(l.check("ann", ip, T0 + 1_000), None);
-        l.record_failure("ann", ip, T0 + 1_000);
-        assert_eq!(l.check("ann", ip, T0 + 1_000), Some(2));
+        assert_eq!(l.admit("ann", a, T0), Err(1));
+        assert_eq!(l.admit("ann", a, T0 + 1_000), Ok(()));
+        assert_eq!(l.admit("ann", a, T0 + 1_000), Err(2));
+        assert_eq!(l.admit("bob", ip("192.0.2.2"), T0), Ok(()), "others are not slowed");
+        l.succeeded("ann", a);
         assert_eq!(
-            l.check("bob", "192.0.2.2".parse().unwrap(), T0),
-            None,
-            "others are not slowed"
+            l.admit("ann", a, T0 + 1_000),
+            Ok(()),
+            "a success starts the username afresh"
         );
-        l.record_success("ann");
-        assert_eq!(l.check("ann", ip, T0 + 1_000), None);
+    }
+
+    #[test]
+    fn parallel_attempts_are_counted_before_any_finishes() {
+        // Admission counts at once: the sixth concurrent attempt waits although none has failed yet.
+        let l = LoginLimiter::new(5, 100);
+        let a = ip("192.0.2.1");
+        let admitted = (0..50).filter(|_| l.admit("ann", a, T0).is_ok()).count();
+        assert_eq!(admitted, 5);
     }
 
     #[test]
     fn one_address_spraying_usernames_is_slowed() {
         let l = LoginLimiter::new(100, 3);
-        let ip: IpAddr = "192.0.2.9".parse().unwrap();
+        let a = ip("192.0.2.9");
         for i in 0..3 {
-            l.record_failure(&format!("user{i}"), ip, T0);
+            assert!(l.admit(&format!("user{i}"), a, T0).is_ok());
         }
-        assert_eq!(l.check("someone-else", ip, T0), Some(1));
+        assert_eq!(l.admit("someone-else", a, T0), Err(1));
+    }
+
+    #[test]
+    fn successes_give_the_address_its_attempts_back() {
+        let l = LoginLimiter::new(100, 2);
+        let a = ip("192.0.2.3");
+        for _ in 0..10 {
+            assert!(l.admit("ann", a, T0).is_ok());
+            l.succeeded("ann", a);
+        }
     }
 
     #[test]
     fn waits_are_capped_and_counters_forgotten() {
         assert_eq!(wait_ms(1_000, 5), CAP_MS);
         let l = LoginLimiter::new(1, 1);
-        let ip: IpAddr = "192.0.2.1".parse().unwrap();
-        l.record_failure("ann", ip, T0);
+        assert!(l.admit("ann", ip("192.0.2.1"), T0).is_ok());
         l.sweep(T0 + 2 * CAP_MS);
         assert_eq!(l.users.map.len() + l.ips.map.len(), 0);
     }

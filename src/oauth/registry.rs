@@ -300,6 +300,21 @@ impl RefreshRegistry {
                 state: TokenState::Active,
             },
         );
+        // The family learns of the new access token before the old refresh token is marked
+        // rotated: once a replay can hand the response out, a revocation covers that token.
+        let live = match self.families.get_mut(&family_id) {
+            Some(mut f) if !f.revoked => {
+                let access_exp = now_ms / 1000 + self.limits.access_ttl.as_secs();
+                f.access_exp_secs = f.access_exp_secs.max(access_exp);
+                f.refresh_exp_ms = f.refresh_exp_ms.max(new_exp_ms);
+                true
+            }
+            _ => false,
+        };
+        if !live {
+            self.tokens.remove(&new_digest);
+            return Err(RefreshError::Invalid(Invalid::Revoked));
+        }
         let sealed = seal(presented, &body);
         let won = match self.tokens.get_mut(&digest) {
             Some(mut record) if matches!(record.state, TokenState::Active) => {
@@ -320,20 +335,6 @@ impl RefreshRegistry {
                 }
                 _ => Err(RefreshError::Invalid(Invalid::Unknown)),
             };
-        }
-        let live = match self.families.get_mut(&family_id) {
-            Some(mut f) if !f.revoked => {
-                let access_exp = now_ms / 1000 + self.limits.access_ttl.as_secs();
-                f.access_exp_secs = f.access_exp_secs.max(access_exp);
-                f.refresh_exp_ms = f.refresh_exp_ms.max(new_exp_ms);
-                true
-            }
-            _ => false,
-        };
-        if !live {
-            // Revoked while we were minting: hand out nothing.
-            self.tokens.remove(&new_digest);
-            return Err(RefreshError::Invalid(Invalid::Revoked));
         }
         Ok(Rotated::Fresh(body))
     }

@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use argon2::{Argon2, PasswordHash, PasswordVerifier};
 use tokio::sync::Semaphore;
@@ -21,11 +22,27 @@ pub struct UserStore {
     users: Vec<UserSettings>,
     by_name: HashMap<String, u32>,
     permits: Arc<Semaphore>,
+    /// Verifications waiting for a permit; bounded so a flood queues no unbounded work.
+    waiting: AtomicUsize,
+    max_waiting: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("password verification task failed")]
-pub struct VerifyTaskFailed;
+pub enum VerifyError {
+    #[error("too many password checks are queued")]
+    Busy,
+    #[error("password verification task failed")]
+    TaskFailed,
+}
+
+/// Decrements the waiting count when a queued verification gets its permit (or is dropped).
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
 
 impl UserStore {
     pub fn new(users: Vec<UserSettings>, concurrency: usize) -> Self {
@@ -34,11 +51,18 @@ impl UserStore {
             .enumerate()
             .map(|(i, u)| (u.username.clone(), i as u32))
             .collect();
+        let concurrency = concurrency.max(1);
         UserStore {
             users,
             by_name,
-            permits: Arc::new(Semaphore::new(concurrency.max(1))),
+            permits: Arc::new(Semaphore::new(concurrency)),
+            waiting: AtomicUsize::new(0),
+            max_waiting: concurrency * 32,
         }
+    }
+
+    pub fn exists(&self, username: &str) -> bool {
+        self.by_name.contains_key(username)
     }
 
     pub fn get(&self, index: u32) -> Option<&UserSettings> {
@@ -47,19 +71,25 @@ impl UserStore {
 
     /// The user's index if the password is right. Unknown users and wrong passwords take the same
     /// path and the same time.
-    pub async fn verify(&self, username: &str, password: &str) -> Result<Option<u32>, VerifyTaskFailed> {
+    pub async fn verify(&self, username: &str, password: &str) -> Result<Option<u32>, VerifyError> {
         let found = self.by_name.get(username).copied();
         let hash = match found {
             Some(i) => self.users[i as usize].password_hash.clone(),
             None => DUMMY_HASH.to_owned(),
         };
         let password = password.to_owned();
-        let _permit = self.permits.acquire().await.map_err(|_| VerifyTaskFailed)?;
+        if self.waiting.fetch_add(1, Ordering::Relaxed) >= self.max_waiting {
+            self.waiting.fetch_sub(1, Ordering::Relaxed);
+            return Err(VerifyError::Busy);
+        }
+        let queued = Waiting(&self.waiting);
+        let _permit = self.permits.acquire().await.map_err(|_| VerifyError::TaskFailed)?;
+        drop(queued);
         let ok = tokio::task::spawn_blocking(move || {
             PasswordHash::new(&hash).is_ok_and(|h| Argon2::default().verify_password(password.as_bytes(), &h).is_ok())
         })
         .await
-        .map_err(|_| VerifyTaskFailed)?;
+        .map_err(|_| VerifyError::TaskFailed)?;
         Ok(if ok { found } else { None })
     }
 }

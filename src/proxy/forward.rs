@@ -55,11 +55,18 @@ struct Pool {
 }
 
 impl Pool {
+    /// The most recently used connection that is ready for a request. Connections still busy
+    /// (an upload that outlived its response) stay for later; closed or stale ones are dropped.
     fn checkout(&self) -> Option<SendRequest<Incoming>> {
         let mut idle = self.idle.lock().ok()?;
-        while let Some(c) = idle.pop() {
-            if !c.sender.is_closed() && c.since.elapsed() < IDLE_TIMEOUT {
-                return Some(c.sender);
+        let mut i = idle.len();
+        while i > 0 {
+            i -= 1;
+            let c = &idle[i];
+            if c.sender.is_closed() || c.since.elapsed() >= IDLE_TIMEOUT {
+                idle.remove(i);
+            } else if c.sender.is_ready() {
+                return Some(idle.remove(i).sender);
             }
         }
         None
@@ -187,11 +194,11 @@ impl Forwarder {
                 Some(s) => (s, true),
                 None => (self.connect().await?, false),
             };
-            if sender.ready().await.is_err() {
-                if reused {
-                    continue;
-                }
-                return Err(ForwardError::Unavailable("connection closed before use".into()));
+            match tokio::time::timeout_at(deadline, sender.ready()).await {
+                Err(_) => return Err(ForwardError::Timeout),
+                Ok(Err(_)) if reused => continue,
+                Ok(Err(_)) => return Err(ForwardError::Unavailable("connection closed before use".into())),
+                Ok(Ok(())) => {}
             }
             let sent = tokio::time::timeout_at(deadline, sender.try_send_request(req)).await;
             match sent {

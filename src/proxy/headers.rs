@@ -3,7 +3,8 @@
 //! Requests: hop-by-hop headers go (RFC 9110 §7.6.1, including every header the Connection header
 //! names); identity headers are set from the validated token and every copy the client sent is
 //! dropped first, on every route, public ones included (GHSA-7x63-xv5r-3p2x); Authorization goes
-//! unless the route forwards it; X-Forwarded-For is appended to, X-Forwarded-Proto/Host are ours.
+//! unless the route forwards it; X-Forwarded-For is appended to, X-Forwarded-Proto/Host are ours;
+//! header names with underscores, `Forwarded` and `X-Real-IP` are dropped.
 //! All of it is one pass over the client's headers into a new map, not a `remove` per name.
 
 use http::HeaderMap;
@@ -19,6 +20,7 @@ pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-h
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 
 /// Always hop-by-hop (RFC 9110 §7.6.1, plus the legacy `Proxy-Connection` and `Keep-Alive`).
 fn is_hop_by_hop(name: &HeaderName) -> bool {
@@ -36,6 +38,13 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 /// `X-Auth-*`: the gateway's identity namespace; the client never gets to write in it.
 fn is_identity(name: &HeaderName) -> bool {
     name.as_str().starts_with("x-auth-")
+}
+
+/// Headers the client may not send upstream at all: any name with an underscore (CGI, WSGI, PHP
+/// and Rack read `X_Auth_Subject` as `X-Auth-Subject`, so it would smuggle an identity; nginx drops
+/// them too), and client-address headers other than the X-Forwarded-For the gateway appends to.
+fn is_refused(name: &HeaderName) -> bool {
+    name.as_str().contains('_') || name == header::FORWARDED || name == X_REAL_IP
 }
 
 /// Header names listed in the Connection header(s), lower-cased. The usual tokens (`keep-alive`,
@@ -104,6 +113,7 @@ pub fn upstream_request_headers(mut headers: HeaderMap, ctx: &RequestContext<'_>
     for name in headers.keys() {
         if is_hop_by_hop(name)
             || is_identity(name)
+            || is_refused(name)
             || name == header::HOST
             || name == X_FORWARDED_PROTO
             || name == X_FORWARDED_HOST

@@ -73,6 +73,7 @@ async fn every_outcome_of_the_token_check() {
     let cases = vec![
         invalid("not-a-jwt".into(), "malformed"),
         invalid("a.b.c".into(), "malformed"),
+        invalid("abc\"def".into(), "malformed"),
         invalid(
             mint_with(at_header(), &claims(), b"another-secret-another-secret-!!"),
             "signature",
@@ -90,7 +91,7 @@ async fn every_outcome_of_the_token_check() {
     ];
     for (token, why) in cases {
         let r = c.get_with_token(&url, &token).await;
-        assert_eq!(r.status, 401, "{why}");
+        assert_eq!(r.status, 401, "{why}: {token} {}", r.text());
         let challenge = r.header("www-authenticate");
         assert!(
             challenge.starts_with("Bearer realm=\"tokengate\", error=\"invalid_token\""),

@@ -68,6 +68,10 @@ async fn identity_headers_are_set_from_the_token_and_spoofed_copies_never_arrive
         ("x-hop", "1"),
         ("x-forwarded-proto", "http"),
         ("x-forwarded-for", "198.51.100.9"),
+        ("x_auth_subject", "admin"),
+        ("X_Auth_Scope", "everything"),
+        ("forwarded", "for=198.51.100.66;host=evil.example"),
+        ("x-real-ip", "198.51.100.66"),
     ];
 
     let mut headers = spoofed.to_vec();
@@ -84,6 +88,11 @@ async fn identity_headers_are_set_from_the_token_and_spoofed_copies_never_arrive
     assert!(!seen.headers["x-auth-session"].is_empty());
     assert_ne!(seen.headers["x-auth-session"], "s");
     assert!(!seen.headers.contains_key("x-auth-role"));
+    assert!(
+        !seen.headers.keys().any(|k| k.as_str().contains('_')),
+        "underscore spellings (CGI reads X_Auth_Subject as X-Auth-Subject) are dropped"
+    );
+    assert!(!seen.headers.contains_key("forwarded") && !seen.headers.contains_key("x-real-ip"));
     assert!(
         !seen.headers.contains_key("authorization"),
         "the token is not forwarded by default"

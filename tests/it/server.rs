@@ -151,3 +151,57 @@ async fn without_tls_the_listener_speaks_plain_http11() {
         .to_bytes();
     assert_eq!(json(&body)["headers"]["x-forwarded-proto"], "http");
 }
+
+#[tokio::test]
+async fn an_idle_http2_connection_is_closed_after_the_idle_timeout() {
+    let gw = support::start_with_routes("", &[]).await;
+    let tcp = TcpStream::connect(gw.addr).await.unwrap();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(support::client::tls_config(&[b"h2"])));
+    let tls = connector.connect("localhost".try_into().unwrap(), tcp).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tls))
+            .await
+            .unwrap();
+    let conn = tokio::spawn(conn);
+    let req = http::Request::get(gw.url("/x"))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    assert_eq!(send.send_request(req).await.unwrap().status(), 404);
+    // Now idle: the gateway sends GOAWAY and the connection ends.
+    let ended = tokio::time::timeout(Duration::from_secs(20), conn).await;
+    assert!(ended.is_ok(), "the idle HTTP/2 connection was not closed");
+}
+
+#[tokio::test]
+async fn parallel_wrong_passwords_are_counted_before_any_is_checked() {
+    let gw = support::start_with_routes("", &[]).await;
+    let c = Client::new(Proto::Http2);
+    let tasks: Vec<_> = (0..20)
+        .map(|_| {
+            let (c, url) = (c.clone(), gw.url("/api/oauth2/token"));
+            tokio::spawn(async move {
+                c.form(
+                    &url,
+                    &[
+                        ("grant_type", "password"),
+                        ("client_id", "web"),
+                        ("username", support::USER),
+                        ("password", "guess"),
+                    ],
+                    &[],
+                )
+                .await
+                .status
+            })
+        })
+        .collect();
+    let mut checked = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            400 => checked += 1,
+            429 => {}
+            s => panic!("unexpected {s}"),
+        }
+    }
+    assert!(checked <= 5, "{checked} guesses reached Argon2; the limit is 5");
+}

@@ -162,7 +162,7 @@ async fn concurrent_refreshes(c: &Client, gw: &support::TestGateway, token: &str
     out
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fifty_concurrent_refreshes_within_the_grace_get_the_same_response() {
     let gw = support::start_with_routes("", &[ORDERS]).await;
     let c = Client::new(Proto::Http2);
@@ -179,7 +179,7 @@ async fn fifty_concurrent_refreshes_within_the_grace_get_the_same_response() {
     assert_eq!(refresh(&c, &gw, &next, "web").await.status, 200, "the family is alive");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn with_zero_grace_exactly_one_of_fifty_concurrent_refreshes_succeeds_and_the_family_dies() {
     let gw = support::start_with_routes("reuse_grace = \"0s\"", &[ORDERS]).await;
     let c = Client::new(Proto::Http2);
