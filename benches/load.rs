@@ -208,31 +208,37 @@ impl From<&Opts> for Creds {
     }
 }
 
+/// Logs in, honouring `429 Retry-After` (the gateway slows parallel logins of one username).
 async fn login(t: &Target, s: &mut SendRequest<Full<Bytes>>, c: &Creds) -> Option<(String, String, u64)> {
-    let r = send(
-        s,
-        post_form(
-            t,
-            "/api/oauth2/token",
-            &[
-                ("grant_type", "password"),
-                ("client_id", &c.client_id),
-                ("username", &c.username),
-                ("password", &c.password),
-            ],
-        ),
-    )
-    .await?;
-    if r.status() != 200 {
-        eprintln!("login failed: {} {}", r.status(), String::from_utf8_lossy(r.body()));
-        return None;
+    for _ in 0..30 {
+        let form = [
+            ("grant_type", "password"),
+            ("client_id", c.client_id.as_str()),
+            ("username", c.username.as_str()),
+            ("password", c.password.as_str()),
+        ];
+        let r = send(s, post_form(t, "/api/oauth2/token", &form)).await?;
+        if r.status() == 429 {
+            let wait = r
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok()?.parse().ok())
+                .unwrap_or(1);
+            tokio::time::sleep(Duration::from_secs(wait)).await;
+            continue;
+        }
+        if r.status() != 200 {
+            eprintln!("login failed: {} {}", r.status(), String::from_utf8_lossy(r.body()));
+            return None;
+        }
+        let v: serde_json::Value = serde_json::from_slice(r.body()).ok()?;
+        return Some((
+            v["access_token"].as_str()?.into(),
+            v["refresh_token"].as_str()?.into(),
+            v["expires_in"].as_u64()?,
+        ));
     }
-    let v: serde_json::Value = serde_json::from_slice(r.body()).ok()?;
-    Some((
-        v["access_token"].as_str()?.into(),
-        v["refresh_token"].as_str()?.into(),
-        v["expires_in"].as_u64()?,
-    ))
+    None
 }
 
 async fn connection(t: Target, work: Work, creds: Creds, deadline: Instant) -> Tally {
@@ -321,7 +327,15 @@ async fn run(name: &str, t: &Target, work: Work, creds: &Creds, o: &Opts, in_pro
     let started = Instant::now();
     let deadline = started + o.duration;
     let tasks: Vec<_> = (0..o.connections)
-        .map(|_| tokio::spawn(connection(t.clone(), work.clone(), creds.clone(), deadline)))
+        .map(|i| {
+            let mut creds = creds.clone();
+            if in_process {
+                // One user per connection, as real traffic is: one username's parallel logins are
+                // deliberately slowed by the gateway.
+                creds.username = format!("{}-{i}", creds.username);
+            }
+            tokio::spawn(connection(t.clone(), work.clone(), creds, deadline))
+        })
         .collect();
     let mut all = Tally::default();
     for task in tasks {
@@ -442,10 +456,7 @@ signing = {{ secret = "file:{secret}" }}
 id = "web"
 grants = ["password", "refresh_token"]
 scopes = ["orders:read"]
-[[users]]
-username = "{user}"
-password_hash = "{hash}"
-scopes = ["orders:read"]
+{users}
 [[routes]]
 path_prefix = "/api/orders"
 upstream = "http://{upstream}"
@@ -453,7 +464,12 @@ scopes = ["orders:read"]
 "#,
         certs = repo.join("certs").display(),
         secret = secret_path.display(),
-        user = o.username,
+        users = (0..o.connections)
+            .map(|i| format!(
+                "[[users]]\nusername = \"{}-{i}\"\npassword_hash = \"{hash}\"\nscopes = [\"orders:read\"]\n",
+                o.username
+            ))
+            .collect::<String>(),
     );
     let config = tokengate::Config::from_toml(&toml, &repo, "load.toml").unwrap_or_else(|e| panic!("{e}"));
     let _log = tokengate::logging::init_to(tokengate::config::LogFormat::Text, Box::new(std::io::sink()));
@@ -488,7 +504,11 @@ scopes = ["orders:read"]
             let work = match s.as_str() {
                 "get-cached" => {
                     let mut c = connect(&target).await;
-                    Work::GetCached(login(&target, &mut c, &creds).await.expect("login").0.into())
+                    let first = Creds {
+                        username: format!("{}-0", creds.username),
+                        ..creds.clone()
+                    };
+                    Work::GetCached(login(&target, &mut c, &first).await.expect("login").0.into())
                 }
                 "get-distinct" => {
                     let secret = std::fs::read_to_string(&secret_path).unwrap();

@@ -224,16 +224,17 @@ impl OAuthServer {
         let password = form.require("password")?;
         let requested = self.requested_scope(form)?;
         let now = self.clock.now_millis();
-        if let Err(retry_after_secs) = self.limiter.admit(username, peer, now) {
-            return Err(OAuthError::SlowDown { retry_after_secs });
-        }
+        let attempt = self
+            .limiter
+            .admit(username, peer, now)
+            .map_err(|retry_after_secs| OAuthError::SlowDown { retry_after_secs })?;
         let verified = self.users.verify(username, password).await.map_err(|e| match e {
             VerifyError::Busy => OAuthError::SlowDown { retry_after_secs: 1 },
             VerifyError::TaskFailed => OAuthError::Internal("password verification failed to run"),
         })?;
         let Some(user_index) = verified else {
-            // Already counted when admitted. Only known usernames are logged: people type
-            // passwords into the username field.
+            attempt.failed(self.clock.now_millis());
+            // Only known usernames are logged: people type passwords into the username field.
             let username = if self.users.exists(username) {
                 username
             } else {
@@ -245,7 +246,7 @@ impl OAuthServer {
                 "the username or password is incorrect",
             ));
         };
-        self.limiter.succeeded(username, peer);
+        attempt.succeeded();
         let user = self
             .users
             .get(user_index)

@@ -3,10 +3,10 @@
 //! guessing nor a CPU-exhaustion flood gets far.
 //!
 //! Policy: the first `free` failures cost nothing; each failure after that doubles the wait (1 s,
-//! 2 s, 4 s … capped at 15 min) before the next attempt is heard. An attempt counts as a failure
-//! from the moment it is admitted (so a burst of parallel guesses is counted before Argon2 runs for
-//! any of them); a success clears the username's count and gives the address its attempt back.
-//! Counters are forgotten once they have been quiet for longer than twice the cap.
+//! 2 s, 4 s … capped at 15 min) before the next attempt is heard. For a username, attempts still in
+//! flight count as failures, so a burst of parallel guesses gets no more Argon2 runs than
+//! sequential ones; an address may have at most [`MAX_PENDING_PER_IP`] attempts in flight. A
+//! success clears the username's failures. Counters are forgotten once quiet for twice the cap.
 
 use std::hash::{BuildHasher, Hash};
 use std::net::IpAddr;
@@ -26,6 +26,8 @@ const CAP_MS: u64 = 15 * 60 * 1_000;
 #[derive(Debug, Clone, Copy)]
 struct Attempts {
     failures: u32,
+    /// Attempts admitted and not finished yet.
+    pending: u32,
     last_ms: UnixMillis,
 }
 
@@ -40,54 +42,71 @@ fn wait_ms(failures: u32, free: u32) -> u64 {
 /// Past this many tracked keys, new keys are not tracked (the per-address limit still applies):
 /// a flood of invented usernames cannot grow the map without bound.
 const MAX_TRACKED: usize = 1_000_000;
+/// Login attempts in flight at once from one address (each costs an Argon2 run).
+pub const MAX_PENDING_PER_IP: u32 = 64;
 
 struct Counter<K: Eq + Hash> {
     map: DashMap<K, Attempts, RandomState>,
     free: u32,
+    max_pending: u32,
+    /// Count attempts in flight as if they had failed (per username: a burst of parallel guesses
+    /// gets no more Argon2 runs than sequential ones would).
+    pending_as_failures: bool,
 }
 
 impl<K: Eq + Hash> Counter<K> {
-    fn new(free: u32) -> Self {
+    fn new(free: u32, max_pending: u32, pending_as_failures: bool) -> Self {
         Counter {
             map: DashMap::default(),
             free,
+            max_pending,
+            pending_as_failures,
         }
     }
 
-    /// Counts an attempt if `key` may try now (it stays counted as a failure until `undo`), else
-    /// the milliseconds to wait. Check and count are one step, so parallel attempts cannot all
-    /// pass the check before any of them is counted.
+    /// Admits an attempt (now in flight) or says how many milliseconds to wait. Check and count
+    /// are one step under the entry's lock.
     fn admit(&self, key: K, now_ms: UnixMillis) -> Result<(), u64> {
         if self.map.len() >= MAX_TRACKED && !self.map.contains_key(&key) {
             return Ok(());
         }
         let mut a = self.map.entry(key).or_insert(Attempts {
             failures: 0,
+            pending: 0,
             last_ms: now_ms,
         });
         let wait = (a.last_ms + wait_ms(a.failures, self.free)).saturating_sub(now_ms);
         if wait > 0 {
             return Err(wait);
         }
-        a.failures = a.failures.saturating_add(1);
-        a.last_ms = now_ms;
+        let busy = a.pending >= self.max_pending
+            || (self.pending_as_failures && a.pending > 0 && a.failures + a.pending >= self.free);
+        if busy {
+            return Err(BASE_MS);
+        }
+        a.pending += 1;
         Ok(())
     }
 
-    /// Takes back one counted attempt.
-    fn undo(&self, key: &K) {
+    /// Ends an admitted attempt: `Some(true)` succeeded, `Some(false)` failed, `None` abandoned.
+    fn finish(&self, key: &K, outcome: Option<bool>, now_ms: UnixMillis) {
+        let forget = outcome == Some(true) && self.pending_as_failures;
         self.map.remove_if_mut(key, |_, a| {
-            a.failures = a.failures.saturating_sub(1);
-            a.failures == 0
+            a.pending = a.pending.saturating_sub(1);
+            match outcome {
+                Some(false) => {
+                    a.failures = a.failures.saturating_add(1);
+                    a.last_ms = now_ms;
+                }
+                Some(true) if forget => a.failures = 0,
+                _ => {}
+            }
+            a.pending == 0 && a.failures == 0
         });
     }
 
-    fn forget(&self, key: &K) {
-        self.map.remove(key);
-    }
-
     fn sweep(&self, now_ms: UnixMillis) {
-        self.map.retain(|_, a| now_ms < a.last_ms + 2 * CAP_MS);
+        self.map.retain(|_, a| a.pending > 0 || now_ms < a.last_ms + 2 * CAP_MS);
     }
 }
 
@@ -106,35 +125,57 @@ impl Default for LoginLimiter {
     }
 }
 
+/// An admitted login attempt. Say how it ended; dropped unsaid (the client went away), it only
+/// stops counting as in flight.
+pub struct Attempt<'a> {
+    limiter: &'a LoginLimiter,
+    user: UserKey,
+    ip: IpAddr,
+    outcome: Option<bool>,
+    now_ms: UnixMillis,
+}
+
+impl Attempt<'_> {
+    pub fn succeeded(mut self) {
+        self.outcome = Some(true);
+    }
+    pub fn failed(mut self, now_ms: UnixMillis) {
+        self.outcome = Some(false);
+        self.now_ms = now_ms;
+    }
+}
+
+impl Drop for Attempt<'_> {
+    fn drop(&mut self) {
+        self.limiter.users.finish(&self.user, self.outcome, self.now_ms);
+        self.limiter.ips.finish(&self.ip, self.outcome, self.now_ms);
+    }
+}
+
 impl LoginLimiter {
     pub fn new(free_per_user: u32, free_per_ip: u32) -> Self {
         LoginLimiter {
-            users: Counter::new(free_per_user),
-            ips: Counter::new(free_per_ip),
+            users: Counter::new(free_per_user, free_per_user.max(1), true),
+            ips: Counter::new(free_per_ip, MAX_PENDING_PER_IP, false),
             hasher: RandomState::default(),
         }
     }
 
-    fn user_key(&self, username: &str) -> UserKey {
-        self.hasher.hash_one(username)
-    }
-
-    /// Admits a login attempt, counting it as a failure until [`LoginLimiter::succeeded`]; or
-    /// `Err(seconds)` to wait, with nothing counted.
-    pub fn admit(&self, username: &str, ip: IpAddr, now_ms: UnixMillis) -> Result<(), u64> {
-        let user = self.user_key(username);
+    /// Admits a login attempt, or `Err(seconds)` to wait (nothing counted).
+    pub fn admit(&self, username: &str, ip: IpAddr, now_ms: UnixMillis) -> Result<Attempt<'_>, u64> {
+        let user = self.hasher.hash_one(username);
         self.users.admit(user, now_ms).map_err(|ms| ms.div_ceil(1000))?;
         if let Err(ms) = self.ips.admit(ip, now_ms) {
-            self.users.undo(&user);
+            self.users.finish(&user, None, now_ms);
             return Err(ms.div_ceil(1000));
         }
-        Ok(())
-    }
-
-    /// The admitted attempt succeeded: the username starts afresh, the address gets its attempt back.
-    pub fn succeeded(&self, username: &str, ip: IpAddr) {
-        self.users.forget(&self.user_key(username));
-        self.ips.undo(&ip);
+        Ok(Attempt {
+            limiter: self,
+            user,
+            ip,
+            outcome: None,
+            now_ms,
+        })
     }
 
     pub fn sweep(&self, now_ms: UnixMillis) {
@@ -153,32 +194,36 @@ mod tests {
         s.parse().unwrap()
     }
 
+    fn fail(l: &LoginLimiter, user: &str, addr: IpAddr, now: u64) -> Result<(), u64> {
+        l.admit(user, addr, now).map(|a| a.failed(now))
+    }
+
     #[test]
     fn backoff_doubles_after_the_free_failures() {
         let l = LoginLimiter::new(3, 100);
         let a = ip("192.0.2.1");
         for _ in 0..3 {
-            assert_eq!(l.admit("ann", a, T0), Ok(()));
+            assert_eq!(fail(&l, "ann", a, T0), Ok(()));
         }
-        assert_eq!(l.admit("ann", a, T0), Err(1));
-        assert_eq!(l.admit("ann", a, T0 + 1_000), Ok(()));
-        assert_eq!(l.admit("ann", a, T0 + 1_000), Err(2));
-        assert_eq!(l.admit("bob", ip("192.0.2.2"), T0), Ok(()), "others are not slowed");
-        l.succeeded("ann", a);
-        assert_eq!(
-            l.admit("ann", a, T0 + 1_000),
-            Ok(()),
-            "a success starts the username afresh"
-        );
+        assert!(matches!(l.admit("ann", a, T0), Err(1)));
+        assert_eq!(fail(&l, "ann", a, T0 + 1_000), Ok(()));
+        assert!(matches!(l.admit("ann", a, T0 + 1_000), Err(2)));
+        assert!(l.admit("bob", ip("192.0.2.2"), T0).is_ok(), "others are not slowed");
+        // After the wait, a success starts the username afresh.
+        l.admit("ann", a, T0 + 3_000).unwrap().succeeded();
+        for _ in 0..3 {
+            assert_eq!(fail(&l, "ann", a, T0 + 3_000), Ok(()));
+        }
     }
 
     #[test]
-    fn parallel_attempts_are_counted_before_any_finishes() {
-        // Admission counts at once: the sixth concurrent attempt waits although none has failed yet.
+    fn parallel_guesses_for_one_username_get_no_more_checks_than_sequential_ones() {
         let l = LoginLimiter::new(5, 100);
         let a = ip("192.0.2.1");
-        let admitted = (0..50).filter(|_| l.admit("ann", a, T0).is_ok()).count();
-        assert_eq!(admitted, 5);
+        let admitted: Vec<_> = (0..50).filter_map(|_| l.admit("ann", a, T0).ok()).collect();
+        assert_eq!(admitted.len(), 5);
+        drop(admitted);
+        assert!(l.admit("ann", a, T0).is_ok(), "abandoned attempts stop counting");
     }
 
     #[test]
@@ -186,26 +231,33 @@ mod tests {
         let l = LoginLimiter::new(100, 3);
         let a = ip("192.0.2.9");
         for i in 0..3 {
-            assert!(l.admit(&format!("user{i}"), a, T0).is_ok());
+            assert_eq!(fail(&l, &format!("user{i}"), a, T0), Ok(()));
         }
-        assert_eq!(l.admit("someone-else", a, T0), Err(1));
+        assert!(matches!(l.admit("someone-else", a, T0), Err(1)));
     }
 
     #[test]
-    fn successes_give_the_address_its_attempts_back() {
-        let l = LoginLimiter::new(100, 2);
+    fn many_users_behind_one_address_log_in_at_once() {
+        let l = LoginLimiter::new(5, 20);
         let a = ip("192.0.2.3");
-        for _ in 0..10 {
-            assert!(l.admit("ann", a, T0).is_ok());
-            l.succeeded("ann", a);
+        let inflight: Vec<_> = (0..MAX_PENDING_PER_IP)
+            .map(|i| l.admit(&format!("u{i}"), a, T0).unwrap())
+            .collect();
+        assert!(
+            l.admit("one-more", a, T0).is_err(),
+            "in-flight attempts per address are bounded"
+        );
+        for attempt in inflight {
+            attempt.succeeded();
         }
+        assert!(l.admit("one-more", a, T0).is_ok());
     }
 
     #[test]
     fn waits_are_capped_and_counters_forgotten() {
         assert_eq!(wait_ms(1_000, 5), CAP_MS);
         let l = LoginLimiter::new(1, 1);
-        assert!(l.admit("ann", ip("192.0.2.1"), T0).is_ok());
+        fail(&l, "ann", ip("192.0.2.1"), T0).unwrap();
         l.sweep(T0 + 2 * CAP_MS);
         assert_eq!(l.users.map.len() + l.ips.map.len(), 0);
     }
