@@ -85,8 +85,9 @@ pub async fn accept_loop(
         let phase = phase.clone();
         let alive = alive.clone();
         tokio::spawn(async move {
-            serve_connection(stream, peer, app, tls, &settings, phase).await;
-            drop(permit);
+            // The slot is shared with any WebSocket tunnel the connection turns into, so tunnels
+            // count against max_connections for as long as they live.
+            serve_connection(stream, peer, Arc::new(permit), app, tls, &settings, phase).await;
             drop(alive);
         });
     }
@@ -95,12 +96,13 @@ pub async fn accept_loop(
 async fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,
+    slot: Arc<tokio::sync::OwnedSemaphorePermit>,
     app: Arc<App>,
     tls: Option<TlsAcceptor>,
     settings: &ConnSettings,
     phase: watch::Receiver<Phase>,
 ) {
-    let info = Arc::new(ConnInfo::new(peer, tls.is_some()));
+    let info = Arc::new(ConnInfo::new(peer, tls.is_some(), Some(slot)));
     // The per-connection service; `$activity` counts requests in flight for HTTP/2's idle timeout.
     macro_rules! service {
         ($activity:expr) => {{

@@ -42,12 +42,19 @@ pub struct ConnInfo {
     pub tls: bool,
     /// The peer's IP as a header value, formatted once per connection for X-Forwarded-For.
     pub peer_ip: HeaderValue,
+    /// The connection's `max_connections` slot; an upgraded (WebSocket) tunnel keeps it.
+    pub slot: Option<Arc<tokio::sync::OwnedSemaphorePermit>>,
 }
 
 impl ConnInfo {
-    pub fn new(peer: SocketAddr, tls: bool) -> Self {
+    pub fn new(peer: SocketAddr, tls: bool, slot: Option<Arc<tokio::sync::OwnedSemaphorePermit>>) -> Self {
         let peer_ip = HeaderValue::from_str(&peer.ip().to_string()).unwrap_or(HeaderValue::from_static("unknown"));
-        ConnInfo { peer, tls, peer_ip }
+        ConnInfo {
+            peer,
+            tls,
+            peer_ip,
+            slot,
+        }
     }
 }
 
@@ -479,7 +486,11 @@ impl App {
             match client_upgrade {
                 Some(client_side) => {
                     let upstream_side = hyper::upgrade::on(&mut resp);
-                    tokio::spawn(tunnel(client_side, upstream_side));
+                    let slot = conn.slot.clone();
+                    tokio::spawn(async move {
+                        tunnel(client_side, upstream_side).await;
+                        drop(slot);
+                    });
                 }
                 None => {
                     return Err(GatewayError::UpstreamUnavailable(

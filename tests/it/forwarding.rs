@@ -366,14 +366,16 @@ async fn the_echo_upstream_shows_what_an_upstream_receives() {
     assert!(echo["headers"].get("authorization").is_none());
 }
 
-#[tokio::test]
-async fn a_websocket_passes_through_after_the_token_check() {
+/// A WebSocket upstream that echoes text messages.
+async fn websocket_echo() -> std::net::SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let ws_addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             tokio::spawn(async move {
-                let mut ws = tokio_tungstenite::accept_async(stream).await.unwrap();
+                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
+                    return;
+                };
                 while let Some(Ok(msg)) = ws.next().await {
                     if msg.is_text() && ws.send(msg).await.is_err() {
                         return;
@@ -382,6 +384,53 @@ async fn a_websocket_passes_through_after_the_token_check() {
             });
         }
     });
+    ws_addr
+}
+
+async fn tls_http11(addr: std::net::SocketAddr) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    tokio_rustls::TlsConnector::from(Arc::new(support::client::tls_config(&[b"http/1.1"])))
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_websocket_tunnel_keeps_its_connection_slot() {
+    let ws_addr = websocket_echo().await;
+    let mut toml = support::config_toml(
+        "",
+        &format!("[[routes]]\npath_prefix = \"/ws\"\nupstream = \"http://{ws_addr}\"\nauth = \"none\"\n"),
+    );
+    toml = toml.replace(
+        "shutdown_grace = \"10s\"",
+        "shutdown_grace = \"10s\"\nmax_connections = 1",
+    );
+    let gw = support::start(&toml).await;
+    let req = format!("wss://localhost:{}/ws", gw.addr.port())
+        .into_client_request()
+        .unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async(req, tls_http11(gw.addr).await)
+        .await
+        .unwrap();
+    // The tunnel holds the only slot: a second connection is not served while it lives...
+    let second = tokio::spawn(tls_http11(gw.addr));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !second.is_finished(),
+        "a second connection was served past max_connections"
+    );
+    // ...and is served once the tunnel closes.
+    ws.close(None).await.unwrap();
+    drop(ws);
+    within("second connection after the tunnel closed", second)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_websocket_passes_through_after_the_token_check() {
+    let ws_addr = websocket_echo().await;
     let gw = support::start_with_routes("", &[("/ws", &format!("http://{ws_addr}"), "")]).await;
     let t = token(&gw).await;
 
@@ -389,11 +438,7 @@ async fn a_websocket_passes_through_after_the_token_check() {
         let url = format!("wss://localhost:{}/ws", gw.addr.port());
         let addr = gw.addr;
         async move {
-            let tcp = TcpStream::connect(addr).await.unwrap();
-            let tls = tokio_rustls::TlsConnector::from(Arc::new(support::client::tls_config(&[b"http/1.1"])))
-                .connect("localhost".try_into().unwrap(), tcp)
-                .await
-                .unwrap();
+            let tls = tls_http11(addr).await;
             let mut req = url.into_client_request().unwrap();
             if let Some(t) = token {
                 req.headers_mut()
