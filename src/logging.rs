@@ -4,22 +4,18 @@
 //! sooner when 64 KiB pile up), so the access log costs no syscall on the request path: one write
 //! per batch instead of one per request.
 //!
-//! The access log (target `tokengate::access`, one event per request) has its own layer: it writes
-//! its fixed fields straight into the buffer, in the same shape tracing-subscriber's formatter
-//! would, at a fraction of the cost. Every other event goes through tracing-subscriber's `fmt`.
+//! The access log (target `tokengate::access`, one line per request) is written by [`access`]
+//! straight into the buffer, in the shape tracing-subscriber's formatter gives other events, at a
+//! fraction of the cost of a dispatch through the subscriber. Every other event goes through
+//! tracing-subscriber's `fmt`.
 
 use std::io::Write;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use tracing::field::{Field, Visit};
-use tracing::{Event, Subscriber};
 use tracing_subscriber::EnvFilter;
-use tracing_subscriber::filter::FilterExt;
 use tracing_subscriber::fmt::MakeWriter;
-use tracing_subscriber::layer::{Context, Layer, SubscriberExt};
-use tracing_subscriber::util::SubscriberInitExt;
 
 use crate::config::LogFormat;
 
@@ -108,24 +104,20 @@ pub fn init_to(format: LogFormat, sink: Box<dyn Write + Send>) -> LogGuard {
         stopping: Default::default(),
     });
     let writer = BufferedWriter(shared.clone());
-    let env_filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let not_access = tracing_subscriber::filter::filter_fn(|m| m.target() != ACCESS_TARGET);
-    let access = AccessLayer {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer)
+        .with_ansi(false);
+    // A second init (only possible in tests and benches) keeps the first subscriber and sink.
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+    let _ = ACCESS_SINK.set(AccessSink {
         shared: shared.clone(),
         json: format == LogFormat::Json,
-    }
-    .with_filter(env_filter().and(tracing_subscriber::filter::filter_fn(|m| m.target() == ACCESS_TARGET)));
-    let fmt = tracing_subscriber::fmt::layer().with_writer(writer).with_ansi(false);
-    let fmt: Box<dyn Layer<tracing_subscriber::Registry> + Send + Sync> = match format {
-        LogFormat::Text => fmt.with_filter(env_filter().and(not_access)).boxed(),
-        LogFormat::Json => fmt
-            .json()
-            .flatten_event(true)
-            .with_filter(env_filter().and(not_access))
-            .boxed(),
-    };
-    // A second init (only possible in tests) keeps the first subscriber.
-    let _ = tracing_subscriber::registry().with(fmt).with(access).try_init();
+    });
     let flusher_shared = shared.clone();
     let flusher = std::thread::Builder::new()
         .name("tokengate-log".into())
@@ -142,78 +134,95 @@ pub fn init_to(format: LogFormat, sink: Box<dyn Write + Send>) -> LogGuard {
 /// The target of access-log events.
 pub const ACCESS_TARGET: &str = "tokengate::access";
 
-/// Formats access-log events directly into the shared buffer.
-struct AccessLayer {
+/// Where access lines go once [`init`] has run: straight into the shared buffer.
+struct AccessSink {
     shared: Arc<Shared>,
     json: bool,
 }
 
-impl<S: Subscriber> Layer<S> for AccessLayer {
-    fn on_event(&self, event: &Event<'_>, _ctx: Context<'_, S>) {
-        let mut line = Vec::with_capacity(200);
-        let micros = crate::clock::wall_micros();
-        if self.json {
-            line.extend_from_slice(b"{\"timestamp\":\"");
-            write_rfc3339(&mut line, micros);
-            line.extend_from_slice(b"\",\"level\":\"INFO\",\"target\":\"tokengate::access\"");
+static ACCESS_SINK: OnceLock<AccessSink> = OnceLock::new();
+
+/// One access-log line: one per request.
+pub struct AccessRecord<'a> {
+    pub method: &'a str,
+    /// The path without its query.
+    pub path: &'a str,
+    pub status: u16,
+    pub duration_us: u64,
+    pub route: &'a str,
+    pub request_id: &'a str,
+}
+
+/// Logs a request. With [`init`]'s subscriber the line is formatted straight into the buffer (no
+/// per-request dispatch through tracing's layers); otherwise (tests, embedders with their own
+/// subscriber) it is an ordinary tracing event with target `tokengate::access`. RUST_LOG governs
+/// both.
+pub fn access(r: &AccessRecord<'_>) {
+    if !tracing::enabled!(target: "tokengate::access", tracing::Level::INFO) {
+        return;
+    }
+    let Some(sink) = ACCESS_SINK.get() else {
+        tracing::info!(
+            target: "tokengate::access",
+            method = r.method,
+            path = r.path,
+            status = r.status,
+            duration_us = r.duration_us,
+            route = r.route,
+            request_id = r.request_id,
+        );
+        return;
+    };
+    let line = access_line(r, sink.json, crate::clock::wall_micros());
+    let full = match sink.shared.buf.lock() {
+        Ok(mut b) => {
+            b.extend_from_slice(&line);
+            b.len() >= FLUSH_AT_BYTES
+        }
+        Err(_) => false,
+    };
+    if full {
+        sink.shared.flush_to_sink();
+    }
+}
+
+/// The line, in the shape tracing-subscriber's text or JSON formatter gives other events.
+fn access_line(r: &AccessRecord<'_>, json: bool, micros: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(200);
+    if json {
+        out.extend_from_slice(b"{\"timestamp\":\"");
+        write_rfc3339(&mut out, micros);
+        out.extend_from_slice(b"\",\"level\":\"INFO\",\"target\":\"tokengate::access\"");
+    } else {
+        write_rfc3339(&mut out, micros);
+        out.extend_from_slice(b"  INFO tokengate::access:");
+    }
+    let field = |out: &mut Vec<u8>, name: &str| {
+        if json {
+            out.extend_from_slice(b",\"");
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(b"\":");
         } else {
-            write_rfc3339(&mut line, micros);
-            line.extend_from_slice(b"  INFO tokengate::access:");
+            out.push(b' ');
+            out.extend_from_slice(name.as_bytes());
+            out.push(b'=');
         }
-        event.record(&mut AccessFields {
-            out: &mut line,
-            json: self.json,
-        });
-        line.extend_from_slice(if self.json { b"}\n" } else { b"\n" });
-        let full = match self.shared.buf.lock() {
-            Ok(mut b) => {
-                b.extend_from_slice(&line);
-                b.len() >= FLUSH_AT_BYTES
-            }
-            Err(_) => false,
-        };
-        if full {
-            self.shared.flush_to_sink();
-        }
-    }
-}
-
-struct AccessFields<'a> {
-    out: &'a mut Vec<u8>,
-    json: bool,
-}
-
-impl AccessFields<'_> {
-    fn key(&mut self, field: &Field) {
-        if self.json {
-            self.out.extend_from_slice(b",\"");
-            self.out.extend_from_slice(field.name().as_bytes());
-            self.out.extend_from_slice(b"\":");
-        } else {
-            self.out.push(b' ');
-            self.out.extend_from_slice(field.name().as_bytes());
-            self.out.push(b'=');
-        }
-    }
-}
-
-impl Visit for AccessFields<'_> {
-    fn record_str(&mut self, field: &Field, value: &str) {
-        self.key(field);
-        write_quoted(self.out, value);
-    }
-    fn record_u64(&mut self, field: &Field, value: u64) {
-        self.key(field);
-        self.out.extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
-    }
-    fn record_i64(&mut self, field: &Field, value: i64) {
-        self.key(field);
-        self.out.extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
-    }
-    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        self.key(field);
-        write_quoted(self.out, &format!("{value:?}"));
-    }
+    };
+    let mut itoa = itoa::Buffer::new();
+    field(&mut out, "method");
+    write_quoted(&mut out, r.method);
+    field(&mut out, "path");
+    write_quoted(&mut out, r.path);
+    field(&mut out, "status");
+    out.extend_from_slice(itoa.format(r.status).as_bytes());
+    field(&mut out, "duration_us");
+    out.extend_from_slice(itoa.format(r.duration_us).as_bytes());
+    field(&mut out, "route");
+    write_quoted(&mut out, r.route);
+    field(&mut out, "request_id");
+    write_quoted(&mut out, r.request_id);
+    out.extend_from_slice(if json { b"}\n" } else { b"\n" });
+    out
 }
 
 /// A JSON string literal (also safe and unambiguous in a text line): quotes, backslashes and
@@ -288,6 +297,28 @@ mod tests {
         let mut out = Vec::new();
         write_rfc3339(&mut out, 951_782_400_000_001); // 2000-02-29
         assert_eq!(String::from_utf8(out).unwrap(), "2000-02-29T00:00:00.000001Z");
+    }
+
+    #[test]
+    fn access_lines_in_text_and_json() {
+        let r = AccessRecord {
+            method: "GET",
+            path: "/api/\"x\"",
+            status: 200,
+            duration_us: 151,
+            route: "/api",
+            request_id: "abc-1",
+        };
+        let text = String::from_utf8(access_line(&r, false, 1_795_777_160_123_456)).unwrap();
+        assert_eq!(
+            text,
+            "2026-11-27T10:59:20.123456Z  INFO tokengate::access: method=\"GET\" path=\"/api/\\\"x\\\"\" status=200 duration_us=151 route=\"/api\" request_id=\"abc-1\"\n"
+        );
+        let json: serde_json::Value = serde_json::from_slice(&access_line(&r, true, 1_795_777_160_123_456)).unwrap();
+        assert_eq!(json["path"], "/api/\"x\"");
+        assert_eq!(json["status"], 200);
+        assert_eq!(json["target"], "tokengate::access");
+        assert_eq!(json["timestamp"], "2026-11-27T10:59:20.123456Z");
     }
 
     #[test]

@@ -348,15 +348,14 @@ impl App {
             }
         };
         response.headers_mut().insert(X_REQUEST_ID.clone(), request_id.clone());
-        tracing::info!(
-            target: "tokengate::access",
-            method = method.as_str(),
-            path = uri.path(),
-            status = response.status().as_u16(),
-            duration_us = started.elapsed().as_micros() as u64,
-            route = route_label,
-            request_id = request_id.to_str().unwrap_or("-"),
-        );
+        crate::logging::access(&crate::logging::AccessRecord {
+            method: method.as_str(),
+            path: uri.path(),
+            status: response.status().as_u16(),
+            duration_us: started.elapsed().as_micros() as u64,
+            route: route_label,
+            request_id: request_id.to_str().unwrap_or("-"),
+        });
         response
     }
 
