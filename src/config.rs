@@ -12,7 +12,7 @@
 
 mod file;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -940,11 +940,6 @@ fn load_tls(c: &mut Checker<'_>, t: &file::TlsFile) -> Option<TlsSettings> {
         cert_chain,
         key,
     })
-}
-
-/// Index of users and clients by name, shared by the oauth modules.
-pub fn index_by<T>(items: &[T], key: impl Fn(&T) -> &str) -> HashMap<String, usize> {
-    items.iter().enumerate().map(|(i, x)| (key(x).to_owned(), i)).collect()
 }
 
 #[cfg(test)]

@@ -131,9 +131,6 @@ pub fn init_to(format: LogFormat, sink: Box<dyn Write + Send>) -> LogGuard {
     LogGuard { shared, flusher }
 }
 
-/// The target of access-log events.
-pub const ACCESS_TARGET: &str = "tokengate::access";
-
 /// Where access lines go once [`init`] has run: straight into the shared buffer.
 struct AccessSink {
     shared: Arc<Shared>,

@@ -230,8 +230,4 @@ impl Validator {
     pub fn run_pending_tasks(&self) {
         self.cache.run_pending_tasks();
     }
-
-    pub fn cached_entries(&self) -> u64 {
-        self.cache.entry_count()
-    }
 }

@@ -18,7 +18,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::uri::{Authority, PathAndQuery, Scheme};
+use http::uri::{Authority, PathAndQuery};
 use http::{HeaderValue, Request, Response, Uri};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -91,8 +91,6 @@ impl Pool {
 pub struct Forwarder {
     pool: Arc<Pool>,
     tls: Option<(TlsConnector, ServerName<'static>)>,
-    scheme: Scheme,
-    authority: Authority,
     /// `host:port` to connect to.
     connect_to: String,
     base_path: String,
@@ -149,14 +147,12 @@ impl Forwarder {
         Ok(Some(Forwarder {
             pool: Arc::default(),
             tls,
-            scheme: if *https { Scheme::HTTPS } else { Scheme::HTTP },
             host_header: HeaderValue::from_str(authority.as_str())?,
             connect_to: if host.contains(':') {
                 format!("[{host}]:{port}")
             } else {
                 format!("{host}:{port}")
             },
-            authority,
             base_path: base_path.clone(),
             connect_timeout: route.connect_timeout,
             timeout: route.timeout,
@@ -174,11 +170,6 @@ impl Forwarder {
             pq.push_str(q);
         }
         Some(Uri::from(PathAndQuery::try_from(pq).ok()?))
-    }
-
-    /// The absolute URI of the upstream, for logs.
-    pub fn describe(&self) -> String {
-        format!("{}://{}", self.scheme, self.authority)
     }
 
     /// Sends a request on a pooled connection (or a new one) and waits for the response head.
