@@ -1,8 +1,8 @@
 //! Logging: tracing, as text or JSON, level from RUST_LOG (default `info`).
 //!
 //! Lines are appended to an in-memory buffer and written by a background thread every 100 ms (or
-//! sooner when 64 KiB pile up), so the access log costs no syscall on the request path: one write
-//! per batch instead of one per request.
+//! as soon as 64 KiB pile up), so the access log costs no syscall on the request path: one write
+//! per batch instead of one per request, and a slow stdout never blocks a runtime thread.
 //!
 //! The access log (target `tokengate::access`, one line per request) is written by [`access`]
 //! straight into the buffer, in the shape tracing-subscriber's formatter gives other events, at a
@@ -26,9 +26,30 @@ struct Shared {
     buf: Mutex<Vec<u8>>,
     sink: Mutex<Box<dyn Write + Send>>,
     stopping: std::sync::atomic::AtomicBool,
+    /// The writer thread; only it (and the final flush) writes to the sink, so batches stay in
+    /// order and no request thread ever blocks on a slow stdout.
+    flusher: OnceLock<std::thread::Thread>,
 }
 
 impl Shared {
+    /// Appends a line; past [`FLUSH_AT_BYTES`] wakes the writer thread early.
+    fn append(&self, bytes: &[u8]) {
+        let full = match self.buf.lock() {
+            Ok(mut b) => {
+                b.extend_from_slice(bytes);
+                b.len() >= FLUSH_AT_BYTES
+            }
+            Err(_) => false,
+        };
+        if full {
+            match self.flusher.get() {
+                Some(t) => t.unpark(),
+                // No writer thread could be started: write here rather than grow forever.
+                None => self.flush_to_sink(),
+            }
+        }
+    }
+
     fn flush_to_sink(&self) {
         let pending = match self.buf.lock() {
             Ok(mut b) if !b.is_empty() => std::mem::replace(&mut *b, Vec::with_capacity(FLUSH_AT_BYTES)),
@@ -49,16 +70,7 @@ pub struct BufferedLine<'a>(&'a Shared);
 
 impl Write for BufferedLine<'_> {
     fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        let full = match self.0.buf.lock() {
-            Ok(mut b) => {
-                b.extend_from_slice(bytes);
-                b.len() >= FLUSH_AT_BYTES
-            }
-            Err(_) => false,
-        };
-        if full {
-            self.0.flush_to_sink();
-        }
+        self.0.append(bytes);
         Ok(bytes.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
@@ -102,6 +114,7 @@ pub fn init_to(format: LogFormat, sink: Box<dyn Write + Send>) -> LogGuard {
         buf: Mutex::new(Vec::with_capacity(FLUSH_AT_BYTES)),
         sink: Mutex::new(sink),
         stopping: Default::default(),
+        flusher: OnceLock::new(),
     });
     let writer = BufferedWriter(shared.clone());
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
@@ -128,6 +141,9 @@ pub fn init_to(format: LogFormat, sink: Box<dyn Write + Send>) -> LogGuard {
             }
         })
         .ok();
+    if let Some(t) = &flusher {
+        let _ = shared.flusher.set(t.thread().clone());
+    }
     LogGuard { shared, flusher }
 }
 
@@ -170,17 +186,8 @@ pub fn access(r: &AccessRecord<'_>) {
         );
         return;
     };
-    let line = access_line(r, sink.json, crate::clock::wall_micros());
-    let full = match sink.shared.buf.lock() {
-        Ok(mut b) => {
-            b.extend_from_slice(&line);
-            b.len() >= FLUSH_AT_BYTES
-        }
-        Err(_) => false,
-    };
-    if full {
-        sink.shared.flush_to_sink();
-    }
+    sink.shared
+        .append(&access_line(r, sink.json, crate::clock::wall_micros()));
 }
 
 /// The line, in the shape tracing-subscriber's text or JSON formatter gives other events.

@@ -304,7 +304,14 @@ fn log_conn_end(r: Result<(), hyper::Error>) {
 pub async fn admin_loop(listener: TcpListener, ready: Arc<AtomicBool>, mut phase: watch::Receiver<Phase>) {
     loop {
         let stream = tokio::select! {
-            r = listener.accept() => match r { Ok((s, _)) => s, Err(_) => continue },
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(_) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
             _ = reached(&mut phase, Phase::Closing) => return,
         };
         let ready = ready.clone();

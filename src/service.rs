@@ -22,7 +22,7 @@ use http::{HeaderMap, Request, Response, StatusCode, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
-use crate::auth::bearer::{BearerError, bearer_token, is_b64token};
+use crate::auth::bearer::{BearerError, bearer_token};
 use crate::auth::validator::InvalidToken;
 use crate::auth::{AuthError, Validator, VerifiedToken};
 use crate::config::{AuthPolicy, RouteSettings};
@@ -126,28 +126,25 @@ pub fn error_response(e: &GatewayError) -> Response<ResponseBody> {
         GatewayError::BadPath(p) => json_error(StatusCode::BAD_REQUEST, "invalid_request", p.describe()),
         GatewayError::NotFound => json_error(StatusCode::NOT_FOUND, "not_found", "no route for this path"),
         GatewayError::Auth(auth) => {
-            let (status, error, description, header, scope) = match auth {
+            let (status, error, description, scope) = match auth {
                 AuthError::Missing => {
                     let mut r = json_error(StatusCode::UNAUTHORIZED, "unauthorized", "a bearer token is required");
                     r.headers_mut()
                         .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(REALM_CHALLENGE));
                     return r;
                 }
-                AuthError::BadRequest(d) => (StatusCode::BAD_REQUEST, "invalid_request", *d, true, None),
-                AuthError::InvalidToken(t) => (StatusCode::UNAUTHORIZED, "invalid_token", t.describe(), true, None),
+                AuthError::BadRequest(d) => (StatusCode::BAD_REQUEST, "invalid_request", *d, None),
+                AuthError::InvalidToken(t) => (StatusCode::UNAUTHORIZED, "invalid_token", t.describe(), None),
                 AuthError::InsufficientScope(s) => (
                     StatusCode::FORBIDDEN,
                     "insufficient_scope",
                     "the access token lacks a scope this route requires",
-                    true,
                     Some(s.as_str()),
                 ),
             };
             let mut r = json_error(status, error, description);
-            if header {
-                r.headers_mut()
-                    .insert(header::WWW_AUTHENTICATE, challenge(error, description, scope));
-            }
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, challenge(error, description, scope));
             r
         }
         GatewayError::OAuth(o) => {
@@ -412,13 +409,10 @@ impl App {
                 )));
             }
         };
-        let verified = match self.validator.cached(token) {
-            Some(hit) => hit,
-            // Not even the token alphabet (RFC 6750 b64token): a malformed token.
-            None if !is_b64token(token.as_bytes()) => Err(InvalidToken::Malformed),
-            None => self.validator.validate_uncached(token),
-        }
-        .map_err(|e: InvalidToken| GatewayError::Auth(AuthError::InvalidToken(e)))?;
+        let verified = self
+            .validator
+            .validate(token)
+            .map_err(|e: InvalidToken| GatewayError::Auth(AuthError::InvalidToken(e)))?;
         if !verified.scopes.contains_all(route.scopes) {
             return Err(GatewayError::Auth(AuthError::InsufficientScope(
                 self.route_scope_names[index].clone(),

@@ -52,14 +52,16 @@ impl RevokedSessions {
         if self.len.load(Ordering::Relaxed) == 0 {
             return false;
         }
-        self.until.get(sid).is_some_and(|u| now_secs <= *u + self.leeway_secs)
+        self.until
+            .get(sid)
+            .is_some_and(|u| now_secs <= u.saturating_add(self.leeway_secs))
     }
 
     /// Drops entries whose tokens have all expired.
     pub fn sweep(&self, now_secs: u64) {
         let mut removed = 0;
         self.until.retain(|_, until| {
-            let keep = now_secs <= *until + self.leeway_secs;
+            let keep = now_secs <= until.saturating_add(self.leeway_secs);
             removed += usize::from(!keep);
             keep
         });

@@ -154,13 +154,18 @@ impl Validator {
     }
 
     /// A cache hit, still checked against the clock and the revoked-session set; `None` on a miss.
-    pub fn cached(&self, token: &str) -> Option<Result<Arc<VerifiedToken>, InvalidToken>> {
+    fn cached(&self, token: &str) -> Option<Result<Arc<VerifiedToken>, InvalidToken>> {
         let hit = self.cache.get(token)?;
         Some(self.still_valid(&hit, self.clock.now_secs()).map(|()| hit))
     }
 
-    /// Verifies a token the cache does not hold, and caches it if it is valid.
-    pub fn validate_uncached(&self, token: &str) -> Result<Arc<VerifiedToken>, InvalidToken> {
+    /// Verifies a token the cache does not hold, and caches it if it is valid. The b64token
+    /// alphabet (RFC 6750 §2.1) is checked here, not on every request: a cache hit is
+    /// byte-identical to a token that passed.
+    fn validate_uncached(&self, token: &str) -> Result<Arc<VerifiedToken>, InvalidToken> {
+        if !crate::auth::bearer::is_b64token(token.as_bytes()) {
+            return Err(InvalidToken::Malformed);
+        }
         let now = self.clock.now_secs();
         let verified = Arc::new(self.verify(token, now)?);
         self.cache.insert(token.into(), verified.clone());

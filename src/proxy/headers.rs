@@ -5,7 +5,8 @@
 //! dropped first, on every route, public ones included (GHSA-7x63-xv5r-3p2x); Authorization goes
 //! unless the route forwards it; X-Forwarded-For is appended to, X-Forwarded-Proto/Host are ours;
 //! header names with underscores, `Forwarded` and `X-Real-IP` are dropped.
-//! All of it is one pass over the client's headers into a new map, not a `remove` per name.
+//! The client's map is edited in place: one scan over its names finds what must go (usually just
+//! Host and Authorization), only those are removed, then the gateway's own headers are set.
 
 use http::HeaderMap;
 use http::header::{self, HeaderName, HeaderValue};

@@ -455,6 +455,18 @@ async fn malformed_and_oversized_requests() {
             .contains("grant_type is repeated")
     );
 
+    // Parameters the endpoint does not use are ignored (RFC 6749 §3.1), repeated or not.
+    let body = format!("x=1&x=2&grant_type=password&client_id=web&username={USER}&password={PASSWORD}&utm=a");
+    let r = c
+        .request(
+            Method::POST,
+            &url,
+            &[("content-type", "application/x-www-form-urlencoded")],
+            Bytes::from(body),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+
     let big = format!("grant_type=password&client_id=web&username={}", "a".repeat(20_000));
     let r = c
         .request(
