@@ -46,8 +46,6 @@ use crate::service::App;
 pub struct Gateway {
     config: Config,
     app: Arc<App>,
-    revoked: Arc<RevokedSessions>,
-    clock: SharedClock,
 }
 
 impl Gateway {
@@ -71,12 +69,7 @@ impl Gateway {
             oauth::issuer::random_bytes::<4>().map_err(|_| anyhow::anyhow!("the OS random generator failed"))?,
         );
         let app = Arc::new(App::new(&config, validator, oauth, prefix)?);
-        Ok(Gateway {
-            config,
-            app,
-            revoked,
-            clock,
-        })
+        Ok(Gateway { config, app })
     }
 
     /// The service, usable without a socket.
@@ -119,12 +112,7 @@ impl Gateway {
             alive_tx,
         ));
         let admin = tokio::spawn(server::admin_loop(admin_listener, ready.clone(), phase_rx.clone()));
-        let maintenance = tokio::spawn(maintain(
-            self.app.clone(),
-            self.revoked.clone(),
-            self.clock.clone(),
-            phase_rx,
-        ));
+        let maintenance = tokio::spawn(maintain(self.app.clone(), phase_rx));
         ready.store(true, Ordering::Release);
         let scheme = if server.tls.is_some() { "https" } else { "http" };
         tracing::info!(%addr, %admin_addr, scheme, "tokengate listening");
@@ -144,7 +132,7 @@ impl Gateway {
 
 /// Housekeeping: moka's pending tasks every second; sweeps of expired refresh state, login
 /// counters and revoked sessions every 30 seconds.
-async fn maintain(app: Arc<App>, revoked: Arc<RevokedSessions>, clock: SharedClock, mut phase: watch::Receiver<Phase>) {
+async fn maintain(app: Arc<App>, mut phase: watch::Receiver<Phase>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut n: u64 = 0;
     loop {
@@ -156,7 +144,6 @@ async fn maintain(app: Arc<App>, revoked: Arc<RevokedSessions>, clock: SharedClo
         n += 1;
         if n % 30 == 0 {
             app.oauth().sweep();
-            revoked.sweep(clock.now_secs());
         }
     }
 }

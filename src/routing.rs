@@ -162,11 +162,6 @@ pub fn canonical_prefix(prefix: &str) -> Result<String, PathError> {
     Ok(p)
 }
 
-/// Does a normalized `path` fall under the canonical `prefix`, on a segment boundary?
-pub fn prefix_matches(prefix: &str, path: &str) -> bool {
-    prefix == "/" || (path.starts_with(prefix) && matches!(path.as_bytes().get(prefix.len()), None | Some(b'/')))
-}
-
 type PrefixMap = HashMap<Box<str>, usize, RandomState>;
 
 /// Longest-prefix route lookup. Each lookup costs one hash probe per path segment, whatever the
@@ -361,11 +356,7 @@ mod tests {
     }
 
     #[test]
-    fn prefix_matching_helper_respects_boundaries() {
-        assert!(prefix_matches("/api", "/api"));
-        assert!(prefix_matches("/api", "/api/x"));
-        assert!(!prefix_matches("/api", "/apix"));
-        assert!(prefix_matches("/", "/anything"));
+    fn canonical_prefixes_have_no_trailing_slash() {
         assert_eq!(canonical_prefix("/api/").unwrap(), "/api");
     }
 }

@@ -73,8 +73,6 @@ pub enum GatewayError {
     UpstreamUnavailable(String),
     /// 504: no response head within the route's timeout.
     UpstreamTimeout,
-    /// 500: our fault (detail for the log only).
-    Internal(&'static str),
 }
 
 impl From<ForwardError> for GatewayError {
@@ -202,7 +200,6 @@ pub fn error_response(e: &GatewayError) -> Response<ResponseBody> {
             "gateway_timeout",
             "the upstream did not answer in time",
         ),
-        GatewayError::Internal(_) => json_error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "internal error"),
     }
 }
 
@@ -331,7 +328,7 @@ impl App {
                             "upstream timed out"
                         )
                     }
-                    GatewayError::Internal(detail) | GatewayError::OAuth(OAuthError::Internal(detail)) => {
+                    GatewayError::OAuth(OAuthError::Internal(detail)) => {
                         tracing::error!(
                             route = route_label,
                             request_id = request_id.to_str().unwrap_or("-"),

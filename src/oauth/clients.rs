@@ -37,13 +37,29 @@ pub fn parse_basic(value: Option<&[u8]>) -> Result<Option<(String, String)>, OAu
     let decoded = STANDARD.decode(value[6..].trim_ascii()).map_err(|_| bad())?;
     let text = String::from_utf8(decoded).map_err(|_| bad())?;
     let (id, secret) = text.split_once(':').ok_or_else(bad)?;
-    let unescape = |s: &str| -> String {
-        form_urlencoded::parse(format!("x={s}").as_bytes())
-            .next()
-            .map(|(_, v)| v.into_owned())
-            .unwrap_or_default()
-    };
-    Ok(Some((unescape(id), unescape(secret))))
+    let unescape = |s: &str| form_unescape(s).ok_or_else(bad);
+    Ok(Some((unescape(id)?, unescape(secret)?)))
+}
+
+/// Undoes `application/x-www-form-urlencoded` encoding of one value (`+` is a space, `%XX` a
+/// byte); `None` for a malformed escape or a result that is not UTF-8.
+fn form_unescape(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hex = s.get(i + 1..i + 3)?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 2;
+            }
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8(out).ok()
 }
 
 pub struct ClientRegistry {
@@ -210,6 +226,13 @@ mod tests {
             Some(("my id".into(), "p:ss".into()))
         );
         assert_eq!(parse_basic(Some(b"Bearer x")).unwrap(), None);
+        let raw_amp = format!("Basic {}", STANDARD.encode("svc:a&b=c+d"));
+        assert_eq!(
+            parse_basic(Some(raw_amp.as_bytes())).unwrap(),
+            Some(("svc".into(), "a&b=c d".into()))
+        );
+        let bad_escape = format!("Basic {}", STANDARD.encode("svc:%zz"));
+        assert!(parse_basic(Some(bad_escape.as_bytes())).is_err());
         assert!(parse_basic(Some(b"Basic !!!")).is_err());
         let no_colon = format!("Basic {}", STANDARD.encode("nocolon"));
         assert!(parse_basic(Some(no_colon.as_bytes())).is_err());

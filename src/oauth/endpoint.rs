@@ -102,11 +102,12 @@ impl OAuthServer {
         &self.registry
     }
 
-    /// Periodic housekeeping: expired refresh state and idle login counters.
+    /// Periodic housekeeping: expired refresh state, idle login counters, lapsed revocations.
     pub fn sweep(&self) {
         let now = self.clock.now_millis();
         self.registry.sweep(now);
         self.limiter.sweep(now);
+        self.revoked.sweep(now / 1000);
     }
 
     /// The token endpoint. `Ok` is the §5.1 JSON body.
@@ -274,6 +275,7 @@ impl OAuthServer {
             now,
             Some((&session.refresh_token, session.refresh_expires_in_secs)),
         )
+        .map(Bytes::from)
     }
 
     fn refresh_grant(&self, client_index: u32, client: &ClientSettings, form: &Form) -> Result<Bytes, OAuthError> {
@@ -304,7 +306,6 @@ impl OAuthServer {
                 now,
                 Some((rotation.refresh_token, rotation.refresh_expires_in_secs)),
             )
-            .map(|b| b.to_vec())
         });
         match outcome {
             Ok(Rotated::Fresh(body)) => Ok(Bytes::from(body)),
@@ -334,6 +335,7 @@ impl OAuthServer {
         }
         let sid = u64::from_le_bytes(issuer::random_bytes::<8>().map_err(|_| OAuthError::Internal("no randomness"))?);
         self.token_response(&client.id, client, granted, sid, self.clock.now_millis(), None)
+            .map(Bytes::from)
     }
 
     /// Signs the access token and renders the §5.1 body (with a refresh token when given).
@@ -345,7 +347,7 @@ impl OAuthServer {
         sid: u64,
         now_ms: u64,
         refresh: Option<(&str, u64)>,
-    ) -> Result<Bytes, OAuthError> {
+    ) -> Result<Vec<u8>, OAuthError> {
         let scope = self.scopes.render(scope);
         let access = self
             .issuer
@@ -354,7 +356,7 @@ impl OAuthServer {
         Ok(self.response(&access.jwt, refresh, &scope))
     }
 
-    fn response(&self, access_token: &str, refresh: Option<(&str, u64)>, scope: &str) -> Bytes {
+    fn response(&self, access_token: &str, refresh: Option<(&str, u64)>, scope: &str) -> Vec<u8> {
         let body = TokenResponse {
             access_token,
             token_type: "Bearer",
@@ -364,7 +366,7 @@ impl OAuthServer {
             scope,
         };
         // Serializing plain strings and integers cannot fail.
-        Bytes::from(serde_json::to_vec(&body).unwrap_or_default())
+        serde_json::to_vec(&body).unwrap_or_default()
     }
 
     /// The audit record of a session revocation: who, which client, why; never a token.

@@ -10,8 +10,6 @@ pub enum ErrorCode {
     UnauthorizedClient,
     UnsupportedGrantType,
     InvalidScope,
-    /// RFC 7009 §2.2.1.
-    UnsupportedTokenType,
 }
 
 impl ErrorCode {
@@ -23,7 +21,6 @@ impl ErrorCode {
             ErrorCode::UnauthorizedClient => "unauthorized_client",
             ErrorCode::UnsupportedGrantType => "unsupported_grant_type",
             ErrorCode::InvalidScope => "invalid_scope",
-            ErrorCode::UnsupportedTokenType => "unsupported_token_type",
         }
     }
 
@@ -35,8 +32,7 @@ impl ErrorCode {
             | ErrorCode::InvalidGrant
             | ErrorCode::UnauthorizedClient
             | ErrorCode::UnsupportedGrantType
-            | ErrorCode::InvalidScope
-            | ErrorCode::UnsupportedTokenType => StatusCode::BAD_REQUEST,
+            | ErrorCode::InvalidScope => StatusCode::BAD_REQUEST,
         }
     }
 }
