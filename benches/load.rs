@@ -28,8 +28,7 @@ use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, ServerName};
+use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 
 #[derive(Debug, Clone)]
@@ -379,16 +378,8 @@ fn header() {
 }
 
 fn tls_connector(ca: &std::path::Path) -> tokio_rustls::TlsConnector {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(ca).unwrap_or_else(|e| panic!("{}: {e}", ca.display())) {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let roots = tokengate::server::tls::roots_from_file(ca).unwrap_or_else(|e| panic!("{}: {e:#}", ca.display()));
+    let cfg = tokengate::server::tls::client_config(roots, &[b"http/1.1"]).unwrap();
     tokio_rustls::TlsConnector::from(Arc::new(cfg))
 }
 

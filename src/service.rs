@@ -250,14 +250,21 @@ fn is_sane_request_id(v: &[u8]) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
 }
 
+/// One route as the request path needs it.
+struct Route {
+    settings: RouteSettings,
+    /// `None` for the built-in echo upstream.
+    forwarder: Option<Forwarder>,
+    /// The required scopes, space-delimited, for `insufficient_scope` challenges.
+    scope_names: String,
+}
+
 pub struct App {
     token_path: String,
     revoke_path: String,
-    routes: RouteTable,
-    route_settings: Vec<RouteSettings>,
-    /// Each route's required scopes, space-delimited, for `insufficient_scope` challenges.
-    route_scope_names: Vec<String>,
-    forwarders: Vec<Option<Forwarder>>,
+    /// Path (+ host) → index into `routes`.
+    table: RouteTable,
+    routes: Vec<Route>,
     validator: Arc<Validator>,
     oauth: OAuthServer,
     request_ids: RequestIds,
@@ -270,28 +277,32 @@ impl App {
         oauth: OAuthServer,
         request_id_prefix: u32,
     ) -> anyhow::Result<Self> {
-        let routes = RouteTable::new(
+        let table = RouteTable::new(
             config
                 .routes
                 .iter()
                 .map(|r| (r.host.as_deref(), r.path_prefix.as_str())),
         )
         .map_err(|d| anyhow::anyhow!("routes[{}] duplicates routes[{}]", d.index, d.earlier))?;
-        let forwarders = config
+        let routes = config
             .routes
             .iter()
             .enumerate()
             .map(|(i, r)| {
-                Forwarder::new(r).map_err(|e| e.context(format!("routes[{i}]: cannot set up the upstream client")))
+                let forwarder = Forwarder::new(r)
+                    .map_err(|e| e.context(format!("routes[{i}]: cannot set up the upstream client")))?;
+                Ok(Route {
+                    settings: r.clone(),
+                    forwarder,
+                    scope_names: config.scopes.render(r.scopes),
+                })
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
         Ok(App {
             token_path: config.tokens.token_path.clone(),
             revoke_path: config.tokens.revoke_path.clone(),
+            table,
             routes,
-            route_scope_names: config.routes.iter().map(|r| config.scopes.render(r.scopes)).collect(),
-            route_settings: config.routes.clone(),
-            forwarders,
             validator,
             oauth,
             request_ids: RequestIds::new(request_id_prefix),
@@ -369,29 +380,28 @@ impl App {
             *route_label = "revoke";
             return self.revoke_endpoint(req).await;
         }
-        let host = req
-            .headers()
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .or_else(|| req.uri().authority().map(|a| a.as_str()));
-        let index = self.routes.resolve(host, &path).ok_or(GatewayError::NotFound)?;
-        let route = &self.route_settings[index];
-        *route_label = &route.path_prefix;
-        let token = match route.auth {
-            AuthPolicy::Required => Some(self.authorize(req.headers(), route, index)?),
+        // The Host the client addressed (HTTP/2: :authority), read once for routing and forwarding.
+        let host = req.headers().get(header::HOST).cloned().or_else(|| {
+            req.uri()
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        });
+        let index = self
+            .table
+            .resolve(host.as_ref().and_then(|h| h.to_str().ok()), &path)
+            .ok_or(GatewayError::NotFound)?;
+        let route = &self.routes[index];
+        *route_label = &route.settings.path_prefix;
+        let token = match route.settings.auth {
+            AuthPolicy::Required => Some(self.authorize(req.headers(), route)?),
             AuthPolicy::None => None,
         };
-        self.forward(req, conn, route, index, &path, token.as_deref(), request_id)
+        self.forward(req, conn, route, &path, host, token.as_deref(), request_id)
             .await
     }
 
     /// Bearer → validator (cache) → scope check. Runs on every request to a protected route.
-    fn authorize(
-        &self,
-        headers: &HeaderMap,
-        route: &RouteSettings,
-        index: usize,
-    ) -> Result<Arc<VerifiedToken>, GatewayError> {
+    fn authorize(&self, headers: &HeaderMap, route: &Route) -> Result<Arc<VerifiedToken>, GatewayError> {
         let token = match bearer_token(headers) {
             Ok(Some(t)) => t,
             Ok(None) => return Err(GatewayError::Auth(AuthError::Missing)),
@@ -410,9 +420,9 @@ impl App {
             .validator
             .validate(token)
             .map_err(|e: InvalidToken| GatewayError::Auth(AuthError::InvalidToken(e)))?;
-        if !verified.scopes.contains_all(route.scopes) {
+        if !verified.scopes.contains_all(route.settings.scopes) {
             return Err(GatewayError::Auth(AuthError::InsufficientScope(
-                self.route_scope_names[index].clone(),
+                route.scope_names.clone(),
             )));
         }
         Ok(verified)
@@ -423,12 +433,14 @@ impl App {
         &self,
         mut req: Request<Incoming>,
         conn: &ConnInfo,
-        route: &RouteSettings,
-        index: usize,
+        route: &Route,
         path: &str,
+        original_host: Option<HeaderValue>,
         token: Option<&VerifiedToken>,
         request_id: &HeaderValue,
     ) -> Result<Response<ResponseBody>, GatewayError> {
+        let forwarder = route.forwarder.as_ref();
+        let route = &route.settings;
         let upgrade = req.version() == Version::HTTP_11 && headers::is_upgrade_request(req.headers());
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
@@ -437,13 +449,6 @@ impl App {
         } else {
             path
         };
-        let original_host = parts.headers.get(header::HOST).cloned().or_else(|| {
-            parts
-                .uri
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        });
-        let forwarder = self.forwarders[index].as_ref();
         let ctx = RequestContext {
             peer_ip: &conn.peer_ip,
             proto: if conn.tls { "https" } else { "http" },

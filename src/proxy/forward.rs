@@ -28,7 +28,7 @@ use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-use crate::config::{RouteSettings, Upstream, read_certs};
+use crate::config::{RouteSettings, Upstream};
 
 /// Why the upstream hop failed. Details are for the log only, never the response.
 #[derive(Debug)]
@@ -119,26 +119,18 @@ impl Forwarder {
             .to_owned();
         let port = authority.port_u16().unwrap_or(if *https { 443 } else { 80 });
         let tls = if *https {
-            let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-            let mut roots = rustls::RootCertStore::empty();
-            match &route.ca_file {
-                Some(path) => {
-                    for cert in read_certs(path).map_err(anyhow::Error::msg)? {
-                        roots.add(cert)?;
-                    }
-                }
+            let roots = match &route.ca_file {
+                Some(path) => crate::server::tls::roots_from_file(path)?,
                 None => {
+                    let mut roots = rustls::RootCertStore::empty();
                     // Unreadable system certificates are skipped; an empty store fails at connect.
                     for cert in rustls_native_certs::load_native_certs().certs {
                         let _ = roots.add(cert);
                     }
+                    roots
                 }
-            }
-            let mut config = rustls::ClientConfig::builder_with_provider(provider)
-                .with_safe_default_protocol_versions()?
-                .with_root_certificates(roots)
-                .with_no_client_auth();
-            config.alpn_protocols = vec![b"http/1.1".to_vec()];
+            };
+            let config = crate::server::tls::client_config(roots, &[b"http/1.1"])?;
             let name = ServerName::try_from(host.clone())?;
             Some((TlsConnector::from(Arc::new(config)), name))
         } else {

@@ -1,7 +1,5 @@
 //! TLS clients that trust certs/ca.pem, speaking HTTP/1.1 or HTTP/2 as ALPN decides.
 
-use std::sync::Arc;
-
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, Version};
 use http_body_util::{BodyExt, Full};
@@ -9,8 +7,6 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client as Legacy;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use rustls_pki_types::CertificateDer;
-use rustls_pki_types::pem::PemObject;
 
 use super::repo;
 
@@ -20,18 +16,10 @@ pub enum Proto {
     Http2,
 }
 
+/// A client config trusting certs/ca.pem, offering `alpn`.
 pub fn tls_config(alpn: &[&[u8]]) -> rustls::ClientConfig {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(repo().join("certs/ca.pem")).unwrap() {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    cfg
+    let roots = tokengate::server::tls::roots_from_file(&repo().join("certs/ca.pem")).unwrap();
+    tokengate::server::tls::client_config(roots, alpn).unwrap()
 }
 
 #[derive(Clone)]
