@@ -7,7 +7,7 @@
 use std::hint::black_box;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use http::{HeaderMap, HeaderValue};
@@ -15,11 +15,12 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use tokengate::auth::bearer::parse_bearer;
 use tokengate::auth::{RevokedSessions, Validator};
 use tokengate::config::Config;
-use tokengate::oauth::issuer::{Issuer, mint_refresh_token};
-use tokengate::oauth::registry::{RefreshRegistry, RegistryLimits, Rotation};
+use tokengate::ids::{SessionId, mint_refresh_token};
+use tokengate::oauth::issuer::Issuer;
 use tokengate::proxy::headers::{RequestContext, upstream_request_headers};
 use tokengate::routing::RouteTable;
-use tokengate::scope::ScopeSet;
+use tokengate::store::registry::{NoRecorder, Registry};
+use tokengate::store::{NewSession, Rotation};
 use tokengate::{Clock, ManualClock, SharedClock};
 
 const SECRET: &str = "bench-secret-bench-secret-bench-secret-0123";
@@ -164,49 +165,71 @@ fn bench_issue(c: &mut Criterion) {
     c.bench_function("issue/token_pair", |b| {
         b.iter(|| {
             let at = issuer
-                .access_token("ann", "web", "orders:read", "c2lk", 1_800_000_000)
+                .access_token("ann", "web", "orders:read", SessionId(7), 1_800_000_000)
                 .unwrap();
-            let rt = mint_refresh_token().unwrap();
+            let rt = mint_refresh_token(SessionId(7)).unwrap();
             black_box((at, rt))
         })
     });
 }
 
-fn limits() -> RegistryLimits {
-    RegistryLimits {
-        refresh_ttl: Duration::from_secs(86_400),
-        session_max_lifetime: Duration::from_secs(30 * 86_400),
-        reuse_grace: Duration::from_secs(10),
-        access_ttl: Duration::from_secs(900),
-    }
+const NOW_MS: u64 = 1_800_000_000_000;
+
+fn registry() -> Registry<NoRecorder> {
+    Registry::new(Arc::new(RevokedSessions::new()), NoRecorder, 10_000)
 }
 
-fn respond(r: &Rotation<'_>) -> Result<Vec<u8>, ()> {
-    Ok(format!(
+/// Starts a session; returns its id and first refresh token.
+fn session(reg: &Registry<NoRecorder>) -> (SessionId, String) {
+    let sid = SessionId::random().unwrap();
+    let t = mint_refresh_token(sid).unwrap();
+    reg.create(NewSession {
+        sid,
+        user: "ann".into(),
+        client: "web".into(),
+        scopes: "orders:read".into(),
+        now_ms: NOW_MS,
+        session_expires_ms: NOW_MS + 30 * 86_400_000,
+        access_exp_secs: NOW_MS / 1000 + 900,
+        token: t.digest,
+        token_exp_ms: NOW_MS + 86_400_000,
+        max_sessions_per_user: usize::MAX,
+    })
+    .unwrap();
+    (sid, t.token)
+}
+
+/// One rotation as the refresh grant does it around the signing: mint the successor, seal a
+/// response-sized body under the presented token, compare-and-set.
+fn rotate(reg: &Registry<NoRecorder>, sid: SessionId, presented: &str) -> String {
+    let next = mint_refresh_token(sid).unwrap();
+    let body = format!(
         "{{\"refresh_token\":\"{}\",\"access_token\":\"{}\"}}",
-        r.refresh_token,
+        next.token,
         "x".repeat(300)
-    )
-    .into_bytes())
-}
-
-fn next_token(body: &[u8]) -> String {
-    std::str::from_utf8(body).unwrap().split('"').nth(3).unwrap().to_owned()
+    );
+    let (_, digest) = tokengate::ids::parse_refresh_token(presented).unwrap();
+    reg.rotate(Rotation {
+        sid,
+        presented: digest,
+        successor: next.digest,
+        successor_exp_ms: NOW_MS + 86_400_000,
+        access_exp_secs: NOW_MS / 1000 + 900,
+        sealed: tokengate::crypto::seal(presented, body.as_bytes()),
+        now_ms: NOW_MS,
+    })
+    .unwrap();
+    next.token
 }
 
 fn bench_registry(c: &mut Criterion) {
-    // What does one rotation cost in the registry (digest, two map updates, sealing the replay
-    // copy), alone and with two threads rotating their own sessions at once?
+    // What does one rotation cost in the registry (mint, digest, seal the replay copy, the
+    // compare-and-set), alone and with two threads rotating their own sessions at once?
     let mut g = c.benchmark_group("registry_rotate");
-    let now = 1_800_000_000_000u64;
-    let reg = RefreshRegistry::new(limits(), Arc::new(RevokedSessions::new()));
-    let mut t = reg.start_session(0, 0, ScopeSet(1), now).unwrap().refresh_token;
-    g.bench_function("1_thread", |b| {
-        b.iter(|| {
-            t = next_token(&reg.rotate(&t, 0, now, respond).unwrap().into_body());
-        })
-    });
-    let reg = Arc::new(RefreshRegistry::new(limits(), Arc::new(RevokedSessions::new())));
+    let reg = registry();
+    let (sid, mut t) = session(&reg);
+    g.bench_function("1_thread", |b| b.iter(|| t = rotate(&reg, sid, &t)));
+    let reg = Arc::new(registry());
     g.bench_function("2_threads_contending", |b| {
         b.iter_custom(|iters| {
             let start = Instant::now();
@@ -214,9 +237,9 @@ fn bench_registry(c: &mut Criterion) {
                 for _ in 0..2 {
                     let reg = reg.clone();
                     s.spawn(move || {
-                        let mut t = reg.start_session(0, 0, ScopeSet(1), now).unwrap().refresh_token;
+                        let (sid, mut t) = session(&reg);
                         for _ in 0..iters.div_ceil(2) {
-                            t = next_token(&reg.rotate(&t, 0, now, respond).unwrap().into_body());
+                            t = rotate(&reg, sid, &t);
                         }
                     });
                 }
@@ -232,17 +255,19 @@ fn bench_revoked(c: &mut Criterion) {
     let mut g = c.benchmark_group("revoked_check");
     let empty = RevokedSessions::new();
     g.bench_function("empty", |b| {
-        b.iter(|| empty.is_revoked(black_box("c2lkLWFubg"), 1_800_000_000))
+        b.iter(|| empty.is_revoked(black_box(SessionId(42)), 1_800_000_000))
     });
     let full = RevokedSessions::new();
-    for i in 0..100_000 {
-        full.revoke(&format!("sid-{i}"), 1_900_000_000);
+    for _ in 0..100_000 {
+        full.revoke(SessionId::random().unwrap(), 1_900_000_000);
     }
+    let hit = SessionId::random().unwrap();
+    full.revoke(hit, 1_900_000_000);
     g.bench_function("100k_entries_miss", |b| {
-        b.iter(|| full.is_revoked(black_box("c2lkLWFubg"), 1_800_000_000))
+        b.iter(|| full.is_revoked(black_box(SessionId(42)), 1_800_000_000))
     });
     g.bench_function("100k_entries_hit", |b| {
-        b.iter(|| full.is_revoked(black_box("sid-4242"), 1_800_000_000))
+        b.iter(|| full.is_revoked(black_box(hit), 1_800_000_000))
     });
     g.finish();
 }

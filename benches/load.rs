@@ -385,25 +385,35 @@ fn tls_connector(ca: &std::path::Path) -> tokio_rustls::TlsConnector {
 
 fn memory_per_session() {
     use tokengate::auth::RevokedSessions;
-    use tokengate::oauth::registry::{RefreshRegistry, RegistryLimits};
-    let limits = RegistryLimits {
-        refresh_ttl: Duration::from_secs(86_400),
-        session_max_lifetime: Duration::from_secs(30 * 86_400),
-        reuse_grace: Duration::from_secs(10),
-        access_ttl: Duration::from_secs(900),
-    };
+    use tokengate::ids::{SessionId, mint_refresh_token};
+    use tokengate::store::NewSession;
+    use tokengate::store::registry::{NoRecorder, Registry};
     let n = 1_000_000u64;
+    let now = 1_800_000_000_000u64;
+    let users: Vec<Arc<str>> = (0..1000).map(|i| Arc::from(format!("user{i}"))).collect();
+    let (client, scopes): (Arc<str>, Arc<str>) = ("web".into(), "orders:read".into());
     let before = rss_bytes();
-    let reg = RefreshRegistry::new(limits, Arc::new(RevokedSessions::new()));
+    let reg = Registry::new(Arc::new(RevokedSessions::new()), NoRecorder, 10_000);
     for i in 0..n {
-        let s = reg
-            .start_session((i % 1000) as u32, 0, tokengate::scope::ScopeSet(1), 1_800_000_000_000)
-            .unwrap();
-        std::hint::black_box(s);
+        let sid = SessionId::random().unwrap();
+        let t = mint_refresh_token(sid).unwrap();
+        reg.create(NewSession {
+            sid,
+            user: users[(i % 1000) as usize].clone(),
+            client: client.clone(),
+            scopes: scopes.clone(),
+            now_ms: now,
+            session_expires_ms: now + 30 * 86_400_000,
+            access_exp_secs: now / 1000 + 900,
+            token: t.digest,
+            token_exp_ms: now + 86_400_000,
+            max_sessions_per_user: usize::MAX,
+        })
+        .unwrap();
     }
     let after = rss_bytes();
     println!(
-        "memory: {} live sessions in the refresh registry: {:.0} bytes per session (RSS delta)",
+        "memory: {} live sessions in the session registry: {:.0} bytes per session (RSS delta)",
         reg.session_count(),
         (after.saturating_sub(before)) as f64 / n as f64
     );

@@ -43,8 +43,8 @@ pub fn generate(dir: &Path) -> anyhow::Result<()> {
     let leaf_key = KeyPair::generate()?;
     let leaf = leaf_params.signed_by(&leaf_key, &ca)?;
 
-    let secret = URL_SAFE_NO_PAD
-        .encode(crate::oauth::issuer::random_bytes::<48>().map_err(|_| anyhow::anyhow!("no randomness"))?);
+    let secret =
+        URL_SAFE_NO_PAD.encode(crate::crypto::random_bytes::<48>().map_err(|_| anyhow::anyhow!("no randomness"))?);
 
     write(dir, "ca.pem", ca.pem().as_bytes(), false)?;
     write(dir, "ca-key.pem", ca_key_pem.as_bytes(), true)?;

@@ -169,6 +169,8 @@ pub struct TokenSettings {
     pub cache_capacity: u64,
     pub token_path: String,
     pub revoke_path: String,
+    /// Live sessions one user may hold; a login beyond it revokes the oldest.
+    pub max_sessions_per_user: usize,
     pub alg: SigningAlg,
     pub secret: Secret,
 }
@@ -537,6 +539,7 @@ fn validate(file: FileConfig, base_dir: &Path) -> Result<Config, Vec<Problem>> {
         c.fail("tokens.reuse_grace", "must be shorter than tokens.refresh_ttl");
     }
     let cache_capacity = c.positive("tokens.cache_capacity", t.cache_capacity, 100_000);
+    let max_sessions_per_user = c.positive("tokens.max_sessions_per_user", t.max_sessions_per_user, 100) as usize;
     let token_path = own_path(&mut c, "tokens.token_path", t.token_path.as_deref(), DEFAULT_TOKEN_PATH);
     let revoke_path = own_path(
         &mut c,
@@ -810,6 +813,7 @@ fn validate(file: FileConfig, base_dir: &Path) -> Result<Config, Vec<Problem>> {
             cache_capacity,
             token_path,
             revoke_path,
+            max_sessions_per_user,
             alg,
             secret,
         },

@@ -16,6 +16,8 @@ pub mod auth;
 pub mod certs;
 pub mod clock;
 pub mod config;
+pub mod crypto;
+pub mod ids;
 pub mod logging;
 pub mod oauth;
 pub mod proxy;
@@ -23,6 +25,9 @@ pub mod routing;
 pub mod scope;
 pub mod server;
 pub mod service;
+pub mod snapshot;
+pub mod state;
+pub mod store;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -37,39 +42,34 @@ use tokio::task::JoinHandle;
 pub use clock::{Clock, ManualClock, SharedClock, SystemClock};
 pub use config::Config;
 
-use crate::auth::{RevokedSessions, Validator};
-use crate::oauth::OAuthServer;
+use crate::auth::RevokedSessions;
+use crate::oauth::limiter::LoginLimiter;
 use crate::server::{ConnSettings, Phase};
 use crate::service::App;
+use crate::snapshot::Snapshot;
+use crate::state::State;
+use crate::store::Store;
 
 /// A gateway built from a validated config, not yet listening.
 pub struct Gateway {
-    config: Config,
     app: Arc<App>,
 }
 
 impl Gateway {
     pub fn new(config: Config, clock: SharedClock) -> anyhow::Result<Gateway> {
         let revoked = Arc::new(RevokedSessions::with_leeway(config.tokens.leeway.as_secs()));
-        let validator = Arc::new(Validator::new(
-            &config.tokens,
-            config.scopes.clone(),
-            revoked.clone(),
-            clock.clone(),
-        ));
+        let store = Store::memory(revoked.clone(), config.tokens.reuse_grace.as_millis() as u64);
+        let state = Arc::new(State {
+            store,
+            revoked: revoked.clone(),
+            limiter: LoginLimiter::default(),
+            clock: clock.clone(),
+        });
         let argon2_concurrency = std::thread::available_parallelism().map_or(2, |n| n.get());
-        let oauth = OAuthServer::new(
-            &config,
-            revoked.clone(),
-            validator.clone(),
-            clock.clone(),
-            argon2_concurrency,
-        );
-        let prefix = u32::from_le_bytes(
-            oauth::issuer::random_bytes::<4>().map_err(|_| anyhow::anyhow!("the OS random generator failed"))?,
-        );
-        let app = Arc::new(App::new(&config, validator, oauth, prefix)?);
-        Ok(Gateway { config, app })
+        let snapshot = Snapshot::build(config, 1, revoked, clock, argon2_concurrency)?;
+        let prefix = u32::from_le_bytes(crypto::random_bytes::<4>()?);
+        let app = Arc::new(App::new(snapshot, state, prefix));
+        Ok(Gateway { app })
     }
 
     /// The service, usable without a socket.
@@ -79,7 +79,8 @@ impl Gateway {
 
     /// Binds the listeners and starts serving.
     pub async fn start(self) -> anyhow::Result<RunningGateway> {
-        let server = &self.config.server;
+        let snapshot = self.app.snapshot();
+        let server = &snapshot.config.server;
         let tls = server
             .tls
             .as_ref()
@@ -89,9 +90,9 @@ impl Gateway {
         let listener = TcpListener::bind(server.listen)
             .await
             .with_context(|| format!("cannot listen on server.listen {}", server.listen))?;
-        let admin_listener = TcpListener::bind(self.config.admin.listen)
+        let admin_listener = TcpListener::bind(snapshot.config.admin.listen)
             .await
-            .with_context(|| format!("cannot listen on admin.listen {}", self.config.admin.listen))?;
+            .with_context(|| format!("cannot listen on admin.listen {}", snapshot.config.admin.listen))?;
         let addr = listener.local_addr()?;
         let admin_addr = admin_listener.local_addr()?;
 
@@ -140,10 +141,10 @@ async fn maintain(app: Arc<App>, mut phase: watch::Receiver<Phase>) {
             _ = tick.tick() => {}
             _ = server::reached(&mut phase, Phase::Closing) => return,
         }
-        app.validator().run_pending_tasks();
+        app.snapshot().validator.run_pending_tasks();
         n += 1;
         if n % 30 == 0 {
-            app.oauth().sweep();
+            app.state().sweep();
         }
     }
 }

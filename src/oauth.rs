@@ -7,8 +7,10 @@ pub mod endpoint;
 pub mod error;
 pub mod issuer;
 pub mod limiter;
-pub mod registry;
 pub mod users;
 
 pub use endpoint::OAuthServer;
 pub use error::{ErrorCode, OAuthError};
+
+#[cfg(test)]
+pub(crate) mod suite;

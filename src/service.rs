@@ -22,15 +22,19 @@ use http::{HeaderMap, Request, Response, StatusCode, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
+use arc_swap::ArcSwap;
+
 use crate::auth::bearer::{BearerError, bearer_token};
 use crate::auth::validator::InvalidToken;
-use crate::auth::{AuthError, Validator, VerifiedToken};
-use crate::config::{AuthPolicy, RouteSettings};
+use crate::auth::{AuthError, VerifiedToken};
+use crate::config::AuthPolicy;
 use crate::oauth::{OAuthError, OAuthServer};
 use crate::proxy::forward::PooledBody;
 use crate::proxy::headers::{self, RequestContext, X_REQUEST_ID};
-use crate::proxy::{ForwardError, Forwarder, echo};
-use crate::routing::{PathError, RouteTable, normalize_path};
+use crate::proxy::{ForwardError, echo};
+use crate::routing::{PathError, normalize_path};
+use crate::snapshot::{Route, Snapshot};
+use crate::state::State;
 
 /// Responses are either ours (small, whole) or the upstream's (streamed).
 pub type ResponseBody = Either<Full<Bytes>, PooledBody>;
@@ -185,6 +189,16 @@ pub fn error_response(e: &GatewayError) -> Response<ResponseBody> {
                     r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("POST"));
                     r
                 }
+                OAuthError::Unavailable(_) => {
+                    let mut r = json_error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "temporarily_unavailable",
+                        "the session store is unavailable; retry later",
+                    );
+                    r.headers_mut()
+                        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                    r
+                }
                 OAuthError::Internal(_) => {
                     json_error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "internal error")
                 }
@@ -250,71 +264,28 @@ fn is_sane_request_id(v: &[u8]) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
 }
 
-/// One route as the request path needs it.
-struct Route {
-    settings: RouteSettings,
-    /// `None` for the built-in echo upstream.
-    forwarder: Option<Forwarder>,
-    /// The required scopes, space-delimited, for `insufficient_scope` challenges.
-    scope_names: String,
-}
-
 pub struct App {
-    token_path: String,
-    revoke_path: String,
-    /// Path (+ host) → index into `routes`.
-    table: RouteTable,
-    routes: Vec<Route>,
-    validator: Arc<Validator>,
-    oauth: OAuthServer,
+    snapshot: ArcSwap<Snapshot>,
+    state: Arc<State>,
     request_ids: RequestIds,
 }
 
 impl App {
-    pub(crate) fn new(
-        config: &crate::config::Config,
-        validator: Arc<Validator>,
-        oauth: OAuthServer,
-        request_id_prefix: u32,
-    ) -> anyhow::Result<Self> {
-        let table = RouteTable::new(
-            config
-                .routes
-                .iter()
-                .map(|r| (r.host.as_deref(), r.path_prefix.as_str())),
-        )
-        .map_err(|d| anyhow::anyhow!("routes[{}] duplicates routes[{}]", d.index, d.earlier))?;
-        let routes = config
-            .routes
-            .iter()
-            .enumerate()
-            .map(|(i, r)| {
-                let forwarder = Forwarder::new(r)
-                    .map_err(|e| e.context(format!("routes[{i}]: cannot set up the upstream client")))?;
-                Ok(Route {
-                    settings: r.clone(),
-                    forwarder,
-                    scope_names: config.scopes.render(r.scopes),
-                })
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        Ok(App {
-            token_path: config.tokens.token_path.clone(),
-            revoke_path: config.tokens.revoke_path.clone(),
-            table,
-            routes,
-            validator,
-            oauth,
+    pub(crate) fn new(snapshot: Snapshot, state: Arc<State>, request_id_prefix: u32) -> Self {
+        App {
+            snapshot: ArcSwap::from_pointee(snapshot),
+            state,
             request_ids: RequestIds::new(request_id_prefix),
-        })
+        }
     }
 
-    pub fn oauth(&self) -> &OAuthServer {
-        &self.oauth
+    /// The current Snapshot. A request loads it once and keeps it to its end.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
     }
 
-    pub fn validator(&self) -> &Validator {
-        &self.validator
+    pub fn state(&self) -> &Arc<State> {
+        &self.state
     }
 
     /// Serves one request; never fails (errors are responses), logs one access line.
@@ -323,8 +294,9 @@ impl App {
         let request_id = self.request_ids.for_request(req.headers());
         let method = req.method().clone();
         let uri = req.uri().clone();
+        let snap = self.snapshot.load_full();
         let mut route_label: &str = "-";
-        let result = self.dispatch(req, conn, &request_id, &mut route_label).await;
+        let result = self.dispatch(&snap, req, conn, &request_id, &mut route_label).await;
         let mut response = match result {
             Ok(r) => r,
             Err(e) => {
@@ -365,20 +337,22 @@ impl App {
     }
 
     async fn dispatch<'s>(
-        &'s self,
+        &self,
+        snap: &'s Snapshot,
         req: Request<Incoming>,
         conn: &ConnInfo,
         request_id: &HeaderValue,
         route_label: &mut &'s str,
     ) -> Result<Response<ResponseBody>, GatewayError> {
         let path = normalize_path(req.uri().path()).map_err(GatewayError::BadPath)?;
-        if path == self.token_path {
+        let tokens = &snap.config.tokens;
+        if path == tokens.token_path {
             *route_label = "token";
-            return self.token_endpoint(req, conn).await;
+            return self.token_endpoint(snap, req, conn).await;
         }
-        if path == self.revoke_path {
+        if path == tokens.revoke_path {
             *route_label = "revoke";
-            return self.revoke_endpoint(req).await;
+            return self.revoke_endpoint(snap, req).await;
         }
         // The Host the client addressed (HTTP/2: :authority), read once for routing and forwarding.
         let host = req.headers().get(header::HOST).cloned().or_else(|| {
@@ -386,48 +360,50 @@ impl App {
                 .authority()
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
         });
-        let index = self
+        let index = snap
             .table
             .resolve(host.as_ref().and_then(|h| h.to_str().ok()), &path)
             .ok_or(GatewayError::NotFound)?;
-        let route = &self.routes[index];
+        let route = &snap.routes[index];
         *route_label = &route.settings.path_prefix;
         let token = match route.settings.auth {
-            AuthPolicy::Required => Some(self.authorize(req.headers(), route)?),
+            AuthPolicy::Required => Some(authorize(snap, req.headers(), route)?),
             AuthPolicy::None => None,
         };
         self.forward(req, conn, route, &path, host, token.as_deref(), request_id)
             .await
     }
+}
 
-    /// Bearer → validator (cache) → scope check. Runs on every request to a protected route.
-    fn authorize(&self, headers: &HeaderMap, route: &Route) -> Result<Arc<VerifiedToken>, GatewayError> {
-        let token = match bearer_token(headers) {
-            Ok(Some(t)) => t,
-            Ok(None) => return Err(GatewayError::Auth(AuthError::Missing)),
-            Err(BearerError::Repeated) => {
-                return Err(GatewayError::Auth(AuthError::BadRequest(
-                    "more than one Authorization header",
-                )));
-            }
-            Err(BearerError::Malformed) => {
-                return Err(GatewayError::Auth(AuthError::BadRequest(
-                    "malformed Bearer credentials",
-                )));
-            }
-        };
-        let verified = self
-            .validator
-            .validate(token)
-            .map_err(|e: InvalidToken| GatewayError::Auth(AuthError::InvalidToken(e)))?;
-        if !verified.scopes.contains_all(route.settings.scopes) {
-            return Err(GatewayError::Auth(AuthError::InsufficientScope(
-                route.scope_names.clone(),
+/// Bearer → validator (cache) → scope check. Runs on every request to a protected route.
+fn authorize(snap: &Snapshot, headers: &HeaderMap, route: &Route) -> Result<Arc<VerifiedToken>, GatewayError> {
+    let token = match bearer_token(headers) {
+        Ok(Some(t)) => t,
+        Ok(None) => return Err(GatewayError::Auth(AuthError::Missing)),
+        Err(BearerError::Repeated) => {
+            return Err(GatewayError::Auth(AuthError::BadRequest(
+                "more than one Authorization header",
             )));
         }
-        Ok(verified)
+        Err(BearerError::Malformed) => {
+            return Err(GatewayError::Auth(AuthError::BadRequest(
+                "malformed Bearer credentials",
+            )));
+        }
+    };
+    let verified = snap
+        .validator
+        .validate(token)
+        .map_err(|e: InvalidToken| GatewayError::Auth(AuthError::InvalidToken(e)))?;
+    if !verified.scopes.contains_all(route.settings.scopes) {
+        return Err(GatewayError::Auth(AuthError::InsufficientScope(
+            route.scope_names.clone(),
+        )));
     }
+    Ok(verified)
+}
 
+impl App {
     #[allow(clippy::too_many_arguments)]
     async fn forward(
         &self,
@@ -500,12 +476,13 @@ impl App {
 
     async fn token_endpoint(
         &self,
+        snap: &Snapshot,
         req: Request<Incoming>,
         conn: &ConnInfo,
     ) -> Result<Response<ResponseBody>, GatewayError> {
         let (parts, body) = req.into_parts();
         let json = self
-            .oauth
+            .oauth(snap)
             .token(&parts.method, &parts.headers, body, conn.peer.ip())
             .await
             .map_err(GatewayError::OAuth)?;
@@ -516,15 +493,29 @@ impl App {
         Ok(r)
     }
 
-    async fn revoke_endpoint(&self, req: Request<Incoming>) -> Result<Response<ResponseBody>, GatewayError> {
+    async fn revoke_endpoint(
+        &self,
+        snap: &Snapshot,
+        req: Request<Incoming>,
+    ) -> Result<Response<ResponseBody>, GatewayError> {
         let (parts, body) = req.into_parts();
-        self.oauth
+        self.oauth(snap)
             .revoke(&parts.method, &parts.headers, body)
             .await
             .map_err(GatewayError::OAuth)?;
         let mut r = Response::new(Either::Left(Full::new(Bytes::new())));
         no_store(r.headers_mut());
         Ok(r)
+    }
+}
+
+impl App {
+    /// The authorization server over one Snapshot and the State.
+    pub fn oauth<'a>(&'a self, snap: &'a Snapshot) -> OAuthServer<'a> {
+        OAuthServer {
+            snap,
+            state: &self.state,
+        }
     }
 }
 

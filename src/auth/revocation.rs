@@ -8,12 +8,14 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use dashmap::DashMap;
-use foldhash::fast::RandomState;
 
-#[derive(Debug, Default)]
+use crate::ids::SessionId;
+use crate::store::registry::UniformKeyHasher;
+
+#[derive(Default)]
 pub struct RevokedSessions {
     /// sid → `exp` of the session's last access token.
-    until: DashMap<Box<str>, u64, RandomState>,
+    until: DashMap<SessionId, u64, UniformKeyHasher>,
     /// Entry count, read without touching the shards: the common case is an empty set.
     len: AtomicUsize,
     /// The validator accepts a token until `exp + leeway`, so an entry must last as long.
@@ -34,10 +36,10 @@ impl RevokedSessions {
     }
 
     /// Refuses `sid`'s access tokens until `until_secs` (extends an existing entry, never shortens).
-    pub fn revoke(&self, sid: &str, until_secs: u64) {
+    pub fn revoke(&self, sid: SessionId, until_secs: u64) {
         let mut inserted = false;
         self.until
-            .entry(sid.into())
+            .entry(sid)
             .and_modify(|u| *u = (*u).max(until_secs))
             .or_insert_with(|| {
                 inserted = true;
@@ -48,12 +50,12 @@ impl RevokedSessions {
         }
     }
 
-    pub fn is_revoked(&self, sid: &str, now_secs: u64) -> bool {
+    pub fn is_revoked(&self, sid: SessionId, now_secs: u64) -> bool {
         if self.len.load(Ordering::Relaxed) == 0 {
             return false;
         }
         self.until
-            .get(sid)
+            .get(&sid)
             .is_some_and(|u| now_secs <= u.saturating_add(self.leeway_secs))
     }
 
@@ -75,42 +77,58 @@ impl RevokedSessions {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Every entry, for a durable store's snapshot.
+    pub fn for_each(&self, mut f: impl FnMut(SessionId, u64)) {
+        for e in self.until.iter() {
+            f(*e.key(), *e.value());
+        }
+    }
+}
+
+impl std::fmt::Debug for RevokedSessions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RevokedSessions({} entries)", self.len())
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    const S1: SessionId = SessionId(1);
+    const S2: SessionId = SessionId(2);
+
     #[test]
     fn revoked_until_its_tokens_expire() {
         let set = RevokedSessions::new();
-        assert!(!set.is_revoked("s1", 100));
-        set.revoke("s1", 200);
-        assert!(set.is_revoked("s1", 100));
-        assert!(set.is_revoked("s1", 200));
-        assert!(!set.is_revoked("s2", 100));
+        assert!(!set.is_revoked(S1, 100));
+        set.revoke(S1, 200);
+        assert!(set.is_revoked(S1, 100));
+        assert!(set.is_revoked(S1, 200));
+        assert!(!set.is_revoked(S2, 100));
         set.sweep(150);
         assert_eq!(set.len(), 1, "not yet expired");
         set.sweep(201);
         assert!(set.is_empty());
-        assert!(!set.is_revoked("s1", 201));
+        assert!(!set.is_revoked(S1, 201));
     }
 
     #[test]
     fn entries_outlast_the_validators_leeway() {
         let set = RevokedSessions::with_leeway(30);
-        set.revoke("s", 100);
+        set.revoke(S1, 100);
         set.sweep(129);
-        assert!(set.is_revoked("s", 130), "a token is still accepted until exp + leeway");
-        assert!(!set.is_revoked("s", 131));
+        assert!(set.is_revoked(S1, 130), "a token is still accepted until exp + leeway");
+        assert!(!set.is_revoked(S1, 131));
     }
 
     #[test]
     fn revoking_again_extends_never_shortens() {
         let set = RevokedSessions::new();
-        set.revoke("s", 300);
-        set.revoke("s", 200);
-        assert!(set.is_revoked("s", 250));
+        set.revoke(S1, 300);
+        set.revoke(S1, 200);
+        assert!(set.is_revoked(S1, 250));
         assert_eq!(set.len(), 1);
     }
 }

@@ -20,6 +20,7 @@ use serde::Deserialize;
 use crate::auth::RevokedSessions;
 use crate::clock::SharedClock;
 use crate::config::TokenSettings;
+use crate::ids::SessionId;
 use crate::scope::{ScopeSet, ScopeUniverse};
 
 /// Why a request's token was not accepted. Each maps to one RFC 6750 §3 response.
@@ -69,7 +70,9 @@ impl InvalidToken {
 #[derive(Debug)]
 pub struct VerifiedToken {
     pub sub: Box<str>,
-    pub sid: Box<str>,
+    /// `None` when the `sid` claim is not one of our session ids (a token minted elsewhere with our
+    /// key): no session of ours can be revoked under it.
+    pub sid: Option<SessionId>,
     pub client_id: Box<str>,
     pub exp: u64,
     pub nbf: u64,
@@ -191,7 +194,7 @@ impl Validator {
         if now.saturating_add(self.leeway) < v.nbf {
             return Err(InvalidToken::NotYetValid);
         }
-        if self.revoked.is_revoked(&v.sid, now) {
+        if v.sid.is_some_and(|sid| self.revoked.is_revoked(sid, now)) {
             return Err(InvalidToken::Revoked);
         }
         Ok(())
@@ -211,6 +214,7 @@ impl Validator {
             _ => return Err(InvalidToken::WrongType),
         }
         let c = data.claims;
+        let sid = SessionId::parse(&c.sid);
         let header = |s: &str| HeaderValue::from_str(s).map_err(|_| InvalidToken::Malformed);
         let identity = [
             header(&c.sub)?,
@@ -222,7 +226,7 @@ impl Validator {
         Ok(VerifiedToken {
             scopes: self.scopes.parse_lenient(&c.scope),
             sub: c.sub.into(),
-            sid: c.sid.into(),
+            sid,
             client_id: c.client_id.into(),
             exp: c.exp,
             nbf: c.nbf.unwrap_or(0),

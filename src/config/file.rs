@@ -60,6 +60,7 @@ pub struct TokensFile {
     pub cache_capacity: Option<i64>,
     pub token_path: Option<String>,
     pub revoke_path: Option<String>,
+    pub max_sessions_per_user: Option<i64>,
     pub signing: SigningFile,
 }
 

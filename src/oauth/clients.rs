@@ -9,8 +9,8 @@ use base64::engine::general_purpose::STANDARD;
 use subtle::ConstantTimeEq;
 
 use crate::config::{ClientSettings, GrantType};
+use crate::crypto::sha256;
 use crate::oauth::error::{ErrorCode, OAuthError};
-use crate::oauth::issuer::digest_of;
 
 /// Credentials as presented, before they are checked.
 #[derive(Debug, Default)]
@@ -63,26 +63,21 @@ fn form_unescape(s: &str) -> Option<String> {
 }
 
 pub struct ClientRegistry {
-    clients: Vec<ClientSettings>,
-    by_id: HashMap<String, u32>,
+    by_id: HashMap<String, ClientSettings>,
 }
 
 impl ClientRegistry {
     pub fn new(clients: Vec<ClientSettings>) -> Self {
-        let by_id = clients
-            .iter()
-            .enumerate()
-            .map(|(i, c)| (c.id.clone(), i as u32))
-            .collect();
-        ClientRegistry { clients, by_id }
+        let by_id = clients.into_iter().map(|c| (c.id.clone(), c)).collect();
+        ClientRegistry { by_id }
     }
 
-    pub fn get(&self, index: u32) -> Option<&ClientSettings> {
-        self.clients.get(index as usize)
+    pub fn get(&self, id: &str) -> Option<&ClientSettings> {
+        self.by_id.get(id)
     }
 
     /// Authenticates the client of a token or revocation request.
-    pub fn authenticate(&self, p: &Presented<'_>) -> Result<(u32, &ClientSettings), OAuthError> {
+    pub fn authenticate(&self, p: &Presented<'_>) -> Result<&ClientSettings, OAuthError> {
         let used_basic = p.basic.is_some();
         let fail = |description: &str| OAuthError::Protocol {
             code: ErrorCode::InvalidClient,
@@ -104,13 +99,12 @@ impl ClientRegistry {
             (None, Some(fid), secret) => (fid, secret),
             (None, None, _) => return Err(fail("client authentication is required")),
         };
-        let Some(&index) = self.by_id.get(id) else {
+        let Some(client) = self.by_id.get(id) else {
             return Err(fail("unknown client or bad credentials"));
         };
-        let client = &self.clients[index as usize];
         match (&client.secret_sha256, secret) {
             (Some(expected), Some(secret)) => {
-                if !bool::from(digest_of(secret).ct_eq(expected)) {
+                if !bool::from(sha256(secret.as_bytes()).ct_eq(expected)) {
                     return Err(fail("unknown client or bad credentials"));
                 }
             }
@@ -121,7 +115,7 @@ impl ClientRegistry {
             }
             (None, _) => {}
         }
-        Ok((index, client))
+        Ok(client)
     }
 }
 
@@ -136,10 +130,6 @@ mod tests {
     use super::*;
     use crate::scope::ScopeSet;
 
-    fn hex(d: [u8; 32]) -> [u8; 32] {
-        d
-    }
-
     fn registry() -> ClientRegistry {
         ClientRegistry::new(vec![
             ClientSettings {
@@ -150,7 +140,7 @@ mod tests {
             },
             ClientSettings {
                 id: "svc".into(),
-                secret_sha256: Some(hex(digest_of("s3cret"))),
+                secret_sha256: Some(sha256(b"s3cret")),
                 grants: vec![GrantType::ClientCredentials],
                 scopes: ScopeSet(1),
             },
@@ -173,18 +163,18 @@ mod tests {
             form_id: Some("web"),
             ..Default::default()
         };
-        assert_eq!(r.authenticate(&p).unwrap().0, 0);
+        assert_eq!(r.authenticate(&p).unwrap().id, "web");
         let p = Presented {
             form_id: Some("svc"),
             form_secret: Some("s3cret"),
             ..Default::default()
         };
-        assert_eq!(r.authenticate(&p).unwrap().0, 1);
+        assert_eq!(r.authenticate(&p).unwrap().id, "svc");
         let p = Presented {
             basic: Some(("svc".into(), "s3cret".into())),
             ..Default::default()
         };
-        assert_eq!(r.authenticate(&p).unwrap().0, 1);
+        assert_eq!(r.authenticate(&p).unwrap().id, "svc");
     }
 
     #[test]

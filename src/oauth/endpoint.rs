@@ -1,9 +1,13 @@
 //! `POST /api/oauth2/token` and `POST /api/oauth2/revoke`: form parsing (RFC 6749 §3.2), client
 //! authentication, grant dispatch, RFC 6749 §5.1 responses. Errors are returned as [`OAuthError`]
 //! values; `service.rs` turns them into responses.
+//!
+//! Each request works against one [`Snapshot`] (clients, users, scopes, keys, token settings) and
+//! the [`State`] (sessions in the store, the login limiter). Sessions name their user, client and
+//! scopes; a refresh re-reads them from the current Snapshot, so a user or client removed from the
+//! config can no longer refresh, and a scope taken away is not granted again.
 
 use std::net::IpAddr;
-use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE};
@@ -12,32 +16,29 @@ use http_body::Body;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde::Serialize;
 
-use crate::auth::{RevokedSessions, Validator};
-use crate::clock::SharedClock;
-use crate::config::{ClientSettings, Config, GrantType};
-use crate::oauth::clients::{ClientRegistry, Presented, parse_basic};
+use crate::config::{ClientSettings, GrantType, UserSettings};
+use crate::crypto::{self, Sealed};
+use crate::ids::{SessionId, mint_refresh_token, parse_refresh_token};
+use crate::oauth::clients::{Presented, parse_basic};
 use crate::oauth::error::{ErrorCode, INVALID_REFRESH_TOKEN, OAuthError};
-use crate::oauth::issuer::{self, Issuer, sid_from_str, sid_to_string};
-use crate::oauth::limiter::LoginLimiter;
-use crate::oauth::registry::{
-    Invalid, RefreshError, RefreshRegistry, RegistryLimits, RevokeOutcome, RevokedFamily, Rotated,
+use crate::oauth::users::VerifyError;
+use crate::scope::ScopeSet;
+use crate::snapshot::Snapshot;
+use crate::state::State;
+use crate::store::{
+    Committed, NewSession, RevokeReason, RevokedFamily, Rotation, SessionStore, SessionView, StoreError, TokenState,
 };
-use crate::oauth::users::{UserStore, VerifyError};
-use crate::scope::{ScopeSet, ScopeUniverse};
 
 /// Form bodies beyond this are refused with 413 and not read further.
 pub const MAX_FORM_BYTES: usize = 16 * 1024;
 
-pub struct OAuthServer {
-    clients: ClientRegistry,
-    users: UserStore,
-    issuer: Issuer,
-    registry: RefreshRegistry,
-    limiter: LoginLimiter,
-    revoked: Arc<RevokedSessions>,
-    validator: Arc<Validator>,
-    scopes: ScopeUniverse,
-    clock: SharedClock,
+/// Tries at minting a session id that is not taken (a 64-bit collision is not expected at all).
+const SESSION_ID_ATTEMPTS: usize = 4;
+
+/// The token and revocation endpoints, over one Snapshot and the State.
+pub struct OAuthServer<'a> {
+    pub snap: &'a Snapshot,
+    pub state: &'a State,
 }
 
 /// A parsed form: each parameter at most once (RFC 6749 §3.2), empty values treated as absent
@@ -70,46 +71,25 @@ struct TokenResponse<'a> {
     scope: &'a str,
 }
 
-impl OAuthServer {
-    pub fn new(
-        config: &Config,
-        revoked: Arc<RevokedSessions>,
-        validator: Arc<Validator>,
-        clock: SharedClock,
-        argon2_concurrency: usize,
-    ) -> Self {
-        let t = &config.tokens;
-        let limits = RegistryLimits {
-            refresh_ttl: t.refresh_ttl,
-            session_max_lifetime: t.session_max_lifetime,
-            reuse_grace: t.reuse_grace,
-            access_ttl: t.access_ttl,
-        };
-        OAuthServer {
-            clients: ClientRegistry::new(config.clients.clone()),
-            users: UserStore::new(config.users.clone(), argon2_concurrency),
-            issuer: Issuer::new(t),
-            registry: RefreshRegistry::new(limits, revoked.clone()),
-            limiter: LoginLimiter::default(),
-            revoked,
-            validator,
-            scopes: config.scopes.clone(),
-            clock,
+fn invalid_refresh_token() -> OAuthError {
+    OAuthError::new(ErrorCode::InvalidGrant, INVALID_REFRESH_TOKEN)
+}
+
+impl From<StoreError> for OAuthError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Unavailable(detail) => OAuthError::Unavailable(detail),
+            StoreError::Collision => OAuthError::Internal("session id collision".into()),
+            StoreError::Failed(detail) => OAuthError::Internal(detail),
         }
     }
+}
 
-    pub fn registry(&self) -> &RefreshRegistry {
-        &self.registry
-    }
+fn ms(d: std::time::Duration) -> u64 {
+    d.as_millis() as u64
+}
 
-    /// Periodic housekeeping: expired refresh state, idle login counters, lapsed revocations.
-    pub fn sweep(&self) {
-        let now = self.clock.now_millis();
-        self.registry.sweep(now);
-        self.limiter.sweep(now);
-        self.revoked.sweep(now / 1000);
-    }
-
+impl OAuthServer<'_> {
     /// The token endpoint. `Ok` is the §5.1 JSON body.
     pub async fn token<B>(
         &self,
@@ -123,7 +103,7 @@ impl OAuthServer {
         B::Error: std::error::Error + Send + Sync + 'static,
     {
         let form = read_form(method, headers, body).await?;
-        let (client_index, client) = self.authenticate(headers, &form)?;
+        let client = self.authenticate(headers, &form)?;
         let grant = form.require("grant_type")?;
         let Some(grant) = GrantType::parse(grant) else {
             return Err(OAuthError::new(
@@ -138,8 +118,8 @@ impl OAuthServer {
             ));
         }
         match grant {
-            GrantType::Password => self.password_grant(client_index, client, &form, peer).await,
-            GrantType::RefreshToken => self.refresh_grant(client_index, client, &form),
+            GrantType::Password => self.password_grant(client, &form, peer).await,
+            GrantType::RefreshToken => self.refresh_grant(client, &form).await,
             GrantType::ClientCredentials => self.client_credentials_grant(client, &form),
         }
     }
@@ -151,45 +131,57 @@ impl OAuthServer {
         B::Error: std::error::Error + Send + Sync + 'static,
     {
         let form = read_form(method, headers, body).await?;
-        let (client_index, client) = self.authenticate(headers, &form)?;
+        let client = self.authenticate(headers, &form)?;
         let token = form.require("token")?;
-        let not_yours = || OAuthError::new(ErrorCode::UnauthorizedClient, "the token was not issued to this client");
         // token_type_hint only orders the look-ups (§2.1); both kinds are tried.
         let access_first = form.get("token_type_hint") == Some("access_token");
-        let try_refresh = |s: &Self| match s.registry.revoke_by_token(token, client_index) {
-            RevokeOutcome::Unknown => Ok(false),
-            RevokeOutcome::NotYours => Err(not_yours()),
-            RevokeOutcome::Revoked(family) => {
-                if let Some(f) = family {
-                    s.audit_revoked(f, "revoked_by_client");
-                }
-                Ok(true)
-            }
-        };
-        if !access_first && try_refresh(self)? {
+        if !access_first && self.revoke_refresh_token(token, client).await? {
             return Ok(());
         }
-        if let Ok(at) = self.validator.verify_signature_only(token) {
+        if let Ok(at) = self.snap.validator.verify_signature_only(token) {
             if *at.client_id != *client.id {
                 return Err(not_yours());
             }
-            if let Some(sid) = sid_from_str(&at.sid)
-                && self.registry.session_client(sid) == Some(client_index)
-                && let Some(f) = self.registry.revoke_family(sid)
-            {
-                self.audit_revoked(f, "revoked_by_client");
+            if let Some(sid) = at.sid {
+                let now = self.state.clock.now_millis();
+                match self.state.store.revoke_session(sid, RevokeReason::Client, now).await? {
+                    Some(f) => self.audit_revoked(&f, RevokeReason::Client),
+                    // Sessions without a family (client_credentials tokens) are refused by sid.
+                    None => self.state.store.revoke_sid(sid, at.exp).await?,
+                }
             }
-            // Also covers sessions without a family (client_credentials tokens).
-            self.revoked.revoke(&at.sid, at.exp);
             return Ok(());
         }
         if access_first {
-            try_refresh(self)?;
+            self.revoke_refresh_token(token, client).await?;
         }
         Ok(())
     }
 
-    fn authenticate<'a>(&'a self, headers: &HeaderMap, form: &Form) -> Result<(u32, &'a ClientSettings), OAuthError> {
+    /// Revokes the session of a refresh token issued to `client`; `Ok(false)` if it is not a
+    /// refresh token this server knows (RFC 7009: still a 200).
+    async fn revoke_refresh_token(&self, token: &str, client: &ClientSettings) -> Result<bool, OAuthError> {
+        let Some((sid, digest)) = parse_refresh_token(token) else {
+            return Ok(false);
+        };
+        let Some((session, state)) = self.state.store.inspect(sid, &digest).await? else {
+            return Ok(false);
+        };
+        // A token the session never issued (someone who knows a sid and guesses) changes nothing.
+        if state == TokenState::Unknown {
+            return Ok(false);
+        }
+        if *session.client != *client.id {
+            return Err(not_yours());
+        }
+        let now = self.state.clock.now_millis();
+        if let Some(f) = self.state.store.revoke_session(sid, RevokeReason::Client, now).await? {
+            self.audit_revoked(&f, RevokeReason::Client);
+        }
+        Ok(true)
+    }
+
+    fn authenticate(&self, headers: &HeaderMap, form: &Form) -> Result<&ClientSettings, OAuthError> {
         let mut auth = headers.get_all(AUTHORIZATION).iter();
         let first = auth.next();
         if auth.next().is_some() {
@@ -200,13 +192,15 @@ impl OAuthServer {
             form_id: form.get("client_id"),
             form_secret: form.get("client_secret"),
         };
-        self.clients.authenticate(&presented)
+        self.snap.clients.authenticate(&presented)
     }
 
     fn requested_scope(&self, form: &Form) -> Result<Option<ScopeSet>, OAuthError> {
         match form.get("scope") {
             None => Ok(None),
             Some(s) => self
+                .snap
+                .config
                 .scopes
                 .parse_strict(s)
                 .map(Some)
@@ -214,29 +208,24 @@ impl OAuthServer {
         }
     }
 
-    async fn password_grant(
-        &self,
-        client_index: u32,
-        client: &ClientSettings,
-        form: &Form,
-        peer: IpAddr,
-    ) -> Result<Bytes, OAuthError> {
+    async fn password_grant(&self, client: &ClientSettings, form: &Form, peer: IpAddr) -> Result<Bytes, OAuthError> {
         let username = form.require("username")?;
         let password = form.require("password")?;
         let requested = self.requested_scope(form)?;
-        let now = self.clock.now_millis();
+        let clock = &self.state.clock;
         let attempt = self
+            .state
             .limiter
-            .admit(username, peer, now)
+            .admit(username, peer, clock.now_millis())
             .map_err(|retry_after_secs| OAuthError::SlowDown { retry_after_secs })?;
-        let verified = self.users.verify(username, password).await.map_err(|e| match e {
+        let verified = self.snap.users.verify(username, password).await.map_err(|e| match e {
             VerifyError::Busy => OAuthError::SlowDown { retry_after_secs: 1 },
-            VerifyError::TaskFailed => OAuthError::Internal("password verification failed to run"),
+            VerifyError::TaskFailed => OAuthError::Internal("password verification failed to run".into()),
         })?;
-        let Some(user_index) = verified else {
-            attempt.failed(self.clock.now_millis());
+        let Some(user) = verified else {
+            attempt.failed(clock.now_millis());
             // Only known usernames are logged: people type passwords into the username field.
-            let username = if self.users.exists(username) {
+            let username = if self.snap.users.exists(username) {
                 username
             } else {
                 "(unknown user)"
@@ -248,10 +237,6 @@ impl OAuthServer {
             ));
         };
         attempt.succeeded();
-        let user = self
-            .users
-            .get(user_index)
-            .ok_or(OAuthError::Internal("user index out of range"))?;
         let allowed = user.scopes.intersect(client.scopes);
         let granted = requested.map_or(allowed, |r| r.intersect(allowed));
         if granted.is_empty() {
@@ -261,67 +246,182 @@ impl OAuthServer {
             ));
         }
         // Time is read again: Argon2 took a while.
-        let now = self.clock.now_millis();
-        let session = self
-            .registry
-            .start_session(user_index, client_index, granted, now)
-            .map_err(|_| OAuthError::Internal("could not mint a refresh token"))?;
-        tracing::info!(target: "tokengate::audit", event = "login", username, client = %client.id, sid = %sid_to_string(session.sid));
+        let now = clock.now_millis();
+        let (sid, refresh_token, refresh_expires_in) = self.start_session(user, client, granted, now).await?;
+        tracing::info!(target: "tokengate::audit", event = "login", username, client = %client.id, sid = %sid);
         self.token_response(
-            &user.username,
+            user,
             client,
             granted,
-            session.sid,
+            sid,
             now,
-            Some((&session.refresh_token, session.refresh_expires_in_secs)),
+            Some((&refresh_token, refresh_expires_in)),
         )
         .map(Bytes::from)
     }
 
-    fn refresh_grant(&self, client_index: u32, client: &ClientSettings, form: &Form) -> Result<Bytes, OAuthError> {
-        let presented = form.require("refresh_token")?;
-        let requested = self.requested_scope(form)?;
-        let now = self.clock.now_millis();
-        let outcome = self.registry.rotate(presented, client_index, now, |rotation| {
-            let session = rotation.session;
-            let scope = match requested {
-                Some(r) if !session.scopes.contains_all(r) => {
-                    return Err(OAuthError::new(
-                        ErrorCode::InvalidScope,
-                        "a refresh may narrow the scope, never widen it",
-                    ));
+    /// Creates the session of a login; returns its id, its first refresh token and that token's
+    /// lifetime in seconds.
+    async fn start_session(
+        &self,
+        user: &UserSettings,
+        client: &ClientSettings,
+        granted: ScopeSet,
+        now: u64,
+    ) -> Result<(SessionId, String, u64), OAuthError> {
+        let t = &self.snap.config.tokens;
+        let session_expires_ms = now + ms(t.session_max_lifetime);
+        let token_exp_ms = (now + ms(t.refresh_ttl)).min(session_expires_ms);
+        let scopes: std::sync::Arc<str> = self.snap.config.scopes.render(granted).into();
+        for _ in 0..SESSION_ID_ATTEMPTS {
+            let sid = SessionId::random().map_err(|_| OAuthError::Internal("no randomness".into()))?;
+            let minted = mint_refresh_token(sid).map_err(|_| OAuthError::Internal("no randomness".into()))?;
+            let created = self
+                .state
+                .store
+                .create(NewSession {
+                    sid,
+                    user: user.username.as_str().into(),
+                    client: client.id.as_str().into(),
+                    scopes: scopes.clone(),
+                    now_ms: now,
+                    session_expires_ms,
+                    access_exp_secs: now / 1000 + t.access_ttl.as_secs(),
+                    token: minted.digest,
+                    token_exp_ms,
+                    max_sessions_per_user: t.max_sessions_per_user,
+                })
+                .await;
+            match created {
+                Ok(evicted) => {
+                    for f in &evicted {
+                        self.audit_revoked(f, RevokeReason::SessionLimit);
+                    }
+                    return Ok((sid, minted.token, (token_exp_ms - now) / 1000));
                 }
-                Some(r) => r,
-                None => session.scopes,
-            };
-            let user = self
-                .users
-                .get(session.user)
-                .ok_or(OAuthError::Internal("user index out of range"))?;
-            self.token_response(
-                &user.username,
-                client,
-                scope,
-                session.sid,
-                now,
-                Some((rotation.refresh_token, rotation.refresh_expires_in_secs)),
-            )
-        });
-        match outcome {
-            Ok(Rotated::Fresh(body)) => Ok(Bytes::from(body)),
-            Ok(Rotated::Replayed(body)) => {
-                tracing::info!(target: "tokengate::audit", event = "refresh_replayed", client = %client.id);
-                Ok(Bytes::from(body))
-            }
-            Err(RefreshError::Respond(e)) => Err(e),
-            Err(RefreshError::Mint(_)) => Err(OAuthError::Internal("could not mint a refresh token")),
-            Err(RefreshError::Invalid(why)) => {
-                if let Invalid::Reused(Some(family)) = why {
-                    self.audit_revoked(family, "refresh_token_reuse");
-                }
-                Err(OAuthError::new(ErrorCode::InvalidGrant, INVALID_REFRESH_TOKEN))
+                Err(StoreError::Collision) => continue,
+                Err(e) => return Err(e.into()),
             }
         }
+        Err(OAuthError::Internal("could not mint a session id".into()))
+    }
+
+    async fn refresh_grant(&self, client: &ClientSettings, form: &Form) -> Result<Bytes, OAuthError> {
+        let presented = form.require("refresh_token")?;
+        let requested = self.requested_scope(form)?;
+        // Every failure gets the same body: telling them apart would help someone probing tokens.
+        let Some((sid, digest)) = parse_refresh_token(presented) else {
+            return Err(invalid_refresh_token());
+        };
+        let store = &self.state.store;
+        let now = self.state.clock.now_millis();
+        let Some((session, state)) = store.inspect(sid, &digest).await? else {
+            return Err(invalid_refresh_token());
+        };
+        // Order matters: another client's presentation must change nothing, not even a revocation.
+        if *session.client != *client.id || session.revoked {
+            return Err(invalid_refresh_token());
+        }
+        let expires_ms = match state {
+            TokenState::Unknown => return Err(invalid_refresh_token()),
+            TokenState::Current { expires_ms } | TokenState::Rotated { expires_ms, .. } if now >= expires_ms => {
+                return Err(invalid_refresh_token());
+            }
+            TokenState::Rotated { at_ms, sealed, .. } => {
+                return self.replay_or_revoke(presented, &session, at_ms, sealed, now).await;
+            }
+            TokenState::Current { expires_ms } => expires_ms,
+        };
+        debug_assert!(now < expires_ms);
+
+        // The session's user, client and scopes as the current config has them.
+        let snap = self.snap;
+        let Some(user) = snap.users.get(&session.user) else {
+            return Err(invalid_refresh_token());
+        };
+        let allowed = snap
+            .config
+            .scopes
+            .parse_lenient(&session.scopes)
+            .intersect(user.scopes)
+            .intersect(client.scopes);
+        let scope = match requested {
+            Some(r) if !allowed.contains_all(r) => {
+                return Err(OAuthError::new(
+                    ErrorCode::InvalidScope,
+                    "a refresh may narrow the scope, never widen it",
+                ));
+            }
+            Some(r) => r,
+            None => allowed,
+        };
+        if scope.is_empty() {
+            return Err(invalid_refresh_token());
+        }
+        let t = &snap.config.tokens;
+        let new_exp_ms = (now + ms(t.refresh_ttl)).min(session.session_expires_ms);
+        if new_exp_ms <= now {
+            return Err(invalid_refresh_token());
+        }
+        let minted = mint_refresh_token(sid).map_err(|_| OAuthError::Internal("no randomness".into()))?;
+        let body = self.token_response(
+            user,
+            client,
+            scope,
+            sid,
+            now,
+            Some((&minted.token, (new_exp_ms - now) / 1000)),
+        )?;
+        let committed = store
+            .rotate(Rotation {
+                sid,
+                presented: digest,
+                successor: minted.digest,
+                successor_exp_ms: new_exp_ms,
+                access_exp_secs: now / 1000 + t.access_ttl.as_secs(),
+                sealed: crypto::seal(presented, &body),
+                now_ms: now,
+            })
+            .await?;
+        match committed {
+            Committed::Rotated => Ok(Bytes::from(body)),
+            Committed::Revoked | Committed::Gone => Err(invalid_refresh_token()),
+            // A concurrent request rotated it first: ours was never handed out. Answer as a retry.
+            Committed::Lost => match store.inspect(sid, &digest).await? {
+                Some((session, TokenState::Rotated { at_ms, sealed, .. })) if !session.revoked => {
+                    self.replay_or_revoke(presented, &session, at_ms, sealed, now).await
+                }
+                _ => Err(invalid_refresh_token()),
+            },
+        }
+    }
+
+    /// A rotated token presented again: within the grace, the response it got the first time;
+    /// after it, theft: the whole session is revoked.
+    async fn replay_or_revoke(
+        &self,
+        presented: &str,
+        session: &SessionView,
+        rotated_at_ms: u64,
+        sealed: Option<Sealed>,
+        now: u64,
+    ) -> Result<Bytes, OAuthError> {
+        let grace = ms(self.snap.config.tokens.reuse_grace);
+        if now < rotated_at_ms.saturating_add(grace)
+            && let Some(body) = sealed.and_then(|s| crypto::open(presented, &s))
+        {
+            tracing::info!(target: "tokengate::audit", event = "refresh_replayed", client = %session.client, sid = %session.sid);
+            return Ok(Bytes::from(body));
+        }
+        if let Some(f) = self
+            .state
+            .store
+            .revoke_session(session.sid, RevokeReason::Reuse, now)
+            .await?
+        {
+            self.audit_revoked(&f, RevokeReason::Reuse);
+        }
+        Err(invalid_refresh_token())
     }
 
     fn client_credentials_grant(&self, client: &ClientSettings, form: &Form) -> Result<Bytes, OAuthError> {
@@ -333,26 +433,33 @@ impl OAuthServer {
                 "no requested scope may be granted",
             ));
         }
-        let sid = u64::from_le_bytes(issuer::random_bytes::<8>().map_err(|_| OAuthError::Internal("no randomness"))?);
-        self.token_response(&client.id, client, granted, sid, self.clock.now_millis(), None)
-            .map(Bytes::from)
+        let sid = SessionId::random().map_err(|_| OAuthError::Internal("no randomness".into()))?;
+        let now = self.state.clock.now_millis();
+        let scope = self.snap.config.scopes.render(granted);
+        let access = self
+            .snap
+            .issuer
+            .access_token(&client.id, &client.id, &scope, sid, now / 1000)
+            .map_err(|_| OAuthError::Internal("could not sign the access token".into()))?;
+        Ok(Bytes::from(self.response(&access.jwt, None, &scope)))
     }
 
     /// Signs the access token and renders the §5.1 body (with a refresh token when given).
     fn token_response(
         &self,
-        subject: &str,
+        user: &UserSettings,
         client: &ClientSettings,
         scope: ScopeSet,
-        sid: u64,
+        sid: SessionId,
         now_ms: u64,
         refresh: Option<(&str, u64)>,
     ) -> Result<Vec<u8>, OAuthError> {
-        let scope = self.scopes.render(scope);
+        let scope = self.snap.config.scopes.render(scope);
         let access = self
+            .snap
             .issuer
-            .access_token(subject, &client.id, &scope, &sid_to_string(sid), now_ms / 1000)
-            .map_err(|_| OAuthError::Internal("could not sign the access token"))?;
+            .access_token(&user.username, &client.id, &scope, sid, now_ms / 1000)
+            .map_err(|_| OAuthError::Internal("could not sign the access token".into()))?;
         Ok(self.response(&access.jwt, refresh, &scope))
     }
 
@@ -360,7 +467,7 @@ impl OAuthServer {
         let body = TokenResponse {
             access_token,
             token_type: "Bearer",
-            expires_in: self.issuer.access_ttl_secs(),
+            expires_in: self.snap.issuer.access_ttl_secs(),
             refresh_token: refresh.map(|r| r.0),
             refresh_expires_in: refresh.map(|r| r.1),
             scope,
@@ -370,21 +477,23 @@ impl OAuthServer {
     }
 
     /// The audit record of a session revocation: who, which client, why; never a token.
-    fn audit_revoked(&self, f: RevokedFamily, reason: &'static str) {
+    fn audit_revoked(&self, f: &RevokedFamily, reason: RevokeReason) {
         if !f.newly {
             return;
         }
-        let subject = self.users.get(f.user).map_or("?", |u| u.username.as_str());
-        let client = self.clients.get(f.client).map_or("?", |c| c.id.as_str());
         tracing::warn!(
             target: "tokengate::audit",
             event = "session_revoked",
-            family = %sid_to_string(f.sid),
-            subject,
-            client,
-            reason,
+            family = %f.sid,
+            subject = %f.user,
+            client = %f.client,
+            reason = reason.as_str(),
         );
     }
+}
+
+fn not_yours() -> OAuthError {
+    OAuthError::new(ErrorCode::UnauthorizedClient, "the token was not issued to this client")
 }
 
 const KNOWN_PARAMETERS: [&str; 9] = [

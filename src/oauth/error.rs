@@ -53,8 +53,12 @@ pub enum OAuthError {
     BodyTooLarge,
     /// Wrong method: 405 with `Allow: POST`.
     MethodNotAllowed,
-    /// A fault of ours (signing failed, a blocking task died): 500.
-    Internal(&'static str),
+    /// The session store cannot take writes now (Redis down, journal back-pressure): 503
+    /// `temporarily_unavailable` with `Retry-After`. The detail is for the log only.
+    Unavailable(String),
+    /// A fault of ours (signing failed, a blocking task died, a disk error): 500. The detail is
+    /// for the log only.
+    Internal(String),
 }
 
 impl OAuthError {

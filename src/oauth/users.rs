@@ -19,8 +19,7 @@ const DUMMY_HASH: &str =
     "$argon2id$v=19$m=19456,t=2,p=1$dG9rZW5nYXRlLWR1bW15LXNhbHQ$rmGuE1mECPfb07S9RZc0mRN2WZvA1aBXcN5OSG3DOIc";
 
 pub struct UserStore {
-    users: Vec<UserSettings>,
-    by_name: HashMap<String, u32>,
+    by_name: HashMap<String, UserSettings>,
     permits: Arc<Semaphore>,
     /// Verifications waiting for a permit; bounded so a flood queues no unbounded work.
     waiting: AtomicUsize,
@@ -46,14 +45,9 @@ impl Drop for Waiting<'_> {
 
 impl UserStore {
     pub fn new(users: Vec<UserSettings>, concurrency: usize) -> Self {
-        let by_name = users
-            .iter()
-            .enumerate()
-            .map(|(i, u)| (u.username.clone(), i as u32))
-            .collect();
+        let by_name = users.into_iter().map(|u| (u.username.clone(), u)).collect();
         let concurrency = concurrency.max(1);
         UserStore {
-            users,
             by_name,
             permits: Arc::new(Semaphore::new(concurrency)),
             waiting: AtomicUsize::new(0),
@@ -65,16 +59,16 @@ impl UserStore {
         self.by_name.contains_key(username)
     }
 
-    pub fn get(&self, index: u32) -> Option<&UserSettings> {
-        self.users.get(index as usize)
+    pub fn get(&self, username: &str) -> Option<&UserSettings> {
+        self.by_name.get(username)
     }
 
-    /// The user's index if the password is right. Unknown users and wrong passwords take the same
-    /// path and the same time.
-    pub async fn verify(&self, username: &str, password: &str) -> Result<Option<u32>, VerifyError> {
-        let found = self.by_name.get(username).copied();
+    /// The user if the password is right. Unknown users and wrong passwords take the same path and
+    /// the same time.
+    pub async fn verify(&self, username: &str, password: &str) -> Result<Option<&UserSettings>, VerifyError> {
+        let found = self.by_name.get(username);
         let hash = match found {
-            Some(i) => self.users[i as usize].password_hash.clone(),
+            Some(u) => u.password_hash.clone(),
             None => DUMMY_HASH.to_owned(),
         };
         let password = password.to_owned();
@@ -98,7 +92,7 @@ impl UserStore {
 pub fn hash_password(password: &str) -> Result<String, argon2::password_hash::Error> {
     use argon2::PasswordHasher;
     use argon2::password_hash::SaltString;
-    let salt_bytes = crate::oauth::issuer::random_bytes::<16>().map_err(|_| argon2::password_hash::Error::Crypto)?;
+    let salt_bytes = crate::crypto::random_bytes::<16>().map_err(|_| argon2::password_hash::Error::Crypto)?;
     let salt = SaltString::encode_b64(&salt_bytes)?;
     Ok(Argon2::default().hash_password(password.as_bytes(), &salt)?.to_string())
 }
@@ -127,8 +121,11 @@ mod tests {
             }],
             2,
         );
-        assert_eq!(store.verify("ann", "right").await.unwrap(), Some(0));
-        assert_eq!(store.verify("ann", "wrong").await.unwrap(), None);
-        assert_eq!(store.verify("bob", "right").await.unwrap(), None);
+        assert_eq!(
+            store.verify("ann", "right").await.unwrap().map(|u| u.username.as_str()),
+            Some("ann")
+        );
+        assert!(store.verify("ann", "wrong").await.unwrap().is_none());
+        assert!(store.verify("bob", "right").await.unwrap().is_none());
     }
 }

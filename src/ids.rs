@@ -1,0 +1,120 @@
+//! Identities that state refers to, with one encoding each.
+//!
+//! A session (a refresh-token family) is a [`SessionId`]: 64 random bits, written as 11 base64url
+//! characters wherever it appears as text (the `sid` claim, `X-Auth-Session`, logs, the stores).
+//! Users, clients and scopes are referred to by name (username, client id, scope names), never by
+//! their position in a config, so that state survives a reordered or reloaded config.
+//!
+//! A refresh token is `base64url(sid ‖ 24 random bytes)`: 43 characters. The session is read from
+//! the token itself, so reuse state lives on the session (one record per session, as Keycloak keeps
+//! it) rather than one record per token ever issued (Hydra's 18 GB tables, ory/hydra#1574). Only a
+//! SHA-256 digest of a token is ever stored; the random part makes the token unguessable even for
+//! someone who knows its session id.
+
+use std::fmt;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+
+use crate::crypto::{Digest, RandomError, random_bytes, sha256};
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SessionId(pub u64);
+
+impl SessionId {
+    pub fn random() -> Result<SessionId, RandomError> {
+        Ok(SessionId(u64::from_be_bytes(random_bytes::<8>()?)))
+    }
+
+    /// The one text form: base64url of the big-endian bytes, 11 characters.
+    pub fn encode(self) -> String {
+        URL_SAFE_NO_PAD.encode(self.0.to_be_bytes())
+    }
+
+    pub fn parse(s: &str) -> Option<SessionId> {
+        if s.len() != 11 {
+            return None;
+        }
+        let mut out = [0u8; 8];
+        // The engine refuses stray bits in the last character, so one id has one spelling.
+        let n = URL_SAFE_NO_PAD.decode_slice(s, &mut out).ok()?;
+        (n == 8).then_some(SessionId(u64::from_be_bytes(out)))
+    }
+}
+
+impl fmt::Display for SessionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.encode())
+    }
+}
+
+impl fmt::Debug for SessionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SessionId({})", self.encode())
+    }
+}
+
+/// Length of a refresh token's text.
+pub const REFRESH_TOKEN_LEN: usize = 43;
+
+/// A freshly minted refresh token: the text goes to the client once, the digest is what is kept.
+pub struct MintedRefreshToken {
+    pub token: String,
+    pub digest: Digest,
+}
+
+pub fn mint_refresh_token(sid: SessionId) -> Result<MintedRefreshToken, RandomError> {
+    let mut raw = [0u8; 32];
+    raw[..8].copy_from_slice(&sid.0.to_be_bytes());
+    raw[8..].copy_from_slice(&random_bytes::<24>()?);
+    let token = URL_SAFE_NO_PAD.encode(raw);
+    let digest = sha256(token.as_bytes());
+    Ok(MintedRefreshToken { token, digest })
+}
+
+/// The session a presented refresh token names, and the token's digest; `None` if it cannot be
+/// one of ours (wrong length or alphabet). Whether it is genuine is for the store to say.
+pub fn parse_refresh_token(presented: &str) -> Option<(SessionId, Digest)> {
+    if presented.len() != REFRESH_TOKEN_LEN {
+        return None;
+    }
+    let mut raw = [0u8; 32];
+    let n = URL_SAFE_NO_PAD.decode_slice(presented, &mut raw).ok()?;
+    if n != 32 {
+        return None;
+    }
+    let mut sid = [0u8; 8];
+    sid.copy_from_slice(&raw[..8]);
+    Some((SessionId(u64::from_be_bytes(sid)), sha256(presented.as_bytes())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_ids_have_one_spelling() {
+        for sid in [0, 1, u64::MAX, 0x0123_4567_89ab_cdef] {
+            let s = SessionId(sid).encode();
+            assert_eq!(s.len(), 11);
+            assert_eq!(SessionId::parse(&s), Some(SessionId(sid)));
+        }
+        assert_eq!(SessionId::parse("not a sid"), None);
+        assert_eq!(SessionId::parse("AAAA"), None);
+        // "AAAAAAAAAAB" decodes to the same bytes as "AAAAAAAAAAA" with a stray low bit.
+        assert_eq!(SessionId::parse("AAAAAAAAAAB"), None);
+    }
+
+    #[test]
+    fn refresh_tokens_carry_their_session_and_32_bytes() {
+        let sid = SessionId(0xfeed_beef_0000_0001);
+        let a = mint_refresh_token(sid).unwrap();
+        let b = mint_refresh_token(sid).unwrap();
+        assert_eq!(a.token.len(), REFRESH_TOKEN_LEN);
+        assert_ne!(a.token, b.token);
+        assert_eq!(URL_SAFE_NO_PAD.decode(&a.token).unwrap().len(), 32);
+        assert_eq!(parse_refresh_token(&a.token), Some((sid, a.digest)));
+        assert_eq!(parse_refresh_token("short"), None);
+        assert_eq!(parse_refresh_token(&"!".repeat(REFRESH_TOKEN_LEN)), None);
+    }
+}

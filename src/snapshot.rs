@@ -1,0 +1,90 @@
+//! The Snapshot: everything derived from one validated config, immutable, swapped whole on reload.
+//!
+//! ```text
+//!   Config ──build──▶ Snapshot { generation, routes (+ upstream pools), clients, users, scopes,
+//!                               issuer (signing), validator (verification + its cache) }
+//! ```
+//!
+//! Each request loads the current Snapshot once and uses it to the end, so no request ever sees
+//! half of two configs. What the gateway learns at run time (sessions, revocations, the login
+//! limiter) is not here: it is the [`crate::state::State`], which outlives every Snapshot and
+//! refers to config things by name only.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+
+use crate::auth::{RevokedSessions, Validator};
+use crate::clock::SharedClock;
+use crate::config::{Config, RouteSettings};
+use crate::oauth::clients::ClientRegistry;
+use crate::oauth::issuer::Issuer;
+use crate::oauth::users::UserStore;
+use crate::proxy::Forwarder;
+use crate::routing::RouteTable;
+
+/// One route as the request path needs it.
+pub struct Route {
+    pub settings: RouteSettings,
+    /// `None` for the built-in echo upstream.
+    pub forwarder: Option<Arc<Forwarder>>,
+    /// The required scopes, space-delimited, for `insufficient_scope` challenges.
+    pub scope_names: String,
+}
+
+pub struct Snapshot {
+    /// Counts the configs this process has applied (1 at start).
+    pub generation: u64,
+    pub config: Config,
+    /// Path (+ host) → index into `routes`.
+    pub table: RouteTable,
+    pub routes: Vec<Route>,
+    pub clients: ClientRegistry,
+    pub users: UserStore,
+    pub issuer: Issuer,
+    pub validator: Validator,
+}
+
+impl Snapshot {
+    pub fn build(
+        config: Config,
+        generation: u64,
+        revoked: Arc<RevokedSessions>,
+        clock: SharedClock,
+        argon2_concurrency: usize,
+    ) -> anyhow::Result<Snapshot> {
+        let table = RouteTable::new(
+            config
+                .routes
+                .iter()
+                .map(|r| (r.host.as_deref(), r.path_prefix.as_str())),
+        )
+        .map_err(|d| anyhow::anyhow!("routes[{}] duplicates routes[{}]", d.index, d.earlier))?;
+        let routes = config
+            .routes
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let forwarder = Forwarder::new(r)
+                    .with_context(|| format!("routes[{i}]: cannot set up the upstream client"))?
+                    .map(Arc::new);
+                Ok(Route {
+                    settings: r.clone(),
+                    forwarder,
+                    scope_names: config.scopes.render(r.scopes),
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let validator = Validator::new(&config.tokens, config.scopes.clone(), revoked, clock);
+        Ok(Snapshot {
+            generation,
+            table,
+            routes,
+            clients: ClientRegistry::new(config.clients.clone()),
+            users: UserStore::new(config.users.clone(), argon2_concurrency),
+            issuer: Issuer::new(&config.tokens),
+            validator,
+            config,
+        })
+    }
+}
