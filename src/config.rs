@@ -105,6 +105,10 @@ pub struct ServerSettings {
     pub tls: Option<TlsSettings>,
     pub handshake_timeout: Duration,
     pub header_read_timeout: Duration,
+    /// The longest wait for the next bytes of a request body (nginx `client_body_timeout`).
+    pub body_timeout: Duration,
+    /// Cap on a request head (HTTP/1.1) or header list (HTTP/2): 431 beyond it.
+    pub max_header_bytes: usize,
     pub max_connections: usize,
     pub shutdown_grace: Duration,
     /// `None`: one per core.
@@ -245,6 +249,8 @@ pub struct RouteSettings {
     pub timeout: Duration,
     /// Extra trust anchors for an https upstream (else the system roots).
     pub ca_file: Option<PathBuf>,
+    /// Protocols an `Upgrade` request may switch to (lower-case); `h2c` never.
+    pub upgrades: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -257,6 +263,10 @@ pub enum LogFormat {
 pub struct LogSettings {
     pub format: LogFormat,
 }
+
+/// hyper's HTTP/1.1 read buffer cannot be smaller than 8 KiB.
+pub const MIN_HEADER_BYTES: usize = 8 * 1024;
+pub const MAX_HEADER_BYTES: usize = 1024 * 1024;
 
 pub const DEFAULT_TOKEN_PATH: &str = "/api/oauth2/token";
 pub const DEFAULT_REVOKE_PATH: &str = "/api/oauth2/revoke";
@@ -481,9 +491,22 @@ fn validate(file: FileConfig, base_dir: &Path) -> Result<Config, Vec<Problem>> {
         s.header_read_timeout.as_deref(),
         Duration::from_secs(10),
     );
+    let body_timeout = c.duration(
+        "server.body_timeout",
+        s.body_timeout.as_deref(),
+        Duration::from_secs(30),
+    );
+    let max_header_bytes = c.positive("server.max_header_bytes", s.max_header_bytes, 32 * 1024) as usize;
+    if !(MIN_HEADER_BYTES..=MAX_HEADER_BYTES).contains(&max_header_bytes) {
+        c.fail(
+            "server.max_header_bytes",
+            format!("{max_header_bytes} must be between {MIN_HEADER_BYTES} and {MAX_HEADER_BYTES}"),
+        );
+    }
     for (key, d) in [
         ("server.handshake_timeout", handshake_timeout),
         ("server.header_read_timeout", header_read_timeout),
+        ("server.body_timeout", body_timeout),
     ] {
         if d.is_zero() {
             c.fail(key, "must be more than 0s");
@@ -599,8 +622,8 @@ fn validate(file: FileConfig, base_dir: &Path) -> Result<Config, Vec<Problem>> {
     let mut seen = HashSet::new();
     for (i, f) in file.clients.iter().enumerate() {
         let key = format!("clients[{i}]");
-        if f.id.is_empty() || !f.id.bytes().all(|b| (0x20..0x7f).contains(&b)) {
-            c.fail(format!("{key}.id"), "must be non-empty printable ASCII");
+        if let Err(reason) = check_name(&f.id, true) {
+            c.fail(format!("{key}.id"), reason);
         } else if !seen.insert(f.id.as_str()) {
             c.fail(format!("{key}.id"), format!("{:?} is defined twice", f.id));
         }
@@ -647,8 +670,8 @@ fn validate(file: FileConfig, base_dir: &Path) -> Result<Config, Vec<Problem>> {
     let mut seen = HashSet::new();
     for (i, f) in file.users.iter().enumerate() {
         let key = format!("users[{i}]");
-        if f.username.is_empty() {
-            c.fail(format!("{key}.username"), "must not be empty");
+        if let Err(reason) = check_name(&f.username, false) {
+            c.fail(format!("{key}.username"), reason);
         } else if !seen.insert(f.username.as_str()) {
             c.fail(format!("{key}.username"), format!("{:?} is defined twice", f.username));
         }
@@ -696,7 +719,11 @@ fn validate(file: FileConfig, base_dir: &Path) -> Result<Config, Vec<Problem>> {
                 );
             }
         }
-        let host = f.host.as_ref().map(|h| h.to_ascii_lowercase());
+        // A fully qualified name's trailing dot names the same host (requests are normalised alike).
+        let host = f
+            .host
+            .as_ref()
+            .map(|h| h.strip_suffix('.').unwrap_or(h).to_ascii_lowercase());
         if let Some(h) = &host
             && (h.is_empty() || h.contains(['/', ' ', ':']))
         {
@@ -744,6 +771,26 @@ fn validate(file: FileConfig, base_dir: &Path) -> Result<Config, Vec<Problem>> {
                 c.fail(format!("{key}.ca_file"), reason);
             }
         }
+        let upgrades = match &f.upgrades {
+            None => vec!["websocket".to_owned()],
+            Some(list) => {
+                for (j, u) in list.iter().enumerate() {
+                    if u.eq_ignore_ascii_case("h2c") {
+                        c.fail(
+                            format!("{key}.upgrades[{j}]"),
+                            "\"h2c\" is never tunnelled: the requests on it would bypass routing and the token check",
+                        );
+                    } else if u.is_empty()
+                        || !u
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~/".contains(&b))
+                    {
+                        c.fail(format!("{key}.upgrades[{j}]"), format!("{u:?} is not a protocol name"));
+                    }
+                }
+                list.iter().map(|u| u.to_ascii_lowercase()).collect()
+            }
+        };
         routes.push(RouteSettings {
             path_prefix,
             host,
@@ -756,6 +803,7 @@ fn validate(file: FileConfig, base_dir: &Path) -> Result<Config, Vec<Problem>> {
             connect_timeout,
             timeout,
             ca_file,
+            upgrades,
         });
     }
     if let Err(dup) = RouteTable::new(routes.iter().map(|r| (r.host.as_deref(), r.path_prefix.as_str()))) {
@@ -797,6 +845,8 @@ fn validate(file: FileConfig, base_dir: &Path) -> Result<Config, Vec<Problem>> {
             tls,
             handshake_timeout,
             header_read_timeout,
+            body_timeout,
+            max_header_bytes,
             max_connections,
             shutdown_grace,
             worker_threads,
@@ -823,6 +873,28 @@ fn validate(file: FileConfig, base_dir: &Path) -> Result<Config, Vec<Problem>> {
         log: LogSettings { format },
         scopes: universe,
     })
+}
+
+/// A username or client id travels to upstreams in `X-Auth-*` headers and into logs: printable, no
+/// surrounding whitespace (`" alice"` and `"alice"` would be one identity to an upstream that trims
+/// headers), no control characters (`"nl\nbob"` could log in but never pass the gateway).
+fn check_name(name: &str, ascii_only: bool) -> Result<(), &'static str> {
+    if name.is_empty() {
+        return Err("must not be empty");
+    }
+    if name.len() > 256 {
+        return Err("must be at most 256 bytes");
+    }
+    if name.chars().any(char::is_control) {
+        return Err("must not contain control characters");
+    }
+    if name.trim() != name {
+        return Err("must not begin or end with whitespace");
+    }
+    if ascii_only && !name.is_ascii() {
+        return Err("must be printable ASCII");
+    }
+    Ok(())
 }
 
 fn own_path(c: &mut Checker<'_>, key: &str, value: Option<&str>, default: &str) -> String {
@@ -1128,6 +1200,52 @@ signing = { secret = "env:TOKENGATE_TEST_SECRET_FOR_UNIT_TESTS" }
                 .any(|m| m.starts_with("users[0].password_hash: is not a PHC string")),
             "{p:?}"
         );
+    }
+
+    #[test]
+    fn names_with_surrounding_whitespace_or_control_characters_are_refused() {
+        let hash =
+            "$argon2id$v=19$m=19456,t=2,p=1$dG9rZW5nYXRlLWR1bW15LXNhbHQ$rmGuE1mECPfb07S9RZc0mRN2WZvA1aBXcN5OSG3DOIc";
+        let p = problems(&format!(
+            "[[clients]]\nid = \" web\"\ngrants = [\"password\"]\n\
+             [[users]]\nusername = \" alice\"\npassword_hash = \"{hash}\"\n\
+             [[users]]\nusername = \"nl\\nbob\"\npassword_hash = \"{hash}\"\n\
+             [[users]]\nusername = \"tab\\tbob\"\npassword_hash = \"{hash}\"\n\
+             [[users]]\nusername = \"Jos\u{e9}\"\npassword_hash = \"{hash}\"\n"
+        ));
+        assert!(
+            p.contains(&"clients[0].id: must not begin or end with whitespace".to_owned()),
+            "{p:?}"
+        );
+        assert!(
+            p.contains(&"users[0].username: must not begin or end with whitespace".to_owned()),
+            "{p:?}"
+        );
+        assert!(
+            p.contains(&"users[1].username: must not contain control characters".to_owned()),
+            "{p:?}"
+        );
+        assert!(
+            p.contains(&"users[2].username: must not contain control characters".to_owned()),
+            "{p:?}"
+        );
+        assert!(
+            !p.iter().any(|m| m.starts_with("users[3]")),
+            "non-ASCII usernames are fine: {p:?}"
+        );
+    }
+
+    #[test]
+    fn h2c_is_never_an_allowed_upgrade() {
+        let p =
+            problems("[[routes]]\npath_prefix = \"/a\"\nupstream = \"echo\"\nupgrades = [\"websocket\", \"H2C\"]\n");
+        assert!(
+            p.iter()
+                .any(|m| m.starts_with("routes[0].upgrades[1]: \"h2c\" is never tunnelled")),
+            "{p:?}"
+        );
+        let c = load("[[routes]]\npath_prefix = \"/a\"\nupstream = \"echo\"\n").unwrap();
+        assert_eq!(c.routes[0].upgrades, vec!["websocket"]);
     }
 
     #[test]

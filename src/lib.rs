@@ -102,6 +102,7 @@ impl Gateway {
         let settings = ConnSettings {
             handshake_timeout: server.handshake_timeout,
             header_read_timeout: server.header_read_timeout,
+            max_header_bytes: server.max_header_bytes,
         };
         let accept = tokio::spawn(server::accept_loop(
             listener,

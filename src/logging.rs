@@ -155,15 +155,28 @@ struct AccessSink {
 
 static ACCESS_SINK: OnceLock<AccessSink> = OnceLock::new();
 
-/// One access-log line: one per request.
+/// One access-log line: one per request, however it ended.
 pub struct AccessRecord<'a> {
     pub method: &'a str,
     /// The path without its query.
     pub path: &'a str,
+    /// 499 when the client went away before it got a response (as nginx logs it).
     pub status: u16,
+    /// From the request head to the end of the response body (or the client leaving).
     pub duration_us: u64,
     pub route: &'a str,
     pub request_id: &'a str,
+    /// The client's address.
+    pub client: &'a str,
+    /// The token's subject and client id, when the request carried a valid one.
+    pub sub: Option<&'a str>,
+    pub client_id: Option<&'a str>,
+    /// Request and response body bytes.
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// From sending to the upstream to its response head, when there was an upstream.
+    pub upstream_us: Option<u64>,
+    pub user_agent: Option<&'a str>,
 }
 
 /// Logs a request. With [`init`]'s subscriber the line is formatted straight into the buffer (no
@@ -183,6 +196,13 @@ pub fn access(r: &AccessRecord<'_>) {
             duration_us = r.duration_us,
             route = r.route,
             request_id = r.request_id,
+            client = r.client,
+            sub = r.sub,
+            client_id = r.client_id,
+            bytes_in = r.bytes_in,
+            bytes_out = r.bytes_out,
+            upstream_us = r.upstream_us,
+            user_agent = r.user_agent,
         );
         return;
     };
@@ -225,6 +245,28 @@ fn access_line(r: &AccessRecord<'_>, json: bool, micros: u64) -> Vec<u8> {
     write_quoted(&mut out, r.route);
     field(&mut out, "request_id");
     write_quoted(&mut out, r.request_id);
+    field(&mut out, "client");
+    write_quoted(&mut out, r.client);
+    if let Some(sub) = r.sub {
+        field(&mut out, "sub");
+        write_quoted(&mut out, sub);
+    }
+    if let Some(client_id) = r.client_id {
+        field(&mut out, "client_id");
+        write_quoted(&mut out, client_id);
+    }
+    field(&mut out, "bytes_in");
+    out.extend_from_slice(itoa.format(r.bytes_in).as_bytes());
+    field(&mut out, "bytes_out");
+    out.extend_from_slice(itoa.format(r.bytes_out).as_bytes());
+    if let Some(us) = r.upstream_us {
+        field(&mut out, "upstream_us");
+        out.extend_from_slice(itoa.format(us).as_bytes());
+    }
+    if let Some(ua) = r.user_agent {
+        field(&mut out, "user_agent");
+        write_quoted(&mut out, ua);
+    }
     out.extend_from_slice(if json { b"}\n" } else { b"\n" });
     out
 }
@@ -312,17 +354,26 @@ mod tests {
             duration_us: 151,
             route: "/api",
             request_id: "abc-1",
+            client: "192.0.2.7",
+            sub: Some("ann"),
+            client_id: Some("web"),
+            bytes_in: 0,
+            bytes_out: 12,
+            upstream_us: Some(90),
+            user_agent: Some("curl/8"),
         };
         let text = String::from_utf8(access_line(&r, false, 1_795_777_160_123_456)).unwrap();
         assert_eq!(
             text,
-            "2026-11-27T10:59:20.123456Z  INFO tokengate::access: method=\"GET\" path=\"/api/\\\"x\\\"\" status=200 duration_us=151 route=\"/api\" request_id=\"abc-1\"\n"
+            "2026-11-27T10:59:20.123456Z  INFO tokengate::access: method=\"GET\" path=\"/api/\\\"x\\\"\" status=200 duration_us=151 route=\"/api\" request_id=\"abc-1\" client=\"192.0.2.7\" sub=\"ann\" client_id=\"web\" bytes_in=0 bytes_out=12 upstream_us=90 user_agent=\"curl/8\"\n"
         );
         let json: serde_json::Value = serde_json::from_slice(&access_line(&r, true, 1_795_777_160_123_456)).unwrap();
         assert_eq!(json["path"], "/api/\"x\"");
         assert_eq!(json["status"], 200);
         assert_eq!(json["target"], "tokengate::access");
         assert_eq!(json["timestamp"], "2026-11-27T10:59:20.123456Z");
+        assert_eq!(json["bytes_out"], 12);
+        assert_eq!(json["sub"], "ann");
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Forwarding to upstreams: header hygiene, the pooled client, the built-in echo upstream.
 
+pub mod body;
 pub mod echo;
 pub mod forward;
 pub mod headers;

@@ -12,6 +12,7 @@
 use std::collections::HashMap;
 
 use foldhash::fast::RandomState;
+use http::{HeaderMap, HeaderValue, Uri, Version};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PathError {
@@ -202,6 +203,8 @@ impl RouteTable {
             && let Some(host) = host
         {
             let host = strip_port(host);
+            // "admin.example." names the same host as "admin.example" (a fully qualified name).
+            let host = host.strip_suffix('.').unwrap_or(host);
             let found = if host.bytes().any(|b| b.is_ascii_uppercase()) {
                 self.by_host.get(host.to_ascii_lowercase().as_str())
             } else {
@@ -214,6 +217,72 @@ impl RouteTable {
             }
         }
         longest_prefix(&self.any_host, path)
+    }
+}
+
+/// Why a request's host could not be determined (RFC 9112 §3.2, RFC 9113 §8.3.1): 400.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostError {
+    /// An HTTP/1.1 request without Host, an HTTP/2 request without :authority or Host.
+    Missing,
+    /// More than one Host header.
+    Repeated,
+    /// Not `host[:port]` (a space, userinfo, an empty host...).
+    Invalid,
+    /// HTTP/2 `:authority` and `Host` name different hosts.
+    Mismatch,
+}
+
+impl HostError {
+    pub fn describe(self) -> &'static str {
+        match self {
+            HostError::Missing => "the request names no host",
+            HostError::Repeated => "more than one Host header",
+            HostError::Invalid => "the Host header is not a valid host",
+            HostError::Mismatch => ":authority and Host name different hosts",
+        }
+    }
+}
+
+fn valid_authority(v: &[u8]) -> bool {
+    !v.is_empty() && !v.contains(&b'@') && http::uri::Authority::try_from(v).is_ok_and(|a| !a.host().is_empty())
+}
+
+/// The authority a request addressed, as one value used for routing and forwarding:
+/// HTTP/2's `:authority` (a differing Host is refused); for HTTP/1.1 the target's authority when
+/// the target is in absolute form (RFC 9112 §3.2.2: the Host header is then ignored), else Host.
+/// HTTP/1.1 requires exactly one valid Host either way; HTTP/1.0 may omit it.
+pub fn request_authority(version: Version, uri: &Uri, headers: &HeaderMap) -> Result<Option<HeaderValue>, HostError> {
+    let mut hosts = headers.get_all(http::header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err(HostError::Repeated);
+    }
+    if let Some(h) = host
+        && !valid_authority(h.as_bytes())
+    {
+        return Err(HostError::Invalid);
+    }
+    let target = uri.authority().map(|a| a.as_str());
+    if let Some(t) = target
+        && !valid_authority(t.as_bytes())
+    {
+        return Err(HostError::Invalid);
+    }
+    if version == Version::HTTP_2 {
+        return match (target, host) {
+            (Some(t), Some(h)) if !t.as_bytes().eq_ignore_ascii_case(h.as_bytes()) => Err(HostError::Mismatch),
+            (Some(t), _) => HeaderValue::from_str(t).map(Some).map_err(|_| HostError::Invalid),
+            (None, Some(h)) => Ok(Some(h.clone())),
+            (None, None) => Err(HostError::Missing),
+        };
+    }
+    if host.is_none() && version >= Version::HTTP_11 {
+        return Err(HostError::Missing);
+    }
+    match target {
+        Some(t) => HeaderValue::from_str(t).map(Some).map_err(|_| HostError::Invalid),
+        None => Ok(host.cloned()),
     }
 }
 
@@ -347,6 +416,91 @@ mod tests {
         assert_eq!(t.resolve(Some("ADMIN.example"), "/api/orders"), Some(3));
         assert_eq!(t.resolve(Some("admin.example"), "/other"), Some(2));
         assert_eq!(t.resolve(Some("other.example"), "/api/x"), Some(0));
+    }
+
+    #[test]
+    fn a_trailing_dot_names_the_same_host() {
+        let t = table();
+        assert_eq!(t.resolve(Some("admin.example."), "/api/x"), Some(3));
+        assert_eq!(t.resolve(Some("admin.example.:8443"), "/api/x"), Some(3));
+    }
+
+    fn headers(hosts: &[&str]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for v in hosts {
+            h.append(http::header::HOST, HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn http11_authority_comes_from_an_absolute_target_else_host() {
+        let origin: Uri = "/x".parse().unwrap();
+        let absolute: Uri = "https://admin.example/x".parse().unwrap();
+        let v11 = Version::HTTP_11;
+        assert_eq!(
+            request_authority(v11, &origin, &headers(&["a.example"]))
+                .unwrap()
+                .unwrap(),
+            "a.example"
+        );
+        assert_eq!(
+            request_authority(v11, &absolute, &headers(&["localhost"]))
+                .unwrap()
+                .unwrap(),
+            "admin.example",
+            "RFC 9112 §3.2.2: the target's authority wins"
+        );
+        assert_eq!(request_authority(v11, &origin, &headers(&[])), Err(HostError::Missing));
+        assert_eq!(
+            request_authority(v11, &absolute, &headers(&[])),
+            Err(HostError::Missing)
+        );
+        assert_eq!(
+            request_authority(v11, &origin, &headers(&["a", "b"])),
+            Err(HostError::Repeated)
+        );
+        assert_eq!(
+            request_authority(v11, &origin, &headers(&["a b"])),
+            Err(HostError::Invalid)
+        );
+        assert_eq!(
+            request_authority(v11, &origin, &headers(&["u@a"])),
+            Err(HostError::Invalid)
+        );
+        assert_eq!(
+            request_authority(v11, &origin, &headers(&[""])),
+            Err(HostError::Invalid)
+        );
+        assert_eq!(request_authority(Version::HTTP_10, &origin, &headers(&[])), Ok(None));
+    }
+
+    #[test]
+    fn http2_authority_wins_and_a_differing_host_is_refused() {
+        let with_authority: Uri = "https://a.example/x".parse().unwrap();
+        let without: Uri = "/x".parse().unwrap();
+        let v2 = Version::HTTP_2;
+        assert_eq!(
+            request_authority(v2, &with_authority, &headers(&[])).unwrap().unwrap(),
+            "a.example"
+        );
+        assert_eq!(
+            request_authority(v2, &with_authority, &headers(&["A.example"]))
+                .unwrap()
+                .unwrap(),
+            "a.example"
+        );
+        assert_eq!(
+            request_authority(v2, &with_authority, &headers(&["b.example"])),
+            Err(HostError::Mismatch)
+        );
+        assert_eq!(
+            request_authority(v2, &without, &headers(&["b.example"]))
+                .unwrap()
+                .unwrap(),
+            "b.example"
+        );
+        assert_eq!(request_authority(v2, &without, &headers(&[])), Err(HostError::Missing));
     }
 
     #[test]

@@ -48,6 +48,8 @@ pub async fn reached(rx: &mut watch::Receiver<Phase>, at_least: Phase) {
 pub struct ConnSettings {
     pub handshake_timeout: Duration,
     pub header_read_timeout: Duration,
+    /// Request head (HTTP/1.1) or header list (HTTP/2) cap: 431 beyond it.
+    pub max_header_bytes: usize,
 }
 
 /// Accepts until draining starts. `_alive` is held by every connection task, so the receiver side
@@ -137,14 +139,7 @@ async fn serve_connection(
     if h2 {
         let activity = Arc::new(Activity::new());
         let service = service!(Some(activity.clone()));
-        serve_http2(
-            TokioIo::new(stream),
-            service,
-            activity,
-            settings.header_read_timeout,
-            phase,
-        )
-        .await
+        serve_http2(TokioIo::new(stream), service, activity, settings, phase).await
     } else {
         serve_http1(TokioIo::new(stream), service!(None), settings, phase).await
     }
@@ -209,6 +204,8 @@ where
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(settings.header_read_timeout)
+        // The read buffer bounds the request head: a head that does not fit is answered 431.
+        .max_buf_size(settings.max_header_bytes)
         .keep_alive(true)
         // One flat buffer per response: over TLS, vectored writes become one record per slice.
         .writev(false)
@@ -221,7 +218,7 @@ async fn serve_http2<I, S>(
     io: I,
     service: S,
     activity: Arc<Activity>,
-    idle_timeout: Duration,
+    settings: &ConnSettings,
     phase: watch::Receiver<Phase>,
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
@@ -234,7 +231,9 @@ async fn serve_http2<I, S>(
         // Also detects peers that vanished without closing.
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(10))
+        .max_header_list_size(settings.max_header_bytes.try_into().unwrap_or(u32::MAX))
         .serve_connection(io, service);
+    let idle_timeout = settings.header_read_timeout;
     // No request in flight for `idle_timeout`: close (GOAWAY), as HTTP/1.1 connections do.
     let idle = async move {
         loop {

@@ -26,6 +26,8 @@ use crate::routing::RouteTable;
 /// One route as the request path needs it.
 pub struct Route {
     pub settings: RouteSettings,
+    /// The route's `path_prefix`, shared with the access lines and metrics that name it.
+    pub label: Arc<str>,
     /// `None` for the built-in echo upstream.
     pub forwarder: Option<Arc<Forwarder>>,
     /// The required scopes, space-delimited, for `insufficient_scope` challenges.
@@ -69,6 +71,7 @@ impl Snapshot {
                     .with_context(|| format!("routes[{i}]: cannot set up the upstream client"))?
                     .map(Arc::new);
                 Ok(Route {
+                    label: r.path_prefix.as_str().into(),
                     settings: r.clone(),
                     forwarder,
                     scope_names: config.scopes.render(r.scopes),

@@ -29,6 +29,8 @@ pub struct ServerFile {
     pub tls: Option<TlsFile>,
     pub handshake_timeout: Option<String>,
     pub header_read_timeout: Option<String>,
+    pub body_timeout: Option<String>,
+    pub max_header_bytes: Option<i64>,
     pub max_connections: Option<i64>,
     pub shutdown_grace: Option<String>,
     pub worker_threads: Option<i64>,
@@ -109,6 +111,7 @@ pub struct RouteFile {
     pub connect_timeout: Option<String>,
     pub timeout: Option<String>,
     pub ca_file: Option<String>,
+    pub upgrades: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -22,6 +22,7 @@ use crate::ids::{SessionId, mint_refresh_token, parse_refresh_token};
 use crate::oauth::clients::{Presented, parse_basic};
 use crate::oauth::error::{ErrorCode, INVALID_REFRESH_TOKEN, OAuthError};
 use crate::oauth::users::VerifyError;
+use crate::proxy::body::ClientBodyError;
 use crate::scope::ScopeSet;
 use crate::snapshot::Snapshot;
 use crate::state::State;
@@ -102,7 +103,7 @@ impl OAuthServer<'_> {
         B: Body<Data = Bytes>,
         B::Error: std::error::Error + Send + Sync + 'static,
     {
-        let form = read_form(method, headers, body).await?;
+        let form = read_form(method, headers, body, self.snap.config.server.body_timeout).await?;
         let client = self.authenticate(headers, &form)?;
         let grant = form.require("grant_type")?;
         let Some(grant) = GrantType::parse(grant) else {
@@ -130,7 +131,7 @@ impl OAuthServer<'_> {
         B: Body<Data = Bytes>,
         B::Error: std::error::Error + Send + Sync + 'static,
     {
-        let form = read_form(method, headers, body).await?;
+        let form = read_form(method, headers, body, self.snap.config.server.body_timeout).await?;
         let client = self.authenticate(headers, &form)?;
         let token = form.require("token")?;
         // token_type_hint only orders the look-ups (§2.1); both kinds are tried.
@@ -508,8 +509,14 @@ const KNOWN_PARAMETERS: [&str; 9] = [
     "token_type_hint",
 ];
 
-/// Reads an `application/x-www-form-urlencoded` POST body of at most [`MAX_FORM_BYTES`].
-async fn read_form<B>(method: &Method, headers: &HeaderMap, body: B) -> Result<Form, OAuthError>
+/// Reads an `application/x-www-form-urlencoded` POST body of at most [`MAX_FORM_BYTES`], all of it
+/// within `limit` (a client trickling a byte at a time does not hold a connection for ever).
+async fn read_form<B>(
+    method: &Method,
+    headers: &HeaderMap,
+    body: B,
+    limit: std::time::Duration,
+) -> Result<Form, OAuthError>
 where
     B: Body<Data = Bytes>,
     B::Error: std::error::Error + Send + Sync + 'static,
@@ -537,9 +544,18 @@ where
     if declared.is_some_and(|n| n > MAX_FORM_BYTES as u64) {
         return Err(OAuthError::BodyTooLarge);
     }
-    let bytes = match Limited::new(body, MAX_FORM_BYTES).collect().await {
+    let collected = tokio::time::timeout(limit, Limited::new(body, MAX_FORM_BYTES).collect())
+        .await
+        .map_err(|_| OAuthError::BodyTimeout)?;
+    let bytes = match collected {
         Ok(collected) => collected.to_bytes(),
         Err(e) if e.is::<LengthLimitError>() => return Err(OAuthError::BodyTooLarge),
+        Err(e)
+            if e.downcast_ref::<ClientBodyError>()
+                .is_some_and(|e| matches!(e, ClientBodyError::Timeout(_))) =>
+        {
+            return Err(OAuthError::BodyTimeout);
+        }
         Err(_) => {
             return Err(OAuthError::invalid_request("the request body could not be read"));
         }

@@ -51,6 +51,8 @@ pub enum OAuthError {
     SlowDown { retry_after_secs: u64 },
     /// The form body is over the cap: 413.
     BodyTooLarge,
+    /// The form body did not arrive within `server.body_timeout`: 408.
+    BodyTimeout,
     /// Wrong method: 405 with `Allow: POST`.
     MethodNotAllowed,
     /// The session store cannot take writes now (Redis down, journal back-pressure): 503

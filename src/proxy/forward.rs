@@ -29,6 +29,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 use crate::config::{RouteSettings, Upstream};
+use crate::proxy::body::ClientBody;
 
 /// Why the upstream hop failed. Details are for the log only, never the response.
 #[derive(Debug)]
@@ -45,7 +46,7 @@ const MAX_IDLE: usize = 512;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(50);
 
 struct Idle {
-    sender: SendRequest<Incoming>,
+    sender: SendRequest<ClientBody>,
     since: Instant,
 }
 
@@ -57,7 +58,7 @@ struct Pool {
 impl Pool {
     /// The most recently used connection that is ready for a request. Connections still busy
     /// (an upload that outlived its response) stay for later; closed or stale ones are dropped.
-    fn checkout(&self) -> Option<SendRequest<Incoming>> {
+    fn checkout(&self) -> Option<SendRequest<ClientBody>> {
         let mut idle = self.idle.lock().ok()?;
         let mut i = idle.len();
         while i > 0 {
@@ -72,7 +73,7 @@ impl Pool {
         None
     }
 
-    fn checkin(&self, sender: SendRequest<Incoming>) {
+    fn checkin(&self, sender: SendRequest<ClientBody>) {
         if sender.is_closed() {
             return;
         }
@@ -165,7 +166,7 @@ impl Forwarder {
     }
 
     /// Sends a request on a pooled connection (or a new one) and waits for the response head.
-    pub async fn send(&self, req: Request<Incoming>) -> Result<Response<PooledBody>, ForwardError> {
+    pub async fn send(&self, req: Request<ClientBody>) -> Result<Response<PooledBody>, ForwardError> {
         let deadline = tokio::time::Instant::now() + self.timeout;
         let mut req = req;
         // A pooled connection can be closed by the upstream just as we pick it; hyper then hands
@@ -202,7 +203,7 @@ impl Forwarder {
         }
     }
 
-    async fn connect(&self) -> Result<SendRequest<Incoming>, ForwardError> {
+    async fn connect(&self) -> Result<SendRequest<ClientBody>, ForwardError> {
         let unavailable = |what: &str, e: &dyn std::fmt::Display| ForwardError::Unavailable(format!("{what}: {e}"));
         let tcp = tokio::time::timeout(self.connect_timeout, connect_tcp(&self.connect_to))
             .await
@@ -233,7 +234,7 @@ async fn connect_tcp(addr: &str) -> std::io::Result<TcpStream> {
     Err(last.unwrap_or_else(|| std::io::Error::other("no address")))
 }
 
-async fn handshake<T>(io: TokioIo<T>) -> Result<SendRequest<Incoming>, ForwardError>
+async fn handshake<T>(io: TokioIo<T>) -> Result<SendRequest<ClientBody>, ForwardError>
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -252,7 +253,7 @@ where
 /// the end.
 pub struct PooledBody {
     inner: Incoming,
-    on_end: Option<(SendRequest<Incoming>, Arc<Pool>)>,
+    on_end: Option<(SendRequest<ClientBody>, Arc<Pool>)>,
 }
 
 impl PooledBody {

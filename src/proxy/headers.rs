@@ -80,6 +80,26 @@ pub fn is_upgrade_request(headers: &HeaderMap) -> bool {
         })
 }
 
+/// Does the route allow every protocol the `Upgrade` header offers? (`websocket` by default; the
+/// config never allows `h2c`, whose requests would bypass routing and the token check.)
+pub fn upgrade_allowed(headers: &HeaderMap, allowed: &[String]) -> bool {
+    let mut any = false;
+    for value in headers.get_all(header::UPGRADE) {
+        let Ok(value) = value.to_str() else { return false };
+        for offer in value.split(',') {
+            let name = offer.trim().split('/').next().unwrap_or("").trim();
+            if name.is_empty() {
+                continue;
+            }
+            if !allowed.iter().any(|a| a.eq_ignore_ascii_case(name)) {
+                return false;
+            }
+            any = true;
+        }
+    }
+    any
+}
+
 pub struct RequestContext<'a> {
     /// The client's address, as a header value (formatted once per connection).
     pub peer_ip: &'a HeaderValue,
@@ -285,6 +305,25 @@ mod tests {
         let out = upstream_request_headers(h, &c);
         assert_eq!(out[header::UPGRADE], "websocket");
         assert_eq!(out[header::CONNECTION], "upgrade");
+    }
+
+    #[test]
+    fn only_allowed_upgrades_pass() {
+        let allowed = vec!["websocket".to_owned()];
+        let with = |v: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::UPGRADE, hv(v));
+            h
+        };
+        assert!(upgrade_allowed(&with("websocket"), &allowed));
+        assert!(upgrade_allowed(&with("WebSocket"), &allowed));
+        assert!(!upgrade_allowed(&with("h2c"), &allowed));
+        assert!(
+            !upgrade_allowed(&with("websocket, h2c"), &allowed),
+            "every offer must be allowed"
+        );
+        assert!(!upgrade_allowed(&with("TLS/1.0"), &allowed));
+        assert!(!upgrade_allowed(&HeaderMap::new(), &allowed));
     }
 
     #[test]

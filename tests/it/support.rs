@@ -86,6 +86,15 @@ scopes = ["orders:read", "orders:write"]
     )
 }
 
+/// Adds `[server]` keys to a config made by [`config_toml`].
+pub fn with_server_keys(toml: &str, keys: &str) -> String {
+    toml.replacen(
+        "shutdown_grace = \"10s\"",
+        &format!("shutdown_grace = \"10s\"\n{keys}"),
+        1,
+    )
+}
+
 /// The JWT signing secret the test configs use.
 pub fn jwt_secret() -> Vec<u8> {
     let mut s = std::fs::read(repo().join("certs/dev-jwt-secret")).unwrap();

@@ -108,3 +108,47 @@ impl Client {
         self.request(Method::POST, url, &hs, Bytes::from(body)).await
     }
 }
+
+/// A raw TLS connection to the gateway offering exactly `alpn` (for hand-written requests).
+pub async fn raw_tls(
+    addr: std::net::SocketAddr,
+    alpn: &[u8],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls_config(&[alpn])))
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap()
+}
+
+/// Everything the peer sends until it closes the connection (or `bound` passes: a hang guard).
+pub async fn read_until_closed(stream: &mut (impl tokio::io::AsyncRead + Unpin), bound: std::time::Duration) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let read = tokio::time::timeout(bound, async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(
+        read.is_ok(),
+        "the gateway did not close the connection; got so far: {}",
+        String::from_utf8_lossy(&out)
+    );
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// An HTTP/2 client connection (the `h2` crate: frames as the test writes them).
+pub async fn h2_client(addr: std::net::SocketAddr) -> h2::client::SendRequest<Bytes> {
+    let tls = raw_tls(addr, b"h2").await;
+    let (send, conn) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    send
+}
