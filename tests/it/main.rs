@@ -9,5 +9,6 @@ mod support;
 mod config_errors;
 mod enforcement;
 mod forwarding;
+mod process;
 mod server;
 mod token_endpoint;
