@@ -500,6 +500,16 @@ mod tests {
         }
     }
 
+    /// Opens the gate when dropped, so a failing test does not leave its LogGuard waiting out
+    /// the flush bound on a sink that never drains. Declare it after the guard: it drops first.
+    struct OpenOnDrop(GatedSink);
+
+    impl Drop for OpenOnDrop {
+        fn drop(&mut self) {
+            self.0.open();
+        }
+    }
+
     /// A hang guard for waits that must end: generous, not a timing assertion.
     const GUARD: Duration = Duration::from_secs(60);
 
@@ -516,6 +526,7 @@ mod tests {
         const CAP: usize = 1000;
         let (sink, calls) = GatedSink::new();
         let (shared, guard) = start(Box::new(sink.clone()), CAP, false, GUARD).unwrap();
+        let _open = OpenOnDrop(sink.clone());
         // The writer takes line 0 and blocks writing it: from here on nothing leaves the buffer.
         shared.append(&line(0));
         calls.recv_timeout(GUARD).expect("the writer never wrote");
