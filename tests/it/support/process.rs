@@ -68,12 +68,20 @@ impl Captured {
 
     /// Waits until `needle` has appeared; false if `bound` passed first.
     fn wait_for(&self, needle: &str, bound: Duration) -> bool {
+        let needle = needle.as_bytes();
+        if needle.is_empty() {
+            return true;
+        }
         let deadline = Instant::now() + bound;
         let mut bytes = self.bytes.lock().unwrap();
+        // Only what arrived since the last look is searched (plus an overlap for a needle that
+        // straddles two chunks): megabytes of output stay linear.
+        let mut from = 0;
         loop {
-            if String::from_utf8_lossy(&bytes).contains(needle) {
+            if bytes[from..].windows(needle.len()).any(|w| w == needle) {
                 return true;
             }
+            from = bytes.len().saturating_sub(needle.len().saturating_sub(1));
             let now = Instant::now();
             if now >= deadline {
                 return false;
