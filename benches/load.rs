@@ -473,7 +473,12 @@ scopes = ["orders:read"]
             .collect::<String>(),
     );
     let config = tokengate::Config::from_toml(&toml, &repo, "load.toml").unwrap_or_else(|e| panic!("{e}"));
-    let _log = tokengate::logging::init_to(tokengate::config::LogFormat::Text, Box::new(std::io::sink()));
+    let _log = tokengate::logging::init_to(
+        tokengate::config::LogFormat::Text,
+        Box::new(std::io::sink()),
+        Duration::from_secs(5),
+    )
+    .unwrap();
     let gw_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(o.gw_threads)
         .thread_name("gw")

@@ -4,14 +4,19 @@
 //! as soon as 64 KiB pile up), so the access log costs no syscall on the request path: one write
 //! per batch instead of one per request, and a slow stdout never blocks a runtime thread.
 //!
+//! A stdout nobody reads (a full pipe, a stopped log shipper) must not cost memory or the exit:
+//! the buffer holds at most [`BUFFER_CAP`] bytes, a line that does not fit is dropped whole and
+//! counted ([`dropped_lines`]), and once stdout takes lines again the writer says how many were
+//! lost. The final flush waits for the writer a bounded time, then lets the process exit.
+//!
 //! The access log (target `tokengate::access`, one line per request) is written by [`access`]
 //! straight into the buffer, in the shape tracing-subscriber's formatter gives other events, at a
 //! fraction of the cost of a dispatch through the subscriber. Every other event goes through
 //! tracing-subscriber's `fmt`.
 
 use std::io::Write;
-use std::sync::{Arc, Mutex, OnceLock};
-use std::thread::JoinHandle;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, mpsc};
 use std::time::Duration;
 
 use tracing_subscriber::EnvFilter;
@@ -21,45 +26,134 @@ use crate::config::LogFormat;
 
 const FLUSH_EVERY: Duration = Duration::from_millis(100);
 const FLUSH_AT_BYTES: usize = 64 * 1024;
+/// The most bytes of log lines held for a stdout that does not take them: about 25,000 access
+/// lines, several seconds of a busy gateway. With the batch the writer is stuck on, logging holds
+/// at most twice this.
+pub const BUFFER_CAP: usize = 4 * 1024 * 1024;
 
 struct Shared {
     buf: Mutex<Vec<u8>>,
-    sink: Mutex<Box<dyn Write + Send>>,
-    stopping: std::sync::atomic::AtomicBool,
-    /// The writer thread; only it (and the final flush) writes to the sink, so batches stay in
-    /// order and no request thread ever blocks on a slow stdout.
-    flusher: OnceLock<std::thread::Thread>,
+    cap: usize,
+    /// Lines dropped because the buffer was full or stdout failed; never reset.
+    dropped: AtomicU64,
+    stopping: AtomicBool,
+    /// The writer thread; only it writes to the sink, so batches stay in order and no request
+    /// thread ever blocks on a slow stdout.
+    writer: OnceLock<std::thread::Thread>,
 }
 
 impl Shared {
-    /// Appends a line; past [`FLUSH_AT_BYTES`] wakes the writer thread early.
-    fn append(&self, bytes: &[u8]) {
-        let full = match self.buf.lock() {
-            Ok(mut b) => {
-                b.extend_from_slice(bytes);
-                b.len() >= FLUSH_AT_BYTES
-            }
-            Err(_) => false,
-        };
-        if full {
-            match self.flusher.get() {
-                Some(t) => t.unpark(),
-                // No writer thread could be started: write here rather than grow forever.
-                None => self.flush_to_sink(),
-            }
+    fn new(cap: usize) -> Shared {
+        Shared {
+            buf: Mutex::new(Vec::new()),
+            cap,
+            dropped: AtomicU64::new(0),
+            stopping: AtomicBool::new(false),
+            writer: OnceLock::new(),
         }
     }
 
-    fn flush_to_sink(&self) {
-        let pending = match self.buf.lock() {
-            Ok(mut b) if !b.is_empty() => std::mem::replace(&mut *b, Vec::with_capacity(FLUSH_AT_BYTES)),
-            _ => return,
+    /// Nothing panics while holding the lock, so a poisoned one still holds whole lines.
+    fn buf(&self) -> MutexGuard<'_, Vec<u8>> {
+        self.buf.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Appends a line, or drops it whole when it does not fit under the cap. Crossing
+    /// [`FLUSH_AT_BYTES`] wakes the writer thread early.
+    fn append(&self, line: &[u8]) {
+        let wake = {
+            let mut b = self.buf();
+            let len = b.len();
+            if line.len() > self.cap - len {
+                // Counted under the lock, so the writer's count at a swap matches its batch.
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            if line.len() > b.capacity() - len {
+                // Grow by doubling, but never past the cap (Vec's own growth could double past it).
+                let want = (len + line.len()).max(b.capacity() * 2).min(self.cap);
+                b.reserve_exact(want - len);
+            }
+            b.extend_from_slice(line);
+            len < FLUSH_AT_BYTES && b.len() >= FLUSH_AT_BYTES
         };
-        if let Ok(mut out) = self.sink.lock() {
-            let _ = out.write_all(&pending);
-            let _ = out.flush();
+        if let Some(t) = self.writer.get().filter(|_| wake) {
+            t.unpark();
         }
     }
+}
+
+/// The writer thread: every [`FLUSH_EVERY`] (or when woken) takes the buffer and writes it, then
+/// reports the lines dropped since the last report. Returns after one last round once stopping.
+fn write_loop(shared: &Shared, mut sink: Box<dyn Write + Send>, json: bool) {
+    let mut batch = Vec::new();
+    let mut reported = 0;
+    loop {
+        std::thread::park_timeout(FLUSH_EVERY);
+        let last = shared.stopping.load(Ordering::Acquire);
+        // Lines are dropped only while the buffer is full, so the ones counted by the time of the
+        // swap came after every line in the batch: the notice follows the batch.
+        let mut dropped = {
+            let mut b = shared.buf();
+            std::mem::swap(&mut *b, &mut batch);
+            shared.dropped.load(Ordering::Relaxed)
+        };
+        if let Err(lost) = write_whole(&mut *sink, &batch) {
+            shared.dropped.fetch_add(lost, Ordering::Relaxed);
+            dropped += lost;
+        }
+        batch.clear();
+        if dropped > reported {
+            let notice = drop_notice(dropped - reported, json, crate::clock::wall_micros());
+            // Not reported if it cannot be written: the next notice then covers these lines too.
+            if write_whole(&mut *sink, &notice).is_ok() {
+                reported = dropped;
+            }
+        }
+        let _ = sink.flush();
+        if last {
+            return;
+        }
+    }
+}
+
+/// Writes `bytes`; on an error, the number of lines not (wholly) written.
+fn write_whole(sink: &mut dyn Write, mut bytes: &[u8]) -> Result<(), u64> {
+    while !bytes.is_empty() {
+        match sink.write(bytes) {
+            Ok(0) => break,
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    if bytes.is_empty() {
+        return Ok(());
+    }
+    // Every line ends in '\n', so this counts a line cut short as lost.
+    Err(bytes.iter().filter(|&&b| b == b'\n').count() as u64)
+}
+
+/// The line saying `n` lines were lost, in the shape of the other WARN lines.
+fn drop_notice(n: u64, json: bool, micros: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(160);
+    let mut itoa = itoa::Buffer::new();
+    let n = itoa.format(n);
+    if json {
+        out.extend_from_slice(b"{\"timestamp\":\"");
+        write_rfc3339(&mut out, micros);
+        out.extend_from_slice(b"\",\"level\":\"WARN\",\"target\":\"tokengate::logging\",\"message\":\"dropped ");
+        out.extend_from_slice(n.as_bytes());
+        out.extend_from_slice(b" log lines: stdout was blocked or failing\",\"dropped_lines\":");
+        out.extend_from_slice(n.as_bytes());
+        out.extend_from_slice(b"}\n");
+    } else {
+        write_rfc3339(&mut out, micros);
+        out.extend_from_slice(b"  WARN tokengate::logging: dropped ");
+        out.extend_from_slice(n.as_bytes());
+        out.extend_from_slice(b" log lines: stdout was blocked or failing\n");
+    }
+    out
 }
 
 /// A `MakeWriter` that appends to the shared buffer.
@@ -69,6 +163,8 @@ pub struct BufferedWriter(Arc<Shared>);
 pub struct BufferedLine<'a>(&'a Shared);
 
 impl Write for BufferedLine<'_> {
+    /// tracing-subscriber writes each formatted event with one `write_all`, so one call is one
+    /// line: dropped or kept whole.
     fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
         self.0.append(bytes);
         Ok(bytes.len())
@@ -85,37 +181,62 @@ impl<'a> MakeWriter<'a> for BufferedWriter {
     }
 }
 
-/// Flushes what is buffered when dropped; keep it alive for the life of the process.
+/// Flushes what is buffered when dropped (or on [`LogGuard::finish`]), waiting at most its bound
+/// for a stdout that does not take it; keep it alive for the life of the process.
 pub struct LogGuard {
     shared: Arc<Shared>,
-    flusher: Option<JoinHandle<()>>,
+    /// Disconnects when the writer thread has returned; taken by the first stop.
+    writer_done: Option<mpsc::Receiver<()>>,
+    flush_within: Duration,
+}
+
+impl LogGuard {
+    /// Stops the writer once it has written what is buffered. True if it did so within the
+    /// bound; false if stdout still did not take it (the writer is then left behind, so the
+    /// process can exit).
+    pub fn finish(mut self) -> bool {
+        self.stop()
+    }
+
+    fn stop(&mut self) -> bool {
+        let Some(done) = self.writer_done.take() else {
+            return false;
+        };
+        self.shared.stopping.store(true, Ordering::Release);
+        if let Some(t) = self.shared.writer.get() {
+            t.unpark();
+        }
+        matches!(
+            done.recv_timeout(self.flush_within),
+            Err(mpsc::RecvTimeoutError::Disconnected)
+        )
+    }
 }
 
 impl Drop for LogGuard {
     fn drop(&mut self) {
-        self.shared.stopping.store(true, std::sync::atomic::Ordering::Relaxed);
-        if let Some(t) = self.flusher.take() {
-            t.thread().unpark();
-            let _ = t.join();
-        }
-        self.shared.flush_to_sink();
+        self.stop();
     }
 }
 
-/// Installs the global subscriber, writing to stdout.
-pub fn init(format: LogFormat) -> LogGuard {
-    init_to(format, Box::new(std::io::stdout()))
+/// The number of log lines dropped since [`init`]: the buffer was full or stdout failed.
+pub fn dropped_lines() -> u64 {
+    ACCESS_SINK
+        .get()
+        .map_or(0, |s| s.shared.dropped.load(Ordering::Relaxed))
+}
+
+/// Installs the global subscriber, writing to stdout; the final flush waits at most
+/// `flush_within` for a stdout that does not take the lines.
+pub fn init(format: LogFormat, flush_within: Duration) -> std::io::Result<LogGuard> {
+    init_to(format, Box::new(std::io::stdout()), flush_within)
 }
 
 /// Installs the global subscriber, writing to `sink` (the load bench discards its lines but still
 /// pays for formatting them).
-pub fn init_to(format: LogFormat, sink: Box<dyn Write + Send>) -> LogGuard {
-    let shared = Arc::new(Shared {
-        buf: Mutex::new(Vec::with_capacity(FLUSH_AT_BYTES)),
-        sink: Mutex::new(sink),
-        stopping: Default::default(),
-        flusher: OnceLock::new(),
-    });
+pub fn init_to(format: LogFormat, sink: Box<dyn Write + Send>, flush_within: Duration) -> std::io::Result<LogGuard> {
+    let json = format == LogFormat::Json;
+    let (shared, guard) = start(sink, BUFFER_CAP, json, flush_within)?;
     let writer = BufferedWriter(shared.clone());
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
@@ -127,24 +248,33 @@ pub fn init_to(format: LogFormat, sink: Box<dyn Write + Send>) -> LogGuard {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
-    let _ = ACCESS_SINK.set(AccessSink {
-        shared: shared.clone(),
-        json: format == LogFormat::Json,
-    });
-    let flusher_shared = shared.clone();
-    let flusher = std::thread::Builder::new()
+    let _ = ACCESS_SINK.set(AccessSink { shared, json });
+    Ok(guard)
+}
+
+/// The buffer and its writer thread, without the global subscriber.
+fn start(
+    sink: Box<dyn Write + Send>,
+    cap: usize,
+    json: bool,
+    flush_within: Duration,
+) -> std::io::Result<(Arc<Shared>, LogGuard)> {
+    let shared = Arc::new(Shared::new(cap));
+    let (done_tx, writer_done) = mpsc::channel::<()>();
+    let for_writer = shared.clone();
+    let thread = std::thread::Builder::new()
         .name("tokengate-log".into())
         .spawn(move || {
-            while !flusher_shared.stopping.load(std::sync::atomic::Ordering::Relaxed) {
-                std::thread::park_timeout(FLUSH_EVERY);
-                flusher_shared.flush_to_sink();
-            }
-        })
-        .ok();
-    if let Some(t) = &flusher {
-        let _ = shared.flusher.set(t.thread().clone());
-    }
-    LogGuard { shared, flusher }
+            let _done = done_tx;
+            write_loop(&for_writer, sink, json);
+        })?;
+    let _ = shared.writer.set(thread.thread().clone());
+    let guard = LogGuard {
+        shared: shared.clone(),
+        writer_done: Some(writer_done),
+        flush_within,
+    };
+    Ok((shared, guard))
 }
 
 /// Where access lines go once [`init`] has run: straight into the shared buffer.
@@ -374,6 +504,169 @@ mod tests {
         assert_eq!(json["timestamp"], "2026-11-27T10:59:20.123456Z");
         assert_eq!(json["bytes_out"], 12);
         assert_eq!(json["sub"], "ann");
+    }
+
+    /// A sink whose writes wait until the test opens its gate; each write reports itself on entry
+    /// (it may then be blocked) and once its bytes are in `written`.
+    #[derive(Clone)]
+    struct GatedSink {
+        open: Arc<(Mutex<bool>, std::sync::Condvar)>,
+        written: Arc<Mutex<Vec<u8>>>,
+        calls: mpsc::Sender<()>,
+    }
+
+    impl GatedSink {
+        fn new() -> (GatedSink, mpsc::Receiver<()>) {
+            let (calls, rx) = mpsc::channel();
+            let sink = GatedSink {
+                open: Arc::default(),
+                written: Arc::default(),
+                calls,
+            };
+            (sink, rx)
+        }
+        fn open(&self) {
+            *self.open.0.lock().unwrap() = true;
+            self.open.1.notify_all();
+        }
+        fn text(&self) -> String {
+            String::from_utf8(self.written.lock().unwrap().clone()).unwrap()
+        }
+    }
+
+    impl Write for GatedSink {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            let _ = self.calls.send(());
+            let (open, changed) = &*self.open;
+            let mut g = open.lock().unwrap();
+            while !*g {
+                g = changed.wait(g).unwrap();
+            }
+            self.written.lock().unwrap().extend_from_slice(bytes);
+            let _ = self.calls.send(());
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Opens the gate when dropped, so a failing test does not leave its LogGuard waiting out
+    /// the flush bound on a sink that never drains. Declare it after the guard: it drops first.
+    struct OpenOnDrop(GatedSink);
+
+    impl Drop for OpenOnDrop {
+        fn drop(&mut self) {
+            self.0.open();
+        }
+    }
+
+    /// A hang guard for waits that must end: generous, not a timing assertion.
+    const GUARD: Duration = Duration::from_secs(60);
+
+    /// A 100-byte line numbered `i`.
+    fn line(i: usize) -> Vec<u8> {
+        let mut l = format!("line {i:06} ").into_bytes();
+        l.resize(99, b'.');
+        l.push(b'\n');
+        l
+    }
+
+    #[test]
+    fn a_blocked_sink_caps_the_buffer_drops_whole_lines_and_reports_them_once_it_drains() {
+        const CAP: usize = 1000;
+        let (sink, calls) = GatedSink::new();
+        let (shared, guard) = start(Box::new(sink.clone()), CAP, false, GUARD).unwrap();
+        let _open = OpenOnDrop(sink.clone());
+        // The writer takes line 0 and blocks writing it: from here on nothing leaves the buffer.
+        shared.append(&line(0));
+        calls.recv_timeout(GUARD).expect("the writer never wrote");
+
+        let appended = 10 * CAP / 100;
+        for i in 1..=appended {
+            shared.append(&line(i));
+            let len = shared.buf().len();
+            assert!(len <= CAP, "buffer at {len} bytes, over its cap of {CAP}");
+            assert_eq!(len % 100, 0, "a partial line in the buffer");
+        }
+        let kept = CAP / 100;
+        assert_eq!(shared.dropped.load(Ordering::Relaxed), (appended - kept) as u64);
+
+        // Unblocked, the writer writes what it holds, then says what it could not.
+        sink.open();
+        let notice = format!(
+            "  WARN tokengate::logging: dropped {} log lines: stdout was blocked or failing\n",
+            appended - kept
+        );
+        while !sink.text().contains(&notice) {
+            calls.recv_timeout(GUARD).expect("no drop notice once the sink drained");
+        }
+        assert!(guard.finish(), "the final flush gave up on a sink that drains");
+
+        let text = sink.text();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 1 + kept + 1, "{text}");
+        for (i, l) in lines[..=kept].iter().enumerate() {
+            assert_eq!(format!("{l}\n").as_bytes(), line(i), "lines in order and whole");
+        }
+        assert!(lines[kept + 1].starts_with("20") && text.ends_with(&notice), "{text}");
+    }
+
+    #[test]
+    fn the_final_flush_gives_up_after_its_bound_when_the_sink_never_drains() {
+        let (sink, calls) = GatedSink::new();
+        let (shared, guard) = start(Box::new(sink.clone()), 1000, false, Duration::from_millis(50)).unwrap();
+        shared.append(&line(0));
+        calls.recv_timeout(GUARD).expect("the writer never wrote");
+        shared.append(&line(1));
+
+        // finish() on a thread of its own, so a flush that waits forever fails this test instead
+        // of hanging it.
+        let (tx, finished) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(guard.finish());
+        });
+        let flushed = finished.recv_timeout(GUARD).expect("the final flush did not return");
+        assert!(!flushed, "reported a flush that cannot have happened");
+        sink.open(); // lets the abandoned writer thread end
+    }
+
+    #[test]
+    fn write_errors_count_the_lines_not_written() {
+        struct Fails(usize);
+        impl Write for Fails {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                match self.0 {
+                    0 => Err(std::io::ErrorKind::BrokenPipe.into()),
+                    n => {
+                        let n = n.min(bytes.len());
+                        self.0 -= n;
+                        Ok(n)
+                    }
+                }
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let three = [line(0), line(1), line(2)].concat();
+        assert_eq!(write_whole(&mut Fails(300), &three), Ok(()));
+        assert_eq!(write_whole(&mut Fails(150), &three), Err(2), "a line cut short is lost");
+        assert_eq!(write_whole(&mut Fails(0), &three), Err(3));
+    }
+
+    #[test]
+    fn drop_notices_in_text_and_json() {
+        let text = String::from_utf8(drop_notice(42, false, 1_795_777_160_123_456)).unwrap();
+        assert_eq!(
+            text,
+            "2026-11-27T10:59:20.123456Z  WARN tokengate::logging: dropped 42 log lines: stdout was blocked or failing\n"
+        );
+        let json: serde_json::Value = serde_json::from_slice(&drop_notice(42, true, 1_795_777_160_123_456)).unwrap();
+        assert_eq!(json["level"], "WARN");
+        assert_eq!(json["target"], "tokengate::logging");
+        assert_eq!(json["dropped_lines"], 42);
+        assert_eq!(json["message"], "dropped 42 log lines: stdout was blocked or failing");
     }
 
     #[test]

@@ -108,7 +108,10 @@ fn run(path: Option<PathBuf>, log_format: Option<LogFormatArg>) -> anyhow::Resul
         Some(LogFormatArg::Json) => LogFormat::Json,
         None => config.log.format,
     };
-    let _log = tokengate::logging::init(format);
+    // The final flush waits at most the shutdown grace for a stdout nobody reads, then gives up:
+    // a blocked log must not keep the process from exiting.
+    let _log =
+        tokengate::logging::init(format, config.server.shutdown_grace).context("cannot start the log writer thread")?;
     // One worker: a current-thread runtime does the same work without the multi-thread
     // scheduler's hand-offs (the main thread is the worker; Argon2 still goes to the blocking pool).
     let mut runtime = match config.server.worker_threads {
@@ -123,21 +126,27 @@ fn run(path: Option<PathBuf>, log_format: Option<LogFormatArg>) -> anyhow::Resul
     let runtime = runtime.enable_all().build().context("cannot start the tokio runtime")?;
     runtime.block_on(async move {
         let gateway = Gateway::new(config, Arc::new(SystemClock))?;
+        // Handlers before the listening line: a SIGTERM right after it must drain, not kill.
+        let signal = shutdown_signal()?;
         let running = gateway.start().await?;
-        wait_for_signal().await?;
+        signal.await;
         tracing::info!("shutdown signal received; draining");
         running.shutdown().await;
         Ok(())
     })
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
+/// Installs the SIGTERM and SIGINT handlers now; the future completes on the first of them.
+fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => r.context("cannot install the SIGINT handler"),
-        _ = term.recv() => Ok(()),
-    }
+    let mut int = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
 }
 
 fn hash_password() -> anyhow::Result<()> {

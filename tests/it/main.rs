@@ -1,5 +1,6 @@
 //! Integration tests: the real gateway in-process over real TLS, bound to port 0, in front of real
-//! in-process upstreams. One binary; each file is a module.
+//! in-process upstreams; and the built binary as a child process where only a process shows the
+//! behaviour (signals, exit codes, RSS, a blocked stdout). One binary; each file is a module.
 
 // Test code: an unexpected Err should fail the test loudly, helpers included.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -10,5 +11,6 @@ mod config_errors;
 mod enforcement;
 mod forwarding;
 mod hardening;
+mod process;
 mod server;
 mod token_endpoint;

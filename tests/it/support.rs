@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod logs;
+pub mod process;
 pub mod upstream;
 
 use std::path::PathBuf;
