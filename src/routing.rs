@@ -509,6 +509,77 @@ mod tests {
         assert_eq!(err, DuplicateRoute { index: 2, earlier: 0 });
     }
 
+    mod properties {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        /// Paths made of the characters that matter to normalization.
+        fn tricky_path() -> impl Strategy<Value = String> {
+            proptest::collection::vec(
+                prop_oneof![
+                    Just("/"),
+                    Just("."),
+                    Just(".."),
+                    Just("%2e"),
+                    Just("%2E"),
+                    Just("%2f"),
+                    Just("%5c"),
+                    Just("%00"),
+                    Just("%"),
+                    Just("%4"),
+                    Just("%41"),
+                    Just(";"),
+                    Just("a"),
+                    Just("\\"),
+                    Just("\u{e9}"),
+                    Just("~"),
+                    Just("%7e"),
+                    Just("//"),
+                ],
+                0..16,
+            )
+            .prop_map(|parts| format!("/{}", parts.concat()))
+        }
+
+        proptest! {
+            #[test]
+            fn normalization_never_panics_on_any_input(raw in ".*") {
+                let _ = normalize_path(&raw);
+            }
+
+            #[test]
+            fn normalization_is_idempotent(raw in tricky_path()) {
+                if let Ok(once) = normalize_path(&raw) {
+                    let twice = normalize_path(&once);
+                    prop_assert_eq!(twice.as_deref(), Ok(once.as_str()));
+                    prop_assert!(once.starts_with('/'));
+                    prop_assert!(!once.contains("//"));
+                    prop_assert!(!once.split('/').any(|s| s == "." || s == ".."));
+                }
+            }
+
+            #[test]
+            fn host_parsing_never_panics(target in ".{0,40}", hosts in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..40), 0..3)) {
+                let uri: Uri = target.parse().unwrap_or_else(|_| Uri::from_static("/"));
+                let mut h = HeaderMap::new();
+                for v in hosts {
+                    if let Ok(v) = HeaderValue::from_bytes(&v) {
+                        h.append(http::header::HOST, v);
+                    }
+                }
+                for version in [Version::HTTP_10, Version::HTTP_11, Version::HTTP_2] {
+                    let _ = request_authority(version, &uri, &h);
+                }
+            }
+
+            #[test]
+            fn route_resolution_never_panics(host in ".{0,30}", path in tricky_path()) {
+                let t = RouteTable::new([(None, "/a"), (Some("h.example"), "/")]).unwrap();
+                let _ = t.resolve(Some(&host), &path);
+            }
+        }
+    }
+
     #[test]
     fn canonical_prefixes_have_no_trailing_slash() {
         assert_eq!(canonical_prefix("/api/").unwrap(), "/api");

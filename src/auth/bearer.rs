@@ -112,6 +112,16 @@ mod tests {
         assert!(!is_b64token(b""));
     }
 
+    proptest::proptest! {
+        #[test]
+        fn bearer_parsing_never_panics(value in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200)) {
+            if let Ok(Some(t)) = parse_bearer(&value) {
+                proptest::prop_assert!(!t.is_empty() && !t.contains(' '));
+            }
+            let _ = is_b64token(&value);
+        }
+    }
+
     #[test]
     fn two_authorization_headers_are_refused() {
         let mut h = HeaderMap::new();

@@ -208,6 +208,23 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        #[test]
+        fn basic_credentials_parsing_never_panics(value in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200)) {
+            let _ = parse_basic(Some(&value));
+            let mut prefixed = b"Basic ".to_vec();
+            prefixed.extend_from_slice(&value);
+            let _ = parse_basic(Some(&prefixed));
+        }
+
+        #[test]
+        fn basic_credentials_round_trip(id in "[ -~]{1,20}", secret in "[ -~]{0,20}") {
+            let enc = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+            let v = format!("Basic {}", STANDARD.encode(format!("{}:{}", enc(&id), enc(&secret))));
+            proptest::prop_assert_eq!(parse_basic(Some(v.as_bytes())).unwrap(), Some((id, secret)));
+        }
+    }
+
     #[test]
     fn basic_header_parsing() {
         let v = format!("Basic {}", STANDARD.encode("my%20id:p%3Ass"));
