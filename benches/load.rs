@@ -475,6 +475,7 @@ scopes = ["orders:read"]
     let config = tokengate::Config::from_toml(&toml, &repo, "load.toml").unwrap_or_else(|e| panic!("{e}"));
     let _log = tokengate::logging::init_to(
         tokengate::config::LogFormat::Text,
+        "info",
         Box::new(std::io::sink()),
         Duration::from_secs(5),
     )

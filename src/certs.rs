@@ -13,9 +13,30 @@ use rcgen::{
     KeyPair, KeyUsagePurpose,
 };
 
+/// The files [`generate`] writes.
+pub const FILES: [&str; 5] = [
+    "ca.pem",
+    "ca-key.pem",
+    "localhost.pem",
+    "localhost-key.pem",
+    "dev-jwt-secret",
+];
+
 /// Writes ca.pem, ca-key.pem, localhost.pem, localhost-key.pem and dev-jwt-secret into `dir`.
-pub fn generate(dir: &Path) -> anyhow::Result<()> {
+/// Without `force`, refuses to overwrite any of them (a CA key replaced by mistake invalidates
+/// every certificate it signed).
+pub fn generate(dir: &Path, force: bool) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    if !force {
+        let existing: Vec<&str> = FILES.iter().copied().filter(|f| dir.join(f).exists()).collect();
+        if !existing.is_empty() {
+            anyhow::bail!(
+                "{} already holds {}; pass --force to overwrite",
+                dir.display(),
+                existing.join(", ")
+            );
+        }
+    }
 
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);

@@ -262,6 +262,8 @@ pub enum LogFormat {
 #[derive(Debug, Clone)]
 pub struct LogSettings {
     pub format: LogFormat,
+    /// A tracing filter directive ("info", "warn,tokengate::access=off"); RUST_LOG wins when set.
+    pub level: String,
 }
 
 /// hyper's HTTP/1.1 read buffer cannot be smaller than 8 KiB.
@@ -822,6 +824,11 @@ fn validate(file: FileConfig, base_dir: &Path) -> Result<Config, Vec<Problem>> {
         }
     };
 
+    let level = file.log.level.clone().unwrap_or_else(|| "info".to_owned());
+    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&level) {
+        c.fail("log.level", format!("{level:?} is not a log filter ({e})"));
+    }
+
     if !c.problems.is_empty() {
         return Err(c.problems);
     }
@@ -870,7 +877,7 @@ fn validate(file: FileConfig, base_dir: &Path) -> Result<Config, Vec<Problem>> {
         clients,
         users,
         routes,
-        log: LogSettings { format },
+        log: LogSettings { format, level },
         scopes: universe,
     })
 }

@@ -21,6 +21,7 @@ pub mod ids;
 pub mod logging;
 pub mod oauth;
 pub mod proxy;
+pub mod reload;
 pub mod routing;
 pub mod scope;
 pub mod server;
@@ -36,7 +37,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 pub use clock::{Clock, ManualClock, SharedClock, SystemClock};
@@ -44,7 +45,7 @@ pub use config::Config;
 
 use crate::auth::RevokedSessions;
 use crate::oauth::limiter::LoginLimiter;
-use crate::server::{ConnSettings, Phase};
+use crate::server::Phase;
 use crate::service::App;
 use crate::snapshot::Snapshot;
 use crate::state::State;
@@ -66,7 +67,7 @@ impl Gateway {
             clock: clock.clone(),
         });
         let argon2_concurrency = std::thread::available_parallelism().map_or(2, |n| n.get());
-        let snapshot = Snapshot::build(config, 1, revoked, clock, argon2_concurrency)?;
+        let snapshot = Snapshot::build(config, 1, None, revoked, clock, argon2_concurrency)?;
         let prefix = u32::from_le_bytes(crypto::random_bytes::<4>()?);
         let app = Arc::new(App::new(snapshot, state, prefix));
         Ok(Gateway { app })
@@ -81,9 +82,14 @@ impl Gateway {
     pub async fn start(self) -> anyhow::Result<RunningGateway> {
         let snapshot = self.app.snapshot();
         let server = &snapshot.config.server;
-        let tls = server
+        let resolver = server
             .tls
             .as_ref()
+            .map(server::tls::CertResolver::new)
+            .transpose()
+            .context("server.tls")?;
+        let tls = resolver
+            .clone()
             .map(server::tls::acceptor)
             .transpose()
             .context("server.tls")?;
@@ -99,17 +105,12 @@ impl Gateway {
         let (phase_tx, phase_rx) = watch::channel(Phase::Running);
         let (alive_tx, alive_rx) = mpsc::channel::<()>(1);
         let ready = Arc::new(AtomicBool::new(false));
-        let settings = ConnSettings {
-            handshake_timeout: server.handshake_timeout,
-            header_read_timeout: server.header_read_timeout,
-            max_header_bytes: server.max_header_bytes,
-        };
+        let slots = server::Slots::new(server.max_connections);
         let accept = tokio::spawn(server::accept_loop(
             listener,
             self.app.clone(),
             tls,
-            settings,
-            Arc::new(Semaphore::new(server.max_connections)),
+            slots.clone(),
             phase_rx.clone(),
             alive_tx,
         ));
@@ -122,6 +123,8 @@ impl Gateway {
             addr,
             admin_addr,
             app: self.app,
+            tls: resolver,
+            slots,
             phase: phase_tx,
             ready,
             alive: alive_rx,
@@ -156,6 +159,8 @@ pub struct RunningGateway {
     pub addr: SocketAddr,
     pub admin_addr: SocketAddr,
     app: Arc<App>,
+    tls: Option<Arc<server::tls::CertResolver>>,
+    slots: Arc<server::Slots>,
     phase: watch::Sender<Phase>,
     ready: Arc<AtomicBool>,
     alive: mpsc::Receiver<()>,
@@ -176,6 +181,15 @@ pub enum Drained {
 impl RunningGateway {
     pub fn app(&self) -> &Arc<App> {
         &self.app
+    }
+
+    /// Applies a new, validated config without dropping anyone: the Snapshot (routes, clients,
+    /// users, scopes, keys, token settings) is swapped in one step, new handshakes get the new
+    /// certificate, the log level and `max_connections` follow. Sessions, connections and
+    /// unchanged upstream pools are kept. Keys only a restart applies keep their running values
+    /// and are named in the result. On error nothing has changed.
+    pub fn reload(&self, config: Config) -> anyhow::Result<reload::Reloaded> {
+        reload::apply(&self.app, self.tls.as_deref(), &self.slots, config)
     }
 
     /// Graceful shutdown: /readyz turns 503, the listener closes (new connections are refused),

@@ -227,27 +227,67 @@ pub fn dropped_lines() -> u64 {
 }
 
 /// Installs the global subscriber, writing to stdout; the final flush waits at most
-/// `flush_within` for a stdout that does not take the lines.
-pub fn init(format: LogFormat, flush_within: Duration) -> std::io::Result<LogGuard> {
-    init_to(format, Box::new(std::io::stdout()), flush_within)
+/// `flush_within` for a stdout that does not take the lines. `level` is the config's `log.level`
+/// (RUST_LOG, when set, wins).
+pub fn init(format: LogFormat, level: &str, flush_within: Duration) -> std::io::Result<LogGuard> {
+    init_to(format, level, Box::new(std::io::stdout()), flush_within)
 }
+
+/// Changes the level filter of a running process (config reload). With RUST_LOG set, the
+/// environment keeps deciding and this says so.
+pub fn set_level(level: &str) -> Result<(), String> {
+    if std::env::var_os("RUST_LOG").is_some() {
+        return Err("RUST_LOG is set and decides the log level".into());
+    }
+    let filter = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+    match RELOAD_FILTER.get() {
+        Some(reload) => reload(filter),
+        None => Err("logging is not initialised".into()),
+    }
+}
+
+type ReloadFilter = Box<dyn Fn(EnvFilter) -> Result<(), String> + Send + Sync>;
+
+static RELOAD_FILTER: OnceLock<ReloadFilter> = OnceLock::new();
 
 /// Installs the global subscriber, writing to `sink` (the load bench discards its lines but still
 /// pays for formatting them).
-pub fn init_to(format: LogFormat, sink: Box<dyn Write + Send>, flush_within: Duration) -> std::io::Result<LogGuard> {
+pub fn init_to(
+    format: LogFormat,
+    level: &str,
+    sink: Box<dyn Write + Send>,
+    flush_within: Duration,
+) -> std::io::Result<LogGuard> {
     let json = format == LogFormat::Json;
     let (shared, guard) = start(sink, BUFFER_CAP, json, flush_within)?;
     let writer = BufferedWriter(shared.clone());
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer)
         .with_ansi(false);
     // A second init (only possible in tests and benches) keeps the first subscriber and sink.
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    let installed = match format {
+        LogFormat::Text => {
+            let builder = builder.with_filter_reloading();
+            let handle = builder.reload_handle();
+            builder
+                .try_init()
+                .map(|()| -> ReloadFilter { Box::new(move |f| handle.reload(f).map_err(|e| e.to_string())) })
+        }
+        LogFormat::Json => {
+            let builder = builder.json().flatten_event(true).with_filter_reloading();
+            let handle = builder.reload_handle();
+            builder
+                .try_init()
+                .map(|()| -> ReloadFilter { Box::new(move |f| handle.reload(f).map_err(|e| e.to_string())) })
+        }
     };
+    if let Ok(reload) = installed {
+        let _ = RELOAD_FILTER.set(reload);
+    }
     let _ = ACCESS_SINK.set(AccessSink { shared, json });
     Ok(guard)
 }

@@ -46,6 +46,9 @@ enum Command {
     GenCerts {
         #[arg(long)]
         out: PathBuf,
+        /// Overwrite files already in DIR (by default an existing CA key is never replaced).
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -57,7 +60,7 @@ fn main() -> ExitCode {
         Command::Run => run(cli.config, cli.log_format),
         Command::Check => return check(cli.config),
         Command::HashPassword => hash_password(),
-        Command::GenCerts { out } => tokengate::certs::generate(&out).map(|()| {
+        Command::GenCerts { out, force } => tokengate::certs::generate(&out, force).map(|()| {
             println!(
                 "wrote ca.pem, ca-key.pem, localhost.pem, localhost-key.pem, dev-jwt-secret to {}",
                 out.display()
@@ -102,7 +105,8 @@ fn check(path: Option<PathBuf>) -> ExitCode {
 }
 
 fn run(path: Option<PathBuf>, log_format: Option<LogFormatArg>) -> anyhow::Result<()> {
-    let config = Config::load(&config_path(path)?)?;
+    let path = config_path(path)?;
+    let config = Config::load(&path)?;
     let format = match log_format {
         Some(LogFormatArg::Text) => LogFormat::Text,
         Some(LogFormatArg::Json) => LogFormat::Json,
@@ -110,8 +114,8 @@ fn run(path: Option<PathBuf>, log_format: Option<LogFormatArg>) -> anyhow::Resul
     };
     // The final flush waits at most the shutdown grace for a stdout nobody reads, then gives up:
     // a blocked log must not keep the process from exiting.
-    let _log =
-        tokengate::logging::init(format, config.server.shutdown_grace).context("cannot start the log writer thread")?;
+    let _log = tokengate::logging::init(format, &config.log.level, config.server.shutdown_grace)
+        .context("cannot start the log writer thread")?;
     // One worker: a current-thread runtime does the same work without the multi-thread
     // scheduler's hand-offs (the main thread is the worker; Argon2 still goes to the blocking pool).
     let mut runtime = match config.server.worker_threads {
@@ -126,27 +130,70 @@ fn run(path: Option<PathBuf>, log_format: Option<LogFormatArg>) -> anyhow::Resul
     let runtime = runtime.enable_all().build().context("cannot start the tokio runtime")?;
     runtime.block_on(async move {
         let gateway = Gateway::new(config, Arc::new(SystemClock))?;
-        // Handlers before the listening line: a SIGTERM right after it must drain, not kill.
-        let signal = shutdown_signal()?;
+        // Handlers before the listening line: a signal right after it must be handled, not kill.
+        let mut signals = Signals::install()?;
         let running = gateway.start().await?;
-        signal.await;
+        while let Signal::Reload = signals.next().await {
+            reload(&running, &path);
+        }
         tracing::info!("shutdown signal received; draining");
         running.shutdown().await;
         Ok(())
     })
 }
 
-/// Installs the SIGTERM and SIGINT handlers now; the future completes on the first of them.
-fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()>> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
-    Ok(async move {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
+/// Re-reads the config file and applies it whole, or changes nothing and logs every problem the
+/// way `tokengate check` prints them.
+fn reload(running: &tokengate::RunningGateway, path: &std::path::Path) {
+    tracing::info!(config = %path.display(), "SIGHUP: reloading the config");
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            for problem in &e.problems {
+                tracing::error!(config = %e.source_name, "{problem}");
+            }
+            tracing::error!(
+                config = %e.source_name,
+                errors = e.problems.len(),
+                "config reload refused; the running config is unchanged"
+            );
+            return;
         }
-    })
+    };
+    if let Err(e) = running.reload(config) {
+        tracing::error!(error = %format!("{e:#}"), "config reload failed; the running config is unchanged");
+    }
+}
+
+enum Signal {
+    Reload,
+    Stop,
+}
+
+/// SIGTERM and SIGINT stop the gateway (after draining); SIGHUP reloads its config.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?,
+            hup: signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?,
+        })
+    }
+
+    async fn next(&mut self) -> Signal {
+        tokio::select! {
+            _ = self.term.recv() => Signal::Stop,
+            _ = self.int.recv() => Signal::Stop,
+            _ = self.hup.recv() => Signal::Reload,
+        }
+    }
 }
 
 fn hash_password() -> anyhow::Result<()> {

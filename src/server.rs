@@ -44,6 +44,42 @@ pub async fn reached(rx: &mut watch::Receiver<Phase>, at_least: Phase) {
     let _ = rx.wait_for(|p| *p >= at_least).await;
 }
 
+/// The `max_connections` slots: a semaphore whose size a config reload can change.
+pub struct Slots {
+    semaphore: Arc<Semaphore>,
+    capacity: std::sync::Mutex<usize>,
+}
+
+impl Slots {
+    pub fn new(capacity: usize) -> Arc<Slots> {
+        Arc::new(Slots {
+            semaphore: Arc::new(Semaphore::new(capacity)),
+            capacity: std::sync::Mutex::new(capacity),
+        })
+    }
+
+    /// Grows at once; shrinks as connections close (slots in use are never taken back).
+    pub fn resize(&self, capacity: usize) {
+        let Ok(mut current) = self.capacity.lock() else { return };
+        if capacity > *current {
+            self.semaphore.add_permits(capacity - *current);
+        } else if capacity < *current {
+            let excess = *current - capacity;
+            let forgotten = self.semaphore.forget_permits(excess);
+            if forgotten < excess {
+                let semaphore = self.semaphore.clone();
+                let rest = (excess - forgotten) as u32;
+                tokio::spawn(async move {
+                    if let Ok(p) = semaphore.acquire_many_owned(rest).await {
+                        p.forget();
+                    }
+                });
+            }
+        }
+        *current = capacity;
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct ConnSettings {
     pub handshake_timeout: Duration,
@@ -52,20 +88,29 @@ pub struct ConnSettings {
     pub max_header_bytes: usize,
 }
 
+impl From<&crate::config::ServerSettings> for ConnSettings {
+    fn from(s: &crate::config::ServerSettings) -> Self {
+        ConnSettings {
+            handshake_timeout: s.handshake_timeout,
+            header_read_timeout: s.header_read_timeout,
+            max_header_bytes: s.max_header_bytes,
+        }
+    }
+}
+
 /// Accepts until draining starts. `_alive` is held by every connection task, so the receiver side
 /// learns when the last one has finished.
 pub async fn accept_loop(
     listener: TcpListener,
     app: Arc<App>,
     tls: Option<TlsAcceptor>,
-    settings: ConnSettings,
-    slots: Arc<Semaphore>,
+    slots: Arc<Slots>,
     mut phase: watch::Receiver<Phase>,
     alive: mpsc::Sender<()>,
 ) {
     loop {
         let permit = tokio::select! {
-            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+            p = slots.semaphore.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
             _ = reached(&mut phase, Phase::Draining) => return,
         };
         let (stream, peer) = tokio::select! {
@@ -81,9 +126,10 @@ pub async fn accept_loop(
             _ = reached(&mut phase, Phase::Draining) => return,
         };
         let _ = stream.set_nodelay(true);
+        // Each connection takes the settings of the config current when it was accepted.
+        let settings = ConnSettings::from(&app.snapshot().config.server);
         let app = app.clone();
         let tls = tls.clone();
-        let settings = settings.clone();
         let phase = phase.clone();
         let alive = alive.clone();
         tokio::spawn(async move {

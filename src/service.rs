@@ -96,6 +96,12 @@ impl App {
         self.snapshot.load_full()
     }
 
+    /// Makes `snapshot` the one new requests see, in one step; requests in flight finish with
+    /// the Snapshot they loaded.
+    pub fn install(&self, snapshot: Snapshot) {
+        self.snapshot.store(Arc::new(snapshot));
+    }
+
     pub fn state(&self) -> &Arc<State> {
         &self.state
     }

@@ -47,10 +47,22 @@ pub struct Snapshot {
     pub validator: Validator,
 }
 
+/// Whether two routes reach their upstream the same way, so the new one can keep the old one's
+/// connection pool across a reload.
+fn same_upstream(a: &RouteSettings, b: &RouteSettings) -> bool {
+    a.upstream == b.upstream
+        && a.ca_file == b.ca_file
+        && a.connect_timeout == b.connect_timeout
+        && a.timeout == b.timeout
+}
+
 impl Snapshot {
+    /// Builds a Snapshot; with `previous`, routes whose upstream is reached the same way keep the
+    /// previous Snapshot's upstream client (and its pooled connections).
     pub fn build(
         config: Config,
         generation: u64,
+        previous: Option<&Snapshot>,
         revoked: Arc<RevokedSessions>,
         clock: SharedClock,
         argon2_concurrency: usize,
@@ -67,9 +79,18 @@ impl Snapshot {
             .iter()
             .enumerate()
             .map(|(i, r)| {
-                let forwarder = Forwarder::new(r)
-                    .with_context(|| format!("routes[{i}]: cannot set up the upstream client"))?
-                    .map(Arc::new);
+                let kept = previous.and_then(|p| {
+                    p.routes
+                        .iter()
+                        .find(|old| old.forwarder.is_some() && same_upstream(&old.settings, r))
+                        .and_then(|old| old.forwarder.clone())
+                });
+                let forwarder = match kept {
+                    Some(f) => Some(f),
+                    None => Forwarder::new(r)
+                        .with_context(|| format!("routes[{i}]: cannot set up the upstream client"))?
+                        .map(Arc::new),
+                };
                 Ok(Route {
                     label: r.path_prefix.as_str().into(),
                     settings: r.clone(),

@@ -118,4 +118,5 @@ pub struct RouteFile {
 #[serde(deny_unknown_fields)]
 pub struct LogFile {
     pub format: Option<String>,
+    pub level: Option<String>,
 }

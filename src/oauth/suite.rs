@@ -90,7 +90,7 @@ impl Harness {
         let shared: SharedClock = clock.clone();
         let revoked = Arc::new(RevokedSessions::with_leeway(config.tokens.leeway.as_secs()));
         let store = make(revoked.clone(), config.tokens.reuse_grace.as_millis() as u64);
-        let snap = Snapshot::build(config, 1, revoked.clone(), shared.clone(), 2).unwrap();
+        let snap = Snapshot::build(config, 1, None, revoked.clone(), shared.clone(), 2).unwrap();
         Harness {
             snap,
             state: State {
@@ -106,7 +106,15 @@ impl Harness {
     pub fn with_snapshot(&mut self, config: Config) {
         let generation = self.snap.generation + 1;
         let clock: SharedClock = self.clock.clone();
-        self.snap = Snapshot::build(config, generation, self.state.revoked.clone(), clock, 2).unwrap();
+        self.snap = Snapshot::build(
+            config,
+            generation,
+            Some(&self.snap),
+            self.state.revoked.clone(),
+            clock,
+            2,
+        )
+        .unwrap();
     }
 
     fn server(&self) -> OAuthServer<'_> {

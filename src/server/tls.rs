@@ -3,17 +3,64 @@
 
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use rustls::ServerConfig;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::{TlsSettings, read_certs};
 
-pub fn acceptor(tls: &TlsSettings) -> anyhow::Result<TlsAcceptor> {
+/// The server's certificate, replaceable while it serves: each new handshake takes the current
+/// one; established connections keep the one they were made with.
+#[derive(Debug)]
+pub struct CertResolver {
+    current: ArcSwap<CertifiedKey>,
+}
+
+impl CertResolver {
+    pub fn new(tls: &TlsSettings) -> anyhow::Result<Arc<CertResolver>> {
+        Ok(Arc::new(CertResolver {
+            current: ArcSwap::from_pointee(certified_key(tls)?),
+        }))
+    }
+
+    /// Serves `tls`'s certificate to the next handshakes.
+    pub fn replace(&self, tls: &TlsSettings) -> anyhow::Result<()> {
+        self.current.store(Arc::new(certified_key(tls)?));
+        Ok(())
+    }
+
+    /// The current certificate's notAfter, in seconds since the epoch.
+    pub fn not_after(&self) -> Option<i64> {
+        let cert = self.current.load();
+        let leaf = cert.cert.first()?;
+        let (_, parsed) = x509_parser::parse_x509_certificate(leaf).ok()?;
+        Some(parsed.validity().not_after.timestamp())
+    }
+}
+
+impl ResolvesServerCert for CertResolver {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.load_full())
+    }
+}
+
+fn certified_key(tls: &TlsSettings) -> anyhow::Result<CertifiedKey> {
+    let provider = rustls::crypto::aws_lc_rs::default_provider();
+    let key = provider.key_provider.load_private_key(tls.key.clone_key())?;
+    let ck = CertifiedKey::new(tls.cert_chain.clone(), key);
+    ck.keys_match()?;
+    Ok(ck)
+}
+
+/// The TLS acceptor of the main listener, resolving its certificate through `resolver`.
+pub fn acceptor(resolver: Arc<CertResolver>) -> anyhow::Result<TlsAcceptor> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_no_client_auth()
-        .with_single_cert(tls.cert_chain.clone(), tls.key.clone_key())?;
+        .with_cert_resolver(resolver);
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
 }

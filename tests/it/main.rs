@@ -12,5 +12,6 @@ mod enforcement;
 mod forwarding;
 mod hardening;
 mod process;
+mod reload;
 mod server;
 mod token_endpoint;
