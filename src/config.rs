@@ -243,6 +243,12 @@ pub struct RouteSettings {
     pub timeout: Duration,
     /// Extra trust anchors for an https upstream (else the system roots).
     pub ca_file: Option<PathBuf>,
+    /// Connections to the upstream that may exist at once (idle or busy); as many requests again
+    /// may wait for one.
+    pub max_connections: usize,
+    /// An idle upstream connection is not reused after this long (nor past the upstream's own
+    /// `Keep-Alive: timeout`), and is closed.
+    pub idle_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -258,6 +264,11 @@ pub struct LogSettings {
 
 pub const DEFAULT_TOKEN_PATH: &str = "/api/oauth2/token";
 pub const DEFAULT_REVOKE_PATH: &str = "/api/oauth2/revoke";
+pub const DEFAULT_UPSTREAM_MAX_CONNECTIONS: usize = 256;
+const MAX_UPSTREAM_CONNECTIONS: usize = 1_000_000;
+/// Below the 5 s that common application servers (uvicorn, gunicorn, Node) keep an idle
+/// connection, so the gateway stops reusing one before the upstream closes it.
+pub const DEFAULT_UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 
 /// Parses "900s", "15m", "1d", "250ms", "2h".
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -741,6 +752,35 @@ fn validate(file: FileConfig, base_dir: &Path) -> Result<Config, Vec<Problem>> {
                 c.fail(format!("{key}.ca_file"), reason);
             }
         }
+        let max_connections = c.positive(
+            &format!("{key}.max_connections"),
+            f.max_connections,
+            DEFAULT_UPSTREAM_MAX_CONNECTIONS as u64,
+        ) as usize;
+        if max_connections > MAX_UPSTREAM_CONNECTIONS {
+            c.fail(
+                format!("{key}.max_connections"),
+                format!("{max_connections} is more than {MAX_UPSTREAM_CONNECTIONS} (no open-file limit allows it)"),
+            );
+        }
+        let idle_timeout = c.duration(
+            &format!("{key}.idle_timeout"),
+            f.idle_timeout.as_deref(),
+            DEFAULT_UPSTREAM_IDLE_TIMEOUT,
+        );
+        if upstream == Upstream::Echo {
+            for (name, set) in [
+                ("max_connections", f.max_connections.is_some()),
+                ("idle_timeout", f.idle_timeout.is_some()),
+            ] {
+                if set {
+                    c.fail(
+                        format!("{key}.{name}"),
+                        "only applies to an http:// or https:// upstream",
+                    );
+                }
+            }
+        }
         routes.push(RouteSettings {
             path_prefix,
             host,
@@ -753,6 +793,8 @@ fn validate(file: FileConfig, base_dir: &Path) -> Result<Config, Vec<Problem>> {
             connect_timeout,
             timeout,
             ca_file,
+            max_connections,
+            idle_timeout,
         });
     }
     if let Err(dup) = RouteTable::new(routes.iter().map(|r| (r.host.as_deref(), r.path_prefix.as_str()))) {
@@ -1124,6 +1166,49 @@ signing = { secret = "env:TOKENGATE_TEST_SECRET_FOR_UNIT_TESTS" }
                 .any(|m| m.starts_with("users[0].password_hash: is not a PHC string")),
             "{p:?}"
         );
+    }
+
+    #[test]
+    fn upstream_pool_keys_have_defaults_and_are_checked() {
+        let c = load("[[routes]]\npath_prefix = \"/a\"\nupstream = \"http://127.0.0.1:9\"\n").unwrap();
+        assert_eq!(c.routes[0].max_connections, 256);
+        assert_eq!(c.routes[0].idle_timeout, Duration::from_secs(4));
+        let c = load(
+            "[[routes]]\npath_prefix = \"/a\"\nupstream = \"http://127.0.0.1:9\"\n\
+             max_connections = 2\nidle_timeout = \"0s\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.routes[0].max_connections, 2);
+        assert_eq!(c.routes[0].idle_timeout, Duration::ZERO);
+
+        let p = problems(
+            "[[routes]]\npath_prefix = \"/a\"\nupstream = \"http://127.0.0.1:9\"\n\
+             max_connections = 0\nidle_timeout = \"4\"\n\
+             [[routes]]\npath_prefix = \"/b\"\nupstream = \"http://127.0.0.1:9\"\nmax_connections = 2000000\n\
+             [[routes]]\npath_prefix = \"/c\"\nupstream = \"echo\"\nmax_connections = 5\nidle_timeout = \"1s\"\n",
+        );
+        assert!(
+            p.contains(&"routes[0].max_connections: 0 must be at least 1".to_owned()),
+            "{p:?}"
+        );
+        assert!(
+            p.iter()
+                .any(|m| m.starts_with("routes[0].idle_timeout: \"4\" is not a duration")),
+            "{p:?}"
+        );
+        assert!(
+            p.iter()
+                .any(|m| m.starts_with("routes[1].max_connections: 2000000 is more than 1000000")),
+            "{p:?}"
+        );
+        for key in ["max_connections", "idle_timeout"] {
+            assert!(
+                p.contains(&format!(
+                    "routes[2].{key}: only applies to an http:// or https:// upstream"
+                )),
+                "{p:?}"
+            );
+        }
     }
 
     #[test]

@@ -108,6 +108,8 @@ pub struct RouteFile {
     pub connect_timeout: Option<String>,
     pub timeout: Option<String>,
     pub ca_file: Option<String>,
+    pub max_connections: Option<i64>,
+    pub idle_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
