@@ -109,6 +109,7 @@ fn run(path: Option<PathBuf>, log_format: Option<LogFormatArg>) -> anyhow::Resul
         None => config.log.format,
     };
     let _log = tokengate::logging::init(format);
+    tokengate::server::open_files::raise_limit(&config);
     // One worker: a current-thread runtime does the same work without the multi-thread
     // scheduler's hand-offs (the main thread is the worker; Argon2 still goes to the blocking pool).
     let mut runtime = match config.server.worker_threads {
