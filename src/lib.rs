@@ -68,7 +68,7 @@ impl Gateway {
         let prefix = u32::from_le_bytes(
             oauth::issuer::random_bytes::<4>().map_err(|_| anyhow::anyhow!("the OS random generator failed"))?,
         );
-        let app = Arc::new(App::new(&config, validator, oauth, prefix)?);
+        let app = Arc::new(App::new(&config, validator, oauth, prefix, clock)?);
         Ok(Gateway { config, app })
     }
 
@@ -130,8 +130,9 @@ impl Gateway {
     }
 }
 
-/// Housekeeping: moka's pending tasks every second; sweeps of expired refresh state, login
-/// counters and revoked sessions every 30 seconds.
+/// Housekeeping: moka's pending tasks and the close of idle upstream connections past their
+/// reuse time every second; sweeps of expired refresh state, login counters and revoked sessions
+/// every 30 seconds.
 async fn maintain(app: Arc<App>, mut phase: watch::Receiver<Phase>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut n: u64 = 0;
@@ -141,6 +142,7 @@ async fn maintain(app: Arc<App>, mut phase: watch::Receiver<Phase>) {
             _ = server::reached(&mut phase, Phase::Closing) => return,
         }
         app.validator().run_pending_tasks();
+        app.sweep_upstreams();
         n += 1;
         if n % 30 == 0 {
             app.oauth().sweep();

@@ -25,9 +25,10 @@ use hyper::body::Incoming;
 use crate::auth::bearer::{BearerError, bearer_token};
 use crate::auth::validator::InvalidToken;
 use crate::auth::{AuthError, Validator, VerifiedToken};
+use crate::clock::SharedClock;
 use crate::config::{AuthPolicy, RouteSettings};
 use crate::oauth::{OAuthError, OAuthServer};
-use crate::proxy::forward::PooledBody;
+use crate::proxy::forward::{PoolStats, PooledBody, TunnelSlot};
 use crate::proxy::headers::{self, RequestContext, X_REQUEST_ID};
 use crate::proxy::{ForwardError, Forwarder, echo};
 use crate::routing::{PathError, RouteTable, normalize_path};
@@ -73,6 +74,8 @@ pub enum GatewayError {
     UpstreamUnavailable(String),
     /// 504: no response head within the route's timeout.
     UpstreamTimeout,
+    /// 503: every connection to the upstream busy and the route's wait queue full.
+    UpstreamQueueFull,
 }
 
 impl From<ForwardError> for GatewayError {
@@ -80,6 +83,7 @@ impl From<ForwardError> for GatewayError {
         match e {
             ForwardError::Unavailable(detail) => GatewayError::UpstreamUnavailable(detail),
             ForwardError::Timeout => GatewayError::UpstreamTimeout,
+            ForwardError::QueueFull => GatewayError::UpstreamQueueFull,
         }
     }
 }
@@ -200,6 +204,16 @@ pub fn error_response(e: &GatewayError) -> Response<ResponseBody> {
             "gateway_timeout",
             "the upstream did not answer in time",
         ),
+        GatewayError::UpstreamQueueFull => {
+            let mut r = json_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "service_unavailable",
+                "the upstream is at its connection limit; retry shortly",
+            );
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            r
+        }
     }
 }
 
@@ -276,6 +290,7 @@ impl App {
         validator: Arc<Validator>,
         oauth: OAuthServer,
         request_id_prefix: u32,
+        clock: SharedClock,
     ) -> anyhow::Result<Self> {
         let table = RouteTable::new(
             config
@@ -289,7 +304,7 @@ impl App {
             .iter()
             .enumerate()
             .map(|(i, r)| {
-                let forwarder = Forwarder::new(r)
+                let forwarder = Forwarder::new(r, clock.clone())
                     .map_err(|e| e.context(format!("routes[{i}]: cannot set up the upstream client")))?;
                 Ok(Route {
                     settings: r.clone(),
@@ -317,6 +332,23 @@ impl App {
         &self.validator
     }
 
+    /// Closes upstream connections idle past their reuse time (the maintenance loop, every second).
+    pub fn sweep_upstreams(&self) {
+        for forwarder in self.routes.iter().filter_map(|r| r.forwarder.as_ref()) {
+            forwarder.sweep();
+        }
+    }
+
+    /// The upstream connections of the first route with this `path_prefix` (`None`: no such route,
+    /// or the echo upstream).
+    pub fn upstream_stats(&self, path_prefix: &str) -> Option<PoolStats> {
+        self.routes
+            .iter()
+            .find(|r| r.settings.path_prefix == path_prefix)
+            .and_then(|r| r.forwarder.as_ref())
+            .map(Forwarder::stats)
+    }
+
     /// Serves one request; never fails (errors are responses), logs one access line.
     pub async fn handle(&self, req: Request<Incoming>, conn: &ConnInfo) -> Response<ResponseBody> {
         let started = Instant::now();
@@ -337,6 +369,13 @@ impl App {
                             route = route_label,
                             request_id = request_id.to_str().unwrap_or("-"),
                             "upstream timed out"
+                        )
+                    }
+                    GatewayError::UpstreamQueueFull => {
+                        tracing::warn!(
+                            route = route_label,
+                            request_id = request_id.to_str().unwrap_or("-"),
+                            "upstream connection queue full"
                         )
                     }
                     GatewayError::OAuth(OAuthError::Internal(detail)) => {
@@ -482,9 +521,10 @@ impl App {
                 Some(client_side) => {
                     let upstream_side = hyper::upgrade::on(&mut resp);
                     let slot = conn.slot.clone();
+                    let upstream_slot = resp.extensions_mut().remove::<TunnelSlot>();
                     tokio::spawn(async move {
                         tunnel(client_side, upstream_side).await;
-                        drop(slot);
+                        drop((slot, upstream_slot));
                     });
                 }
                 None => {

@@ -185,6 +185,25 @@ pub fn clean_response_headers(headers: &mut HeaderMap, switching_protocols: bool
     }
 }
 
+/// The `timeout=N` (seconds) of an upstream's `Keep-Alive` response header: when the upstream
+/// will close the connection if idle. The smallest if given more than once; `None` if absent or
+/// unreadable.
+pub fn keep_alive_timeout(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get_all(&KEEP_ALIVE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|param| {
+            let (name, value) = param.split_once('=')?;
+            if !name.trim().eq_ignore_ascii_case("timeout") {
+                return None;
+            }
+            value.trim().trim_matches('"').parse::<u64>().ok()
+        })
+        .min()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -297,5 +316,22 @@ mod tests {
         clean_response_headers(&mut h, false);
         assert_eq!(h.len(), 1);
         assert_eq!(h[header::CONTENT_TYPE], "text/plain");
+    }
+
+    #[test]
+    fn keep_alive_timeout_is_read_from_its_parameters() {
+        let ka = |values: &[&'static str]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append("keep-alive", hv(v));
+            }
+            keep_alive_timeout(&h)
+        };
+        assert_eq!(ka(&[]), None);
+        assert_eq!(ka(&["timeout=5, max=1000"]), Some(5));
+        assert_eq!(ka(&["max=3,Timeout = 2"]), Some(2));
+        assert_eq!(ka(&["timeout=\"7\""]), Some(7));
+        assert_eq!(ka(&["timeout=5", "timeout=3"]), Some(3));
+        assert_eq!(ka(&["timeout=-1", "timeout=x", "timeout"]), None);
     }
 }

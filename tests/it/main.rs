@@ -11,3 +11,4 @@ mod enforcement;
 mod forwarding;
 mod server;
 mod token_endpoint;
+mod upstream_pool;
