@@ -166,6 +166,9 @@ pub fn upstream_request_headers(mut headers: HeaderMap, ctx: &RequestContext<'_>
 }
 
 /// Strips hop-by-hop headers from an upstream response in place (kept for a 101 handshake).
+/// A response framed by Transfer-Encoding loses its Content-Length too (RFC 9112 §6.3: the
+/// encoding wins, and an intermediary removes the length before forwarding): the body is sent on
+/// with the client connection's own framing, and a stale length would cut it short.
 pub fn clean_response_headers(headers: &mut HeaderMap, switching_protocols: bool) {
     if switching_protocols {
         return;
@@ -175,11 +178,14 @@ pub fn clean_response_headers(headers: &mut HeaderMap, switching_protocols: bool
     } else {
         Vec::new()
     };
-    let doomed: Vec<HeaderName> = headers
+    let mut doomed: Vec<HeaderName> = headers
         .keys()
         .filter(|name| is_hop_by_hop(name) || named.contains(name))
         .cloned()
         .collect();
+    if doomed.contains(&header::TRANSFER_ENCODING) {
+        doomed.push(header::CONTENT_LENGTH);
+    }
     for name in &doomed {
         headers.remove(name);
     }
@@ -316,6 +322,19 @@ mod tests {
         clean_response_headers(&mut h, false);
         assert_eq!(h.len(), 1);
         assert_eq!(h[header::CONTENT_TYPE], "text/plain");
+    }
+
+    #[test]
+    fn a_response_with_transfer_encoding_loses_its_content_length() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_LENGTH, hv("5"));
+        h.insert(header::TRANSFER_ENCODING, hv("chunked"));
+        clean_response_headers(&mut h, false);
+        assert!(h.is_empty(), "{h:?}");
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_LENGTH, hv("5"));
+        clean_response_headers(&mut h, false);
+        assert_eq!(h[header::CONTENT_LENGTH], "5");
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The upstream connection pool: the per-route connection cap and its wait queue, idle timeouts
-//! (the route's and the upstream's `Keep-Alive`), and the retry of a body-less idempotent request
-//! whose reused connection died.
+//! (the route's and the upstream's `Keep-Alive`), the retry of a body-less idempotent request
+//! whose reused connection died, and response framing the upstream got wrong.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering::SeqCst;
@@ -14,7 +14,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 
-use crate::support::upstream::{self, Handler, Raw, RawUpstream, full};
+use crate::support::upstream::{self, Handler, RAW_BODY, Raw, RawUpstream, full};
 use crate::support::{self, Client, Proto, json};
 
 /// Guards against a hang: what the test waits for must happen well within this.
@@ -291,4 +291,16 @@ async fn a_get_whose_reused_connection_dies_is_retried_once_and_a_post_is_not() 
     let gw = support::start_with_routes("", &[("/dead", &dead.url(), "auth = \"none\"")]).await;
     assert_eq!(c.get(&gw.url("/dead"), &[]).await.status, 502);
     assert_eq!(dead.seen().requests.len(), 1, "{:?}", dead.seen());
+}
+
+#[tokio::test]
+async fn a_response_with_content_length_and_chunked_arrives_whole() {
+    let up = RawUpstream::start(Raw::LengthAndChunked).await;
+    let gw = support::start_with_routes("", &[("/both", &up.url(), "auth = \"none\"")]).await;
+    for proto in [Proto::Http1, Proto::Http2] {
+        let r = Client::new(proto).get(&gw.url("/both"), &[]).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.text(), RAW_BODY, "{proto:?}");
+        assert!(!r.headers.contains_key("content-length"), "{proto:?}: {:?}", r.headers);
+    }
 }

@@ -167,6 +167,8 @@ pub enum Raw {
     KeepAlive(&'static str),
     /// Closes each connection as soon as a request head arrives, without answering.
     NeverAnswers,
+    /// A chunked body under both `Content-Length: 5` and `Transfer-Encoding: chunked`.
+    LengthAndChunked,
 }
 
 /// A hand-written HTTP/1.1 upstream on raw TCP, for what a well-behaved server never does.
@@ -195,6 +197,8 @@ pub struct RawSeen {
     /// Requests that arrived on a connection after `close_idle` doomed it.
     pub on_doomed: usize,
 }
+
+pub const RAW_BODY: &str = "hello world, the whole body";
 
 impl RawUpstream {
     pub async fn start(behaviour: Raw) -> RawUpstream {
@@ -309,6 +313,15 @@ async fn raw_connection(mut stream: tokio::net::TcpStream, n: usize, behaviour: 
                     ""
                 };
                 format!("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n{extra}\r\nok")
+            }
+            Raw::LengthAndChunked => {
+                let (a, b) = RAW_BODY.split_at(5);
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n\
+                     {:x}\r\n{a}\r\n{:x}\r\n{b}\r\n0\r\n\r\n",
+                    a.len(),
+                    b.len()
+                )
             }
         };
         if stream.write_all(response.as_bytes()).await.is_err() {
