@@ -144,7 +144,9 @@ enum Lease {
 /// tunnel holds it for as long as the upgraded connection lives, so that the connection keeps
 /// counting against `max_connections` after hyper hands the socket over.
 #[derive(Clone)]
-pub struct TunnelSlot(#[allow(dead_code)] Arc<Slot>);
+pub struct TunnelSlot {
+    _held: Arc<Slot>,
+}
 
 impl Pool {
     fn lock(&self) -> MutexGuard<'_, PoolState> {
@@ -197,7 +199,8 @@ impl Pool {
             let vacancy = self.vacancy.notified();
             tokio::pin!(vacancy);
             vacancy.as_mut().enable();
-            if let Some(lease) = self.try_lease(&mut self.lock(), fresh) {
+            let lease = self.try_lease(&mut self.lock(), fresh);
+            if let Some(lease) = lease {
                 return Ok(lease);
             }
             if tokio::time::timeout_at(deadline, vacancy).await.is_err() {
@@ -363,7 +366,7 @@ impl Forwarder {
                 Ok(Ok(mut resp)) => {
                     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
                         if let Some(slot) = tunnel_slot {
-                            resp.extensions_mut().insert(TunnelSlot(slot));
+                            resp.extensions_mut().insert(TunnelSlot { _held: slot });
                         }
                         return Ok(resp.map(|inner| PooledBody { inner, on_end: None }));
                     }
