@@ -10,11 +10,13 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use http::{Method, Request};
+use http_body_util::StreamBody;
+use hyper::body::Frame;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 
-use crate::support::upstream::{self, Handler, RAW_BODY, Raw, RawUpstream, full};
+use crate::support::upstream::{self, Handler, RAW_BODY, Raw, RawUpstream, UpBody, full};
 use crate::support::{self, Client, Proto, json};
 
 /// Guards against a hang: what the test waits for must happen well within this.
@@ -156,6 +158,47 @@ async fn a_cancelled_queued_request_leaves_the_queue() {
     release.send(true).unwrap();
     assert_eq!(within("the holder", holder).await.unwrap().status, 200);
     assert_eq!(within("the waiting request", waiting).await.unwrap().status, 200);
+}
+
+#[tokio::test]
+async fn a_queued_request_still_obeys_the_routes_timeout() {
+    // The upstream answers at once but holds the rest of the body: its connection stays busy with
+    // no timeout running, so only the queue's own deadline can end the wait.
+    let (arrived_tx, mut arrived) = mpsc::unbounded_channel();
+    let (release, release_rx) = watch::channel(false);
+    let handler: Handler = Arc::new(move |_req| {
+        arrived_tx.send(()).unwrap();
+        let mut release = release_rx.clone();
+        Box::pin(async move {
+            let rest = futures_util::stream::once(async move {
+                let _ = release.wait_for(|r| *r).await;
+                Ok::<_, upstream::BoxError>(Frame::data(Bytes::from("rest")))
+            });
+            hyper::Response::new(UpBody::new(StreamBody::new(rest)))
+        })
+    });
+    let up = upstream::serve(handler).await;
+    let mut gw = support::start_with_routes(
+        "",
+        &[(
+            "/slow",
+            &format!("http://{up}"),
+            "auth = \"none\"\nmax_connections = 1\ntimeout = \"300ms\"",
+        )],
+    )
+    .await;
+    let c = Client::new(Proto::Http1);
+    let url = gw.url("/slow");
+    let holder = {
+        let (c, url) = (c.clone(), url.clone());
+        tokio::spawn(async move { c.get(&url, &[]).await })
+    };
+    within("a request at the upstream", arrived.recv()).await;
+    let r = within("the queued request", c.get(&url, &[])).await;
+    assert_eq!(r.status, 504, "{}", r.text());
+    pool_until(&mut gw, "/slow", "the queue empty", |s| s.waiting == 0).await;
+    release.send(true).unwrap();
+    assert_eq!(within("the holder", holder).await.unwrap().status, 200);
 }
 
 async fn tls_http11(addr: std::net::SocketAddr) -> tokio_rustls::client::TlsStream<TcpStream> {
