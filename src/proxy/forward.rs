@@ -93,6 +93,8 @@ struct PoolState {
     open: usize,
     /// Requests in the wait queue.
     waiting: usize,
+    /// The forwarder is gone: connections coming back are closed, not kept.
+    retired: bool,
 }
 
 struct Idle {
@@ -217,6 +219,9 @@ impl Pool {
         }
         let reuse_until = self.clock.now_millis().saturating_add(reuse_for);
         let mut state = self.lock();
+        if state.retired {
+            return;
+        }
         state.idle.push(Idle { conn, reuse_until });
         let wake = state.waiting > 0;
         drop(state);
@@ -429,6 +434,18 @@ impl Forwarder {
                 handshake(TokioIo::new(tls), slot).await
             }
         }
+    }
+}
+
+impl Drop for Forwarder {
+    /// An idle connection's task holds its slot, and the slot the pool: without this, a dropped
+    /// forwarder's idle connections would keep each other (and their sockets) alive.
+    fn drop(&mut self) {
+        let mut state = self.pool.lock();
+        state.retired = true;
+        let idle = std::mem::take(&mut state.idle);
+        drop(state);
+        drop(idle);
     }
 }
 

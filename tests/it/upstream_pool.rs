@@ -263,6 +263,19 @@ async fn connections_idle_past_idle_timeout_are_not_reused_and_are_closed() {
 }
 
 #[tokio::test]
+async fn shutdown_closes_idle_upstream_connections() {
+    let up = RawUpstream::start(Raw::KeepAlive("")).await;
+    let mut gw = support::start_with_routes("", &[("/idle", &up.url(), "auth = \"none\"")]).await;
+    assert_eq!(Client::new(Proto::Http1).get(&gw.url("/idle"), &[]).await.status, 200);
+    assert_eq!(gw.running.take().unwrap().shutdown().await, tokengate::Drained::Cleanly);
+    within(
+        "the idle connection closed once the gateway is gone",
+        up.until(|s| s.closed_by_gateway.contains(&1)),
+    )
+    .await;
+}
+
+#[tokio::test]
 async fn the_upstreams_keep_alive_timeout_is_honoured() {
     let up = RawUpstream::start(Raw::KeepAlive("Keep-Alive: timeout=3, max=100\r\n")).await;
     let short = RawUpstream::start(Raw::KeepAlive("Keep-Alive: timeout=1\r\n")).await;
