@@ -251,6 +251,12 @@ pub struct RouteSettings {
     pub ca_file: Option<PathBuf>,
     /// Protocols an `Upgrade` request may switch to (lower-case); `h2c` never.
     pub upgrades: Vec<String>,
+    /// Connections to the upstream that may exist at once (idle or busy); as many requests again
+    /// may wait for one.
+    pub max_connections: usize,
+    /// An idle upstream connection is not reused after this long (nor past the upstream's own
+    /// `Keep-Alive: timeout`), and is closed.
+    pub idle_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -272,6 +278,11 @@ pub const MAX_HEADER_BYTES: usize = 1024 * 1024;
 
 pub const DEFAULT_TOKEN_PATH: &str = "/api/oauth2/token";
 pub const DEFAULT_REVOKE_PATH: &str = "/api/oauth2/revoke";
+pub const DEFAULT_UPSTREAM_MAX_CONNECTIONS: usize = 256;
+const MAX_UPSTREAM_CONNECTIONS: usize = 1_000_000;
+/// Below the 5 s that common application servers (uvicorn, gunicorn, Node) keep an idle
+/// connection, so the gateway stops reusing one before the upstream closes it.
+pub const DEFAULT_UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 
 /// Parses "900s", "15m", "1d", "250ms", "2h".
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -793,6 +804,35 @@ fn validate(file: FileConfig, base_dir: &Path) -> Result<Config, Vec<Problem>> {
                 list.iter().map(|u| u.to_ascii_lowercase()).collect()
             }
         };
+        let max_connections = c.positive(
+            &format!("{key}.max_connections"),
+            f.max_connections,
+            DEFAULT_UPSTREAM_MAX_CONNECTIONS as u64,
+        ) as usize;
+        if max_connections > MAX_UPSTREAM_CONNECTIONS {
+            c.fail(
+                format!("{key}.max_connections"),
+                format!("{max_connections} is more than {MAX_UPSTREAM_CONNECTIONS} (no open-file limit allows it)"),
+            );
+        }
+        let idle_timeout = c.duration(
+            &format!("{key}.idle_timeout"),
+            f.idle_timeout.as_deref(),
+            DEFAULT_UPSTREAM_IDLE_TIMEOUT,
+        );
+        if upstream == Upstream::Echo {
+            for (name, set) in [
+                ("max_connections", f.max_connections.is_some()),
+                ("idle_timeout", f.idle_timeout.is_some()),
+            ] {
+                if set {
+                    c.fail(
+                        format!("{key}.{name}"),
+                        "only applies to an http:// or https:// upstream",
+                    );
+                }
+            }
+        }
         routes.push(RouteSettings {
             path_prefix,
             host,
@@ -806,6 +846,8 @@ fn validate(file: FileConfig, base_dir: &Path) -> Result<Config, Vec<Problem>> {
             timeout,
             ca_file,
             upgrades,
+            max_connections,
+            idle_timeout,
         });
     }
     if let Err(dup) = RouteTable::new(routes.iter().map(|r| (r.host.as_deref(), r.path_prefix.as_str()))) {
@@ -1253,6 +1295,49 @@ signing = { secret = "env:TOKENGATE_TEST_SECRET_FOR_UNIT_TESTS" }
         );
         let c = load("[[routes]]\npath_prefix = \"/a\"\nupstream = \"echo\"\n").unwrap();
         assert_eq!(c.routes[0].upgrades, vec!["websocket"]);
+    }
+
+    #[test]
+    fn upstream_pool_keys_have_defaults_and_are_checked() {
+        let c = load("[[routes]]\npath_prefix = \"/a\"\nupstream = \"http://127.0.0.1:9\"\n").unwrap();
+        assert_eq!(c.routes[0].max_connections, 256);
+        assert_eq!(c.routes[0].idle_timeout, Duration::from_secs(4));
+        let c = load(
+            "[[routes]]\npath_prefix = \"/a\"\nupstream = \"http://127.0.0.1:9\"\n\
+             max_connections = 2\nidle_timeout = \"0s\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.routes[0].max_connections, 2);
+        assert_eq!(c.routes[0].idle_timeout, Duration::ZERO);
+
+        let p = problems(
+            "[[routes]]\npath_prefix = \"/a\"\nupstream = \"http://127.0.0.1:9\"\n\
+             max_connections = 0\nidle_timeout = \"4\"\n\
+             [[routes]]\npath_prefix = \"/b\"\nupstream = \"http://127.0.0.1:9\"\nmax_connections = 2000000\n\
+             [[routes]]\npath_prefix = \"/c\"\nupstream = \"echo\"\nmax_connections = 5\nidle_timeout = \"1s\"\n",
+        );
+        assert!(
+            p.contains(&"routes[0].max_connections: 0 must be at least 1".to_owned()),
+            "{p:?}"
+        );
+        assert!(
+            p.iter()
+                .any(|m| m.starts_with("routes[0].idle_timeout: \"4\" is not a duration")),
+            "{p:?}"
+        );
+        assert!(
+            p.iter()
+                .any(|m| m.starts_with("routes[1].max_connections: 2000000 is more than 1000000")),
+            "{p:?}"
+        );
+        for key in ["max_connections", "idle_timeout"] {
+            assert!(
+                p.contains(&format!(
+                    "routes[2].{key}: only applies to an http:// or https:// upstream"
+                )),
+                "{p:?}"
+            );
+        }
     }
 
     #[test]

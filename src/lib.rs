@@ -135,8 +135,9 @@ impl Gateway {
     }
 }
 
-/// Housekeeping: moka's pending tasks every second; sweeps of expired refresh state, login
-/// counters and revoked sessions every 30 seconds.
+/// Housekeeping: moka's pending tasks and the close of idle upstream connections past their
+/// reuse time every second; sweeps of expired refresh state, login counters and revoked sessions
+/// every 30 seconds.
 async fn maintain(app: Arc<App>, mut phase: watch::Receiver<Phase>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut n: u64 = 0;
@@ -146,6 +147,7 @@ async fn maintain(app: Arc<App>, mut phase: watch::Receiver<Phase>) {
             _ = server::reached(&mut phase, Phase::Closing) => return,
         }
         app.snapshot().validator.run_pending_tasks();
+        app.snapshot().sweep_upstreams();
         n += 1;
         if n % 30 == 0 {
             app.state().sweep();

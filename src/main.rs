@@ -116,6 +116,7 @@ fn run(path: Option<PathBuf>, log_format: Option<LogFormatArg>) -> anyhow::Resul
     // a blocked log must not keep the process from exiting.
     let _log = tokengate::logging::init(format, &config.log.level, config.server.shutdown_grace)
         .context("cannot start the log writer thread")?;
+    tokengate::server::open_files::raise_limit(&config);
     // One worker: a current-thread runtime does the same work without the multi-thread
     // scheduler's hand-offs (the main thread is the worker; Argon2 still goes to the blocking pool).
     let mut runtime = match config.server.worker_threads {

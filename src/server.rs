@@ -10,6 +10,7 @@
 //! requests and close: GOAWAY on HTTP/2, `Connection: close` on HTTP/1.1) and, after
 //! `shutdown_grace`, *closing* (drop whatever is left).
 
+pub mod open_files;
 pub mod tls;
 
 use std::convert::Infallible;

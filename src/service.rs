@@ -35,7 +35,7 @@ use crate::config::AuthPolicy;
 use crate::oauth::{OAuthError, OAuthServer};
 use crate::proxy::body::{BodyFault, ClientBody};
 use crate::proxy::echo;
-use crate::proxy::forward::PooledBody;
+use crate::proxy::forward::{PooledBody, TunnelSlot};
 use crate::proxy::headers::{self, RequestContext, X_REQUEST_ID};
 use crate::routing::{PathError, normalize_path, request_authority};
 use crate::snapshot::{Route, Snapshot};
@@ -104,6 +104,16 @@ impl App {
 
     pub fn state(&self) -> &Arc<State> {
         &self.state
+    }
+
+    /// A route's upstream pool counts (the first route with that prefix); for tests and metrics.
+    pub fn upstream_stats(&self, path_prefix: &str) -> Option<crate::proxy::forward::PoolStats> {
+        self.snapshot()
+            .routes
+            .iter()
+            .find(|r| r.settings.path_prefix == path_prefix)
+            .and_then(|r| r.forwarder.as_ref())
+            .map(|f| f.stats())
     }
 
     /// The authorization server over one Snapshot and the State.
@@ -259,10 +269,13 @@ impl App {
             match client_upgrade {
                 Some(client_side) => {
                     let upstream_side = hyper::upgrade::on(&mut resp);
+                    // The tunnel keeps both the client connection's slot and its upstream
+                    // connection's slot for as long as it lives.
                     let slot = conn.slot.clone();
+                    let upstream_slot = resp.extensions_mut().remove::<TunnelSlot>();
                     tokio::spawn(async move {
                         tunnel(client_side, upstream_side).await;
-                        drop(slot);
+                        drop((slot, upstream_slot));
                     });
                 }
                 None => {
@@ -318,6 +331,7 @@ fn log_error(e: &GatewayError, log: &AccessLog) {
             tracing::warn!(route, request_id, detail = %detail, "upstream unavailable")
         }
         GatewayError::UpstreamTimeout => tracing::warn!(route, request_id, "upstream timed out"),
+        GatewayError::UpstreamQueueFull => tracing::warn!(route, request_id, "upstream connection queue full"),
         GatewayError::OAuth(OAuthError::Internal(detail)) => {
             tracing::error!(route, request_id, detail = %detail, "internal error")
         }

@@ -57,6 +57,13 @@ fn same_upstream(a: &RouteSettings, b: &RouteSettings) -> bool {
 }
 
 impl Snapshot {
+    /// Closes upstream connections idle past their time (the maintenance loop, every second).
+    pub fn sweep_upstreams(&self) {
+        for f in self.routes.iter().filter_map(|r| r.forwarder.as_ref()) {
+            f.sweep();
+        }
+    }
+
     /// Builds a Snapshot; with `previous`, routes whose upstream is reached the same way keep the
     /// previous Snapshot's upstream client (and its pooled connections).
     pub fn build(
@@ -87,7 +94,7 @@ impl Snapshot {
                 });
                 let forwarder = match kept {
                     Some(f) => Some(f),
-                    None => Forwarder::new(r)
+                    None => Forwarder::new(r, clock.clone())
                         .with_context(|| format!("routes[{i}]: cannot set up the upstream client"))?
                         .map(Arc::new),
                 };

@@ -112,6 +112,8 @@ pub struct RouteFile {
     pub timeout: Option<String>,
     pub ca_file: Option<String>,
     pub upgrades: Option<Vec<String>>,
+    pub max_connections: Option<i64>,
+    pub idle_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

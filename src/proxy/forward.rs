@@ -2,10 +2,24 @@
 //! (`hyper::client::conn::http1`), https through rustls with the system roots or the route's CA
 //! file, the route's connect timeout and response-head timeout.
 //!
-//! Bodies stream both ways: the client's `Incoming` body is the upstream request's body, and the
+//! Bodies stream both ways: the client's body ([`ClientBody`]) is the upstream request's body, and the
 //! upstream's body is handed to the client wrapped in [`PooledBody`], which returns the connection
 //! to the pool when the body ends. A connection is reused only after its response was read to the
 //! end; a body dropped early takes its connection with it.
+//!
+//! Bounds: at most `max_connections` connections per route exist at once, idle or busy. Each holds
+//! a [`Slot`] from the moment its socket is opened; the slot lives in the spawned connection task
+//! (and, for a WebSocket, in the tunnel too), so it frees exactly when the socket closes, whatever
+//! happens to the request that opened it. A request that finds neither a ready idle connection nor
+//! a free slot waits, up to the route's `timeout`, in a queue of at most `max_connections`; when
+//! the queue is full it is refused at once ([`ForwardError::QueueFull`], 503).
+//!
+//! Keep-alive races: an upstream closes an idle connection when it likes, and a request sent at
+//! that moment is lost. So an idle connection is reused only within the route's `idle_timeout`
+//! (and the upstream's own `Keep-Alive: timeout=N`, less a second), measured on the gateway's
+//! [`Clock`](crate::clock::Clock); [`Forwarder::sweep`] closes older ones. A body-less idempotent
+//! request that still fails on a reused connection before any response is retried once on a new
+//! connection; one with a body is not (its body is gone).
 //!
 //! Why not hyper-util's pooled `Client`: measured under callgrind, a plain LIFO pool of hyper's
 //! connection senders costs ~15% fewer instructions per proxied request (no per-request pool-key
@@ -13,21 +27,25 @@
 
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery};
-use http::{HeaderValue, Request, Response, Uri};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header};
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
+use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 
+use crate::clock::{SharedClock, UnixMillis};
 use crate::config::{RouteSettings, Upstream};
 use crate::proxy::body::ClientBody;
 
@@ -36,55 +54,180 @@ use crate::proxy::body::ClientBody;
 pub enum ForwardError {
     /// Refused, reset, unreachable, connect timeout, TLS failure: 502.
     Unavailable(String),
-    /// No response head within the route's timeout: 504.
+    /// No response head within the route's timeout (waiting for a connection included): 504.
     Timeout,
+    /// Every connection busy and the wait queue full: 503.
+    QueueFull,
 }
 
-/// Idle connections kept per route; beyond it the oldest is closed.
-const MAX_IDLE: usize = 512;
-/// An idle connection older than this is not reused (upstreams commonly close at 60 s or more).
-const IDLE_TIMEOUT: Duration = Duration::from_secs(50);
+/// The body of an upstream request: the client's stream, or nothing. A body-less request is sent
+/// with an empty body of our own, so it can be sent again (the client's body cannot be made
+/// anew).
+pub type UpstreamBody = Either<ClientBody, Empty<Bytes>>;
 
-struct Idle {
-    sender: SendRequest<ClientBody>,
-    since: Instant,
+/// A route's upstream connections at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    /// Connections that exist (idle, busy, or tunnelling a WebSocket).
+    pub open: usize,
+    /// Of those, the ones waiting in the pool for a request.
+    pub idle: usize,
+    /// Requests waiting for a connection.
+    pub waiting: usize,
+}
+
+struct Pool {
+    state: Mutex<PoolState>,
+    /// Woken (one waiter at a time) when an idle connection comes back or a slot frees, and only
+    /// while someone waits, so the common path never touches it.
+    vacancy: Notify,
+    max_connections: usize,
+    idle_timeout_ms: u64,
+    clock: SharedClock,
 }
 
 #[derive(Default)]
-struct Pool {
-    idle: Mutex<Vec<Idle>>,
+struct PoolState {
+    /// Oldest first; taken from the end (LIFO keeps few connections warm).
+    idle: Vec<Idle>,
+    /// Slots held: connections that exist, idle or busy.
+    open: usize,
+    /// Requests in the wait queue.
+    waiting: usize,
+    /// The forwarder is gone: connections coming back are closed, not kept.
+    retired: bool,
+}
+
+struct Idle {
+    conn: Conn,
+    /// Not reused at or after this instant (clock milliseconds).
+    reuse_until: UnixMillis,
+}
+
+/// The request side of one upstream connection.
+struct Conn {
+    sender: SendRequest<UpstreamBody>,
+    /// The connection's slot, owned by its task; a WebSocket tunnel takes a share of it.
+    slot: Weak<Slot>,
+}
+
+/// One of a route's `max_connections`. Dropping it frees the place and wakes a waiter.
+struct Slot {
+    pool: Arc<Pool>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut state = self.pool.lock();
+        state.open -= 1;
+        let wake = state.waiting > 0;
+        drop(state);
+        if wake {
+            self.pool.vacancy.notify_one();
+        }
+    }
+}
+
+/// A place in the wait queue, given back however the wait ends (served, timed out, cancelled).
+struct Queued<'a>(&'a Pool);
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        self.0.lock().waiting -= 1;
+    }
+}
+
+/// What a request gets from the pool: a ready idle connection, or the right to open one.
+enum Lease {
+    Idle(Conn),
+    New(Slot),
+}
+
+/// The upstream connection behind a `101 Switching Protocols` response, in its extensions: the
+/// tunnel holds it for as long as the upgraded connection lives, so that the connection keeps
+/// counting against `max_connections` after hyper hands the socket over.
+#[derive(Clone)]
+pub struct TunnelSlot {
+    _held: Arc<Slot>,
 }
 
 impl Pool {
-    /// The most recently used connection that is ready for a request. Connections still busy
-    /// (an upload that outlived its response) stay for later; closed or stale ones are dropped.
-    fn checkout(&self) -> Option<SendRequest<ClientBody>> {
-        let mut idle = self.idle.lock().ok()?;
-        let mut i = idle.len();
-        while i > 0 {
-            i -= 1;
-            let c = &idle[i];
-            if c.sender.is_closed() || c.since.elapsed() >= IDLE_TIMEOUT {
-                idle.remove(i);
-            } else if c.sender.is_ready() {
-                return Some(idle.remove(i).sender);
+    fn lock(&self) -> MutexGuard<'_, PoolState> {
+        // Nothing panics while holding the lock; should something, the counts are still whole.
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Without waiting: the newest ready idle connection, else a free slot. `fresh`: a slot only;
+    /// at the cap, the oldest idle connection is closed to make room (its slot frees when its task
+    /// ends, which wakes a waiter).
+    fn try_lease(self: &Arc<Self>, state: &mut PoolState, fresh: bool) -> Option<Lease> {
+        if !fresh && !state.idle.is_empty() {
+            let now = self.clock.now_millis();
+            let mut i = state.idle.len();
+            while i > 0 {
+                i -= 1;
+                let idle = &state.idle[i];
+                if idle.conn.sender.is_closed() || now >= idle.reuse_until {
+                    state.idle.remove(i);
+                } else if idle.conn.sender.is_ready() {
+                    return Some(Lease::Idle(state.idle.remove(i).conn));
+                }
             }
+        }
+        if state.open < self.max_connections {
+            state.open += 1;
+            return Some(Lease::New(Slot { pool: self.clone() }));
+        }
+        if fresh && !state.idle.is_empty() {
+            state.idle.remove(0);
         }
         None
     }
 
-    fn checkin(&self, sender: SendRequest<ClientBody>) {
-        if sender.is_closed() {
+    /// A connection or a slot, waiting for one (until `deadline`) when there is none.
+    async fn lease(self: &Arc<Self>, deadline: Instant, fresh: bool) -> Result<Lease, ForwardError> {
+        {
+            let mut state = self.lock();
+            if let Some(lease) = self.try_lease(&mut state, fresh) {
+                return Ok(lease);
+            }
+            if state.waiting >= self.max_connections {
+                return Err(ForwardError::QueueFull);
+            }
+            state.waiting += 1;
+        }
+        let _queued = Queued(self);
+        loop {
+            // Registered before looking, so a vacancy between the look and the wait is not missed.
+            let vacancy = self.vacancy.notified();
+            tokio::pin!(vacancy);
+            vacancy.as_mut().enable();
+            let lease = self.try_lease(&mut self.lock(), fresh);
+            if let Some(lease) = lease {
+                return Ok(lease);
+            }
+            if tokio::time::timeout_at(deadline, vacancy).await.is_err() {
+                return Err(ForwardError::Timeout);
+            }
+        }
+    }
+
+    /// A connection whose response was read to the end. Kept for `reuse_for` milliseconds (0:
+    /// closed now).
+    fn checkin(&self, conn: Conn, reuse_for: u64) {
+        if reuse_for == 0 || conn.sender.is_closed() {
             return;
         }
-        if let Ok(mut idle) = self.idle.lock() {
-            if idle.len() >= MAX_IDLE {
-                idle.remove(0);
-            }
-            idle.push(Idle {
-                sender,
-                since: Instant::now(),
-            });
+        let reuse_until = self.clock.now_millis().saturating_add(reuse_for);
+        let mut state = self.lock();
+        if state.retired {
+            return;
+        }
+        state.idle.push(Idle { conn, reuse_until });
+        let wake = state.waiting > 0;
+        drop(state);
+        if wake {
+            self.vacancy.notify_one();
         }
     }
 }
@@ -102,8 +245,8 @@ pub struct Forwarder {
 }
 
 impl Forwarder {
-    /// `Ok(None)` for the built-in echo upstream.
-    pub fn new(route: &RouteSettings) -> anyhow::Result<Option<Self>> {
+    /// `Ok(None)` for the built-in echo upstream. Idle time is measured on `clock`.
+    pub fn new(route: &RouteSettings, clock: SharedClock) -> anyhow::Result<Option<Self>> {
         let Upstream::Http {
             https,
             authority,
@@ -138,7 +281,13 @@ impl Forwarder {
             None
         };
         Ok(Some(Forwarder {
-            pool: Arc::default(),
+            pool: Arc::new(Pool {
+                state: Mutex::default(),
+                vacancy: Notify::new(),
+                max_connections: route.max_connections,
+                idle_timeout_ms: route.idle_timeout.as_millis().try_into().unwrap_or(u64::MAX),
+                clock,
+            }),
             tls,
             host_header: HeaderValue::from_str(authority.as_str())?,
             connect_to: if host.contains(':') {
@@ -165,45 +314,111 @@ impl Forwarder {
         Some(Uri::from(PathAndQuery::try_from(pq).ok()?))
     }
 
+    /// Closes idle connections past their reuse time, and forgets closed ones, without waiting
+    /// for the next request. Cheap: one lock and a scan of the idle list.
+    pub fn sweep(&self) {
+        let now = self.pool.clock.now_millis();
+        let mut state = self.pool.lock();
+        state
+            .idle
+            .retain(|idle| now < idle.reuse_until && !idle.conn.sender.is_closed());
+    }
+
+    pub fn stats(&self) -> PoolStats {
+        let state = self.pool.lock();
+        PoolStats {
+            open: state.open,
+            idle: state.idle.len(),
+            waiting: state.waiting,
+        }
+    }
+
     /// Sends a request on a pooled connection (or a new one) and waits for the response head.
     pub async fn send(&self, req: Request<ClientBody>) -> Result<Response<PooledBody>, ForwardError> {
-        let deadline = tokio::time::Instant::now() + self.timeout;
-        let mut req = req;
-        // A pooled connection can be closed by the upstream just as we pick it; hyper then hands
-        // the unsent request back and we try once more on a fresh connection.
-        let mut attempts = 0;
+        let deadline = Instant::now() + self.timeout;
+        let (parts, body) = req.into_parts();
+        let bodyless = body.is_end_stream();
+        let replayable = bodyless && is_idempotent(&parts.method);
+        let upgrade = parts.headers.contains_key(header::UPGRADE);
+        let body = if bodyless {
+            Either::Right(Empty::new())
+        } else {
+            Either::Left(body)
+        };
+        let mut req = Request::from_parts(parts, body);
+        // After a failure on a reused connection: a new connection only, and no further retry.
+        let mut fresh = false;
         loop {
-            attempts += 1;
-            let (mut sender, reused) = match self.pool.checkout() {
-                Some(s) => (s, true),
-                None => (self.connect().await?, false),
+            let (mut conn, reused) = match self.pool.lease(deadline, fresh).await? {
+                Lease::Idle(conn) => (conn, true),
+                Lease::New(slot) => (self.connect(slot).await?, false),
             };
-            match tokio::time::timeout_at(deadline, sender.ready()).await {
+            match tokio::time::timeout_at(deadline, conn.sender.ready()).await {
                 Err(_) => return Err(ForwardError::Timeout),
-                Ok(Err(_)) if reused => continue,
-                Ok(Err(_)) => return Err(ForwardError::Unavailable("connection closed before use".into())),
+                Ok(Err(_)) if reused => {
+                    fresh = true;
+                    continue;
+                }
+                Ok(Err(e)) => return Err(ForwardError::Unavailable(format!("connection closed before use: {e}"))),
                 Ok(Ok(())) => {}
             }
-            let sent = tokio::time::timeout_at(deadline, sender.try_send_request(req)).await;
+            // What a retry needs, kept only where a retry can happen: a reused connection.
+            let replay = (reused && replayable).then(|| Replay::of(&req));
+            // Taken before sending: once the 101 is through, the connection task may end any time.
+            let tunnel_slot = if upgrade { conn.slot.upgrade() } else { None };
+            let sent = tokio::time::timeout_at(deadline, conn.sender.try_send_request(req)).await;
             match sent {
                 Err(_) => return Err(ForwardError::Timeout),
-                Ok(Ok(resp)) => {
-                    let keep = resp.status() != http::StatusCode::SWITCHING_PROTOCOLS;
+                Ok(Ok(mut resp)) => {
+                    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                        if let Some(slot) = tunnel_slot {
+                            resp.extensions_mut().insert(TunnelSlot { _held: slot });
+                        }
+                        return Ok(resp.map(|inner| PooledBody { inner, on_end: None }));
+                    }
+                    let reuse_for = self.reuse_for(resp.headers());
                     let pool = self.pool.clone();
-                    return Ok(resp.map(|body| PooledBody {
-                        inner: body,
-                        on_end: keep.then_some((sender, pool)),
+                    return Ok(resp.map(|inner| PooledBody {
+                        inner,
+                        on_end: Some(Return { conn, pool, reuse_for }),
                     }));
                 }
-                Ok(Err(mut e)) => match e.take_message() {
-                    Some(unsent) if reused && attempts < 3 => req = unsent,
-                    _ => return Err(ForwardError::Unavailable(error_chain(e.error()))),
-                },
+                Ok(Err(mut e)) => {
+                    // Refused before anything was written (the connection was found closed):
+                    // safe to send again whatever it is.
+                    if let Some(unsent) = e.take_message()
+                        && reused
+                    {
+                        req = unsent;
+                        fresh = true;
+                        continue;
+                    }
+                    if let Some(replay) = replay
+                        && lost_connection(e.error())
+                    {
+                        tracing::debug!(error = %e.error(), "reused upstream connection failed; retrying on a new one");
+                        req = replay.into_request();
+                        fresh = true;
+                        continue;
+                    }
+                    return Err(ForwardError::Unavailable(error_chain(e.error())));
+                }
             }
         }
     }
 
-    async fn connect(&self) -> Result<SendRequest<ClientBody>, ForwardError> {
+    /// How long the connection of a response with these headers may be reused: the route's
+    /// `idle_timeout`, or less when the upstream announces `Keep-Alive: timeout=N`. It closes at N,
+    /// so the gateway stops one second earlier (0: not reused).
+    fn reuse_for(&self, headers: &HeaderMap) -> u64 {
+        let mut ms = self.pool.idle_timeout_ms;
+        if let Some(secs) = super::headers::keep_alive_timeout(headers) {
+            ms = ms.min(secs.saturating_sub(1).saturating_mul(1000));
+        }
+        ms
+    }
+
+    async fn connect(&self, slot: Slot) -> Result<Conn, ForwardError> {
         let unavailable = |what: &str, e: &dyn std::fmt::Display| ForwardError::Unavailable(format!("{what}: {e}"));
         let tcp = tokio::time::timeout(self.connect_timeout, connect_tcp(&self.connect_to))
             .await
@@ -211,16 +426,85 @@ impl Forwarder {
             .map_err(|e| unavailable(&format!("connect to {}", self.connect_to), &e))?;
         let _ = tcp.set_nodelay(true);
         match &self.tls {
-            None => handshake(TokioIo::new(tcp)).await,
+            None => handshake(TokioIo::new(tcp), slot).await,
             Some((connector, name)) => {
                 let tls = tokio::time::timeout(self.connect_timeout, connector.connect(name.clone(), tcp))
                     .await
                     .map_err(|_| ForwardError::Unavailable("upstream TLS handshake timed out".into()))?
                     .map_err(|e| unavailable("upstream TLS handshake", &e))?;
-                handshake(TokioIo::new(tls)).await
+                handshake(TokioIo::new(tls), slot).await
             }
         }
     }
+}
+
+impl Drop for Forwarder {
+    /// An idle connection's task holds its slot, and the slot the pool: without this, a dropped
+    /// forwarder's idle connections would keep each other (and their sockets) alive.
+    fn drop(&mut self) {
+        let mut state = self.pool.lock();
+        state.retired = true;
+        let idle = std::mem::take(&mut state.idle);
+        drop(state);
+        drop(idle);
+    }
+}
+
+/// GET, HEAD, OPTIONS, PUT, DELETE (RFC 9110 §9.2.2); TRACE is never forwarded.
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
+    )
+}
+
+/// A body-less request as it was before it was sent, to send it again.
+struct Replay {
+    method: Method,
+    uri: Uri,
+    version: Version,
+    headers: HeaderMap,
+}
+
+impl Replay {
+    fn of(req: &Request<UpstreamBody>) -> Replay {
+        Replay {
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            version: req.version(),
+            headers: req.headers().clone(),
+        }
+    }
+
+    fn into_request(self) -> Request<UpstreamBody> {
+        let mut req = Request::new(Either::Right(Empty::new()));
+        *req.method_mut() = self.method;
+        *req.uri_mut() = self.uri;
+        *req.version_mut() = self.version;
+        *req.headers_mut() = self.headers;
+        req
+    }
+}
+
+/// The connection went away under a sent request, before a complete response head: closed
+/// (hyper's "connection closed before message completed"), reset, or a broken pipe. Not a
+/// malformed response, a timeout or our own error: those would fail again.
+fn lost_connection(e: &hyper::Error) -> bool {
+    if e.is_incomplete_message() || e.is_canceled() {
+        return true;
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::*;
+            return matches!(
+                io.kind(),
+                ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof | NotConnected
+            );
+        }
+        source = s.source();
+    }
+    false
 }
 
 async fn connect_tcp(addr: &str) -> std::io::Result<TcpStream> {
@@ -234,32 +518,43 @@ async fn connect_tcp(addr: &str) -> std::io::Result<TcpStream> {
     Err(last.unwrap_or_else(|| std::io::Error::other("no address")))
 }
 
-async fn handshake<T>(io: TokioIo<T>) -> Result<SendRequest<ClientBody>, ForwardError>
+/// The HTTP/1.1 handshake; the connection task takes the slot and frees it when the socket closes.
+async fn handshake<T>(io: TokioIo<T>, slot: Slot) -> Result<Conn, ForwardError>
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let (sender, conn) = http1::handshake(io)
         .await
         .map_err(|e| ForwardError::Unavailable(format!("upstream HTTP handshake: {e}")))?;
+    let slot = Arc::new(slot);
+    let share = Arc::downgrade(&slot);
     tokio::spawn(async move {
         if let Err(e) = conn.with_upgrades().await {
             tracing::debug!(error = %e, "upstream connection ended with an error");
         }
+        drop(slot);
     });
-    Ok(sender)
+    Ok(Conn { sender, slot: share })
 }
 
 /// An upstream response body that returns its connection to the pool once it has been read to
 /// the end.
 pub struct PooledBody {
     inner: Incoming,
-    on_end: Option<(SendRequest<ClientBody>, Arc<Pool>)>,
+    on_end: Option<Return>,
+}
+
+struct Return {
+    conn: Conn,
+    pool: Arc<Pool>,
+    /// Milliseconds the connection may wait in the pool.
+    reuse_for: u64,
 }
 
 impl PooledBody {
     fn release(&mut self) {
-        if let Some((sender, pool)) = self.on_end.take() {
-            pool.checkin(sender);
+        if let Some(Return { conn, pool, reuse_for }) = self.on_end.take() {
+            pool.checkin(conn, reuse_for);
         }
     }
 }

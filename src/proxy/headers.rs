@@ -186,6 +186,9 @@ pub fn upstream_request_headers(mut headers: HeaderMap, ctx: &RequestContext<'_>
 }
 
 /// Strips hop-by-hop headers from an upstream response in place (kept for a 101 handshake).
+/// A response framed by Transfer-Encoding loses its Content-Length too (RFC 9112 §6.3: the
+/// encoding wins, and an intermediary removes the length before forwarding): the body is sent on
+/// with the client connection's own framing, and a stale length would cut it short.
 pub fn clean_response_headers(headers: &mut HeaderMap, switching_protocols: bool) {
     if switching_protocols {
         return;
@@ -195,14 +198,36 @@ pub fn clean_response_headers(headers: &mut HeaderMap, switching_protocols: bool
     } else {
         Vec::new()
     };
-    let doomed: Vec<HeaderName> = headers
+    let mut doomed: Vec<HeaderName> = headers
         .keys()
         .filter(|name| is_hop_by_hop(name) || named.contains(name))
         .cloned()
         .collect();
+    if doomed.contains(&header::TRANSFER_ENCODING) {
+        doomed.push(header::CONTENT_LENGTH);
+    }
     for name in &doomed {
         headers.remove(name);
     }
+}
+
+/// The `timeout=N` (seconds) of an upstream's `Keep-Alive` response header: when the upstream
+/// will close the connection if idle. The smallest if given more than once; `None` if absent or
+/// unreadable.
+pub fn keep_alive_timeout(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get_all(&KEEP_ALIVE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|param| {
+            let (name, value) = param.split_once('=')?;
+            if !name.trim().eq_ignore_ascii_case("timeout") {
+                return None;
+            }
+            value.trim().trim_matches('"').parse::<u64>().ok()
+        })
+        .min()
 }
 
 #[cfg(test)]
@@ -336,5 +361,35 @@ mod tests {
         clean_response_headers(&mut h, false);
         assert_eq!(h.len(), 1);
         assert_eq!(h[header::CONTENT_TYPE], "text/plain");
+    }
+
+    #[test]
+    fn a_response_with_transfer_encoding_loses_its_content_length() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_LENGTH, hv("5"));
+        h.insert(header::TRANSFER_ENCODING, hv("chunked"));
+        clean_response_headers(&mut h, false);
+        assert!(h.is_empty(), "{h:?}");
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_LENGTH, hv("5"));
+        clean_response_headers(&mut h, false);
+        assert_eq!(h[header::CONTENT_LENGTH], "5");
+    }
+
+    #[test]
+    fn keep_alive_timeout_is_read_from_its_parameters() {
+        let ka = |values: &[&'static str]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append("keep-alive", hv(v));
+            }
+            keep_alive_timeout(&h)
+        };
+        assert_eq!(ka(&[]), None);
+        assert_eq!(ka(&["timeout=5, max=1000"]), Some(5));
+        assert_eq!(ka(&["max=3,Timeout = 2"]), Some(2));
+        assert_eq!(ka(&["timeout=\"7\""]), Some(7));
+        assert_eq!(ka(&["timeout=5", "timeout=3"]), Some(3));
+        assert_eq!(ka(&["timeout=-1", "timeout=x", "timeout"]), None);
     }
 }

@@ -34,6 +34,8 @@ pub enum GatewayError {
     UpstreamUnavailable(String),
     /// 504: no response head within the route's timeout.
     UpstreamTimeout,
+    /// 503: every connection to the upstream busy and the route's wait queue full.
+    UpstreamQueueFull,
 }
 
 /// Methods a proxied route accepts (for the `Allow` header of a 405).
@@ -44,6 +46,7 @@ impl From<ForwardError> for GatewayError {
         match e {
             ForwardError::Unavailable(detail) => GatewayError::UpstreamUnavailable(detail),
             ForwardError::Timeout => GatewayError::UpstreamTimeout,
+            ForwardError::QueueFull => GatewayError::UpstreamQueueFull,
         }
     }
 }
@@ -192,6 +195,16 @@ pub fn error_response(e: &GatewayError) -> Response<InnerBody> {
         }
         GatewayError::UpstreamUnavailable(_) => {
             json_error(StatusCode::BAD_GATEWAY, "bad_gateway", "the upstream is unavailable")
+        }
+        GatewayError::UpstreamQueueFull => {
+            let mut r = json_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "service_unavailable",
+                "the upstream is at its connection limit; retry shortly",
+            );
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            r
         }
         GatewayError::UpstreamTimeout => json_error(
             StatusCode::GATEWAY_TIMEOUT,

@@ -429,6 +429,40 @@ async fn a_websocket_tunnel_keeps_its_connection_slot() {
 }
 
 #[tokio::test]
+async fn a_websocket_tunnel_counts_against_the_routes_max_connections() {
+    let ws_addr = websocket_echo().await;
+    let mut gw = support::start_with_routes(
+        "",
+        &[(
+            "/ws",
+            &format!("http://{ws_addr}"),
+            "auth = \"none\"\nmax_connections = 1",
+        )],
+    )
+    .await;
+    let app = gw.running().app().clone();
+    let open = move || app.upstream_stats("/ws").unwrap().open;
+    let req = format!("wss://localhost:{}/ws", gw.addr.port())
+        .into_client_request()
+        .unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async(req, tls_http11(gw.addr).await)
+        .await
+        .unwrap();
+    ws.send(Message::text("ping")).await.unwrap();
+    within("websocket echo", ws.next()).await.unwrap().unwrap();
+    // hyper's upstream connection task has handed the socket to the tunnel; the slot went with it.
+    assert_eq!(open(), 1, "the tunnel's upstream connection is not counted");
+    ws.close(None).await.unwrap();
+    drop(ws);
+    within("the slot freed when the tunnel closed", async {
+        while open() != 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn a_websocket_passes_through_after_the_token_check() {
     let ws_addr = websocket_echo().await;
     let gw = support::start_with_routes("", &[("/ws", &format!("http://{ws_addr}"), "")]).await;

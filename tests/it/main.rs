@@ -15,3 +15,4 @@ mod process;
 mod reload;
 mod server;
 mod token_endpoint;
+mod upstream_pool;

@@ -1,0 +1,362 @@
+//! The upstream connection pool: the per-route connection cap and its wait queue, idle timeouts
+//! (the route's and the upstream's `Keep-Alive`), the retry of a body-less idempotent request
+//! whose reused connection died, and response framing the upstream got wrong.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering::SeqCst;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use http::{Method, Request};
+use http_body_util::StreamBody;
+use hyper::body::Frame;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+
+use crate::support::upstream::{self, Handler, RAW_BODY, Raw, RawUpstream, UpBody, full};
+use crate::support::{self, Client, Proto, json};
+
+/// Guards against a hang: what the test waits for must happen well within this.
+async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(20), f)
+        .await
+        .unwrap_or_else(|_| panic!("timed out: {what}"))
+}
+
+/// Polls the route's pool until `cond` holds (there is no event to wait on from outside).
+async fn pool_until(
+    gw: &mut support::TestGateway,
+    prefix: &str,
+    what: &str,
+    cond: impl Fn(tokengate::proxy::forward::PoolStats) -> bool,
+) {
+    let app = gw.running().app().clone();
+    within(what, async {
+        loop {
+            if cond(app.upstream_stats(prefix).expect("an http route")) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+}
+
+/// An upstream that tells `arrived` of each request and answers once `release` turns true.
+fn held_upstream(arrived: mpsc::UnboundedSender<()>, release: watch::Receiver<bool>) -> Handler {
+    Arc::new(move |_req| {
+        let arrived = arrived.clone();
+        let mut release = release.clone();
+        Box::pin(async move {
+            arrived.send(()).unwrap();
+            let _ = release.wait_for(|r| *r).await;
+            hyper::Response::new(full("released"))
+        })
+    })
+}
+
+#[tokio::test]
+async fn past_max_connections_requests_wait_and_past_the_queue_get_503() {
+    let (arrived_tx, mut arrived) = mpsc::unbounded_channel();
+    let (release, release_rx) = watch::channel(false);
+    let (up, counts) = upstream::serve_counted(held_upstream(arrived_tx, release_rx)).await;
+    let mut gw = support::start_with_routes(
+        "",
+        &[("/held", &format!("http://{up}"), "auth = \"none\"\nmax_connections = 2")],
+    )
+    .await;
+    let c = Client::new(Proto::Http1);
+    let url = gw.url("/held");
+    let get = || {
+        let (c, url) = (c.clone(), url.clone());
+        tokio::spawn(async move { c.get(&url, &[]).await })
+    };
+
+    let first = [get(), get()];
+    within("two requests at the upstream", async {
+        arrived.recv().await;
+        arrived.recv().await;
+    })
+    .await;
+    // Two more wait for a connection; of three sent, the one that finds the queue full is
+    // answered at once, the others stay queued while the upstream holds both connections.
+    let mut queued: FuturesUnordered<_> = [get(), get(), get()].into_iter().collect();
+    let refused = within("a request past the queue", queued.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(refused.status, 503, "{}", refused.text());
+    assert_eq!(refused.header("retry-after"), "1");
+    assert_eq!(json(&refused.body)["error"], "service_unavailable");
+    pool_until(&mut gw, "/held", "two requests queued", |s| {
+        s.open == 2 && s.waiting == 2
+    })
+    .await;
+    assert!(arrived.try_recv().is_err(), "a queued request reached the upstream");
+
+    release.send(true).unwrap();
+    for r in first {
+        assert_eq!(within("a held request", r).await.unwrap().status, 200);
+    }
+    while let Some(r) = within("a queued request", queued.next()).await {
+        assert_eq!(r.unwrap().status, 200);
+    }
+    assert_eq!(
+        counts.max_open.load(SeqCst),
+        2,
+        "the upstream saw more than 2 connections at once"
+    );
+    assert!(support::logs::captured().contains("upstream connection queue full"));
+}
+
+#[tokio::test]
+async fn a_cancelled_queued_request_leaves_the_queue() {
+    let (arrived_tx, mut arrived) = mpsc::unbounded_channel();
+    let (release, release_rx) = watch::channel(false);
+    let (up, _) = upstream::serve_counted(held_upstream(arrived_tx, release_rx)).await;
+    let mut gw = support::start_with_routes(
+        "",
+        &[("/one", &format!("http://{up}"), "auth = \"none\"\nmax_connections = 1")],
+    )
+    .await;
+    let c = Client::new(Proto::Http1);
+    let url = gw.url("/one");
+    let get = || {
+        let (c, url) = (c.clone(), url.clone());
+        tokio::spawn(async move { c.get(&url, &[]).await })
+    };
+    let holder = get();
+    within("a request at the upstream", arrived.recv()).await;
+
+    // A request on a connection of its own waits in the queue (its bound is 1)...
+    let addr = gw.addr;
+    let abandoned = tokio::spawn(async move {
+        let tls = tls_http11(addr).await;
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.unwrap();
+        tokio::spawn(conn);
+        let req = Request::get("/one")
+            .header("host", "localhost")
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap();
+        send.send_request(req).await
+    });
+    pool_until(&mut gw, "/one", "a request queued", |s| s.waiting == 1).await;
+    // ...and its client goes away: the gateway drops the request, and its place in the queue.
+    abandoned.abort();
+    pool_until(&mut gw, "/one", "the abandoned request out of the queue", |s| {
+        s.waiting == 0
+    })
+    .await;
+
+    // The queue still holds one: the next request waits, the one after is refused.
+    let waiting = get();
+    pool_until(&mut gw, "/one", "a request queued again", |s| s.waiting == 1).await;
+    assert_eq!(within("refused", get()).await.unwrap().status, 503);
+    release.send(true).unwrap();
+    assert_eq!(within("the holder", holder).await.unwrap().status, 200);
+    assert_eq!(within("the waiting request", waiting).await.unwrap().status, 200);
+}
+
+#[tokio::test]
+async fn a_queued_request_still_obeys_the_routes_timeout() {
+    // The upstream answers at once but holds the rest of the body: its connection stays busy with
+    // no timeout running, so only the queue's own deadline can end the wait.
+    let (arrived_tx, mut arrived) = mpsc::unbounded_channel();
+    let (release, release_rx) = watch::channel(false);
+    let handler: Handler = Arc::new(move |_req| {
+        arrived_tx.send(()).unwrap();
+        let mut release = release_rx.clone();
+        Box::pin(async move {
+            let rest = futures_util::stream::once(async move {
+                let _ = release.wait_for(|r| *r).await;
+                Ok::<_, upstream::BoxError>(Frame::data(Bytes::from("rest")))
+            });
+            hyper::Response::new(UpBody::new(StreamBody::new(rest)))
+        })
+    });
+    let up = upstream::serve(handler).await;
+    let mut gw = support::start_with_routes(
+        "",
+        &[(
+            "/slow",
+            &format!("http://{up}"),
+            "auth = \"none\"\nmax_connections = 1\ntimeout = \"300ms\"",
+        )],
+    )
+    .await;
+    let c = Client::new(Proto::Http1);
+    let url = gw.url("/slow");
+    let holder = {
+        let (c, url) = (c.clone(), url.clone());
+        tokio::spawn(async move { c.get(&url, &[]).await })
+    };
+    within("a request at the upstream", arrived.recv()).await;
+    let r = within("the queued request", c.get(&url, &[])).await;
+    assert_eq!(r.status, 504, "{}", r.text());
+    pool_until(&mut gw, "/slow", "the queue empty", |s| s.waiting == 0).await;
+    release.send(true).unwrap();
+    assert_eq!(within("the holder", holder).await.unwrap().status, 200);
+}
+
+async fn tls_http11(addr: std::net::SocketAddr) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    tokio_rustls::TlsConnector::from(Arc::new(support::client::tls_config(&[b"http/1.1"])))
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn an_upstream_that_closes_after_every_response_gives_no_502() {
+    let up = RawUpstream::start(Raw::CloseAfterEachResponse).await;
+    let gw = support::start_with_routes("", &[("/closing", &up.url(), "auth = \"none\"")]).await;
+    let c = Client::new(Proto::Http1);
+    for i in 0..100 {
+        let r = c.get(&gw.url("/closing"), &[]).await;
+        assert_eq!(r.status, 200, "request {i}: {}", r.text());
+    }
+    // Every request after the first went to the connection its predecessor left (closed), and
+    // was sent again on a new one.
+    let seen = up.seen();
+    assert_eq!((seen.requests.len(), seen.connections), (199, 100));
+}
+
+#[tokio::test]
+async fn connections_idle_past_idle_timeout_are_not_reused_and_are_closed() {
+    let up = RawUpstream::start(Raw::KeepAlive("")).await;
+    let gw = support::start_with_routes("", &[("/idle", &up.url(), "auth = \"none\"\nidle_timeout = \"2s\"")]).await;
+    let c = Client::new(Proto::Http1);
+    assert_eq!(c.get(&gw.url("/idle"), &[]).await.status, 200);
+    // Within the idle timeout the connection is reused.
+    gw.clock.advance(Duration::from_secs(1));
+    assert_eq!(c.get(&gw.url("/idle"), &[]).await.status, 200);
+    assert_eq!(up.seen().connections, 1);
+
+    // Past it, the upstream's own idle close (say at 3 s) races the next request: the gateway must
+    // not pick that connection. Here the upstream closes it the moment a request arrives on it.
+    gw.clock.advance(Duration::from_secs(3));
+    up.close_idle();
+    assert_eq!(c.get(&gw.url("/idle"), &[]).await.status, 200);
+    let r = c
+        .request(Method::POST, &gw.url("/idle"), &[], Bytes::from("payload"))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let seen = up.seen();
+    assert_eq!(
+        seen.on_doomed, 0,
+        "a connection idle past idle_timeout was reused: {seen:?}"
+    );
+    assert_eq!(seen.connections, 2);
+
+    // And an idle connection past it is closed by the gateway's maintenance, without waiting for
+    // another request.
+    assert!(!seen.closed_by_gateway.contains(&2));
+    gw.clock.advance(Duration::from_secs(3));
+    within(
+        "the idle connection closed by the gateway",
+        up.until(|s| s.closed_by_gateway.contains(&2)),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn shutdown_closes_idle_upstream_connections() {
+    let up = RawUpstream::start(Raw::KeepAlive("")).await;
+    let mut gw = support::start_with_routes("", &[("/idle", &up.url(), "auth = \"none\"")]).await;
+    assert_eq!(Client::new(Proto::Http1).get(&gw.url("/idle"), &[]).await.status, 200);
+    assert_eq!(gw.running.take().unwrap().shutdown().await, tokengate::Drained::Cleanly);
+    within(
+        "the idle connection closed once the gateway is gone",
+        up.until(|s| s.closed_by_gateway.contains(&1)),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn the_upstreams_keep_alive_timeout_is_honoured() {
+    let up = RawUpstream::start(Raw::KeepAlive("Keep-Alive: timeout=3, max=100\r\n")).await;
+    let short = RawUpstream::start(Raw::KeepAlive("Keep-Alive: timeout=1\r\n")).await;
+    let gw = support::start_with_routes(
+        "",
+        &[
+            ("/ka", &up.url(), "auth = \"none\"\nidle_timeout = \"10s\""),
+            ("/short", &short.url(), "auth = \"none\""),
+        ],
+    )
+    .await;
+    let c = Client::new(Proto::Http1);
+    // timeout=3: reused for 2 s (a second's margin), then not.
+    assert_eq!(c.get(&gw.url("/ka"), &[]).await.status, 200);
+    gw.clock.advance(Duration::from_millis(1_900));
+    assert_eq!(c.get(&gw.url("/ka"), &[]).await.status, 200);
+    assert_eq!(up.seen().connections, 1, "reused within the upstream's timeout");
+    gw.clock.advance(Duration::from_secs(2));
+    assert_eq!(c.get(&gw.url("/ka"), &[]).await.status, 200);
+    assert_eq!(up.seen().connections, 2, "not reused past timeout=3 less the margin");
+
+    // timeout=1 leaves no safe time at all: never reused.
+    for _ in 0..3 {
+        assert_eq!(c.get(&gw.url("/short"), &[]).await.status, 200);
+    }
+    assert_eq!(short.seen().connections, 3);
+}
+
+#[tokio::test]
+async fn a_get_whose_reused_connection_dies_is_retried_once_and_a_post_is_not() {
+    let up = RawUpstream::start(Raw::KeepAlive("")).await;
+    let gw = support::start_with_routes("", &[("/racy", &up.url(), "auth = \"none\"\nidle_timeout = \"60s\"")]).await;
+    let c = Client::new(Proto::Http1);
+
+    // A GET on a connection the upstream has just closed: sent again on a new connection.
+    assert_eq!(c.get(&gw.url("/racy/a"), &[]).await.status, 200);
+    up.close_idle();
+    let r = c.get(&gw.url("/racy/b"), &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let seen = up.seen();
+    assert_eq!(seen.on_doomed, 1);
+    assert_eq!(
+        seen.requests
+            .iter()
+            .filter(|(_, line)| line.starts_with("GET /racy/b "))
+            .count(),
+        2,
+        "{seen:?}"
+    );
+
+    // A POST with a body in the same place: not sent again (the upstream may have acted on it).
+    up.close_idle();
+    let r = c
+        .request(Method::POST, &gw.url("/racy/c"), &[], Bytes::from("payload"))
+        .await;
+    assert_eq!(r.status, 502, "{}", r.text());
+    let seen = up.seen();
+    assert_eq!(
+        seen.requests
+            .iter()
+            .filter(|(_, line)| line.starts_with("POST /racy/c "))
+            .count(),
+        1,
+        "{seen:?}"
+    );
+
+    // Nor is a GET that fails on a new connection: only a reused one can have gone stale.
+    let dead = RawUpstream::start(Raw::NeverAnswers).await;
+    let gw = support::start_with_routes("", &[("/dead", &dead.url(), "auth = \"none\"")]).await;
+    assert_eq!(c.get(&gw.url("/dead"), &[]).await.status, 502);
+    assert_eq!(dead.seen().requests.len(), 1, "{:?}", dead.seen());
+}
+
+#[tokio::test]
+async fn a_response_with_content_length_and_chunked_arrives_whole() {
+    let up = RawUpstream::start(Raw::LengthAndChunked).await;
+    let gw = support::start_with_routes("", &[("/both", &up.url(), "auth = \"none\"")]).await;
+    for proto in [Proto::Http1, Proto::Http2] {
+        let r = Client::new(proto).get(&gw.url("/both"), &[]).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.text(), RAW_BODY, "{proto:?}");
+        assert!(!r.headers.contains_key("content-length"), "{proto:?}: {:?}", r.headers);
+    }
+}
