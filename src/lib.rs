@@ -142,7 +142,7 @@ async fn maintain(app: Arc<App>, mut phase: watch::Receiver<Phase>) {
         }
         app.validator().run_pending_tasks();
         n += 1;
-        if n % 30 == 0 {
+        if n.is_multiple_of(30) {
             app.oauth().sweep();
         }
     }
