@@ -23,6 +23,7 @@ pub mod routing;
 pub mod scope;
 pub mod server;
 pub mod service;
+pub mod store;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
