@@ -86,6 +86,10 @@ pub struct JournalOptions {
     /// how long [`Journal::compact`] waits for the writer to switch segments. A disk that hangs
     /// longer gets [`JournalError::Stalled`] instead of a hung caller.
     pub writer_timeout: Duration,
+    /// Upper bound on how long the writer holds a batch open for the callers its last commit
+    /// released to append again (it waits at most a quarter of the last commit's duration, and
+    /// only while fewer records are pending than went into the last batch). Zero disables it.
+    pub max_commit_delay: Duration,
     pub observer: Option<CommitObserver>,
 }
 
@@ -95,6 +99,7 @@ impl Default for JournalOptions {
             segment_bytes: 64 << 20,
             max_pending_bytes: 64 << 20,
             writer_timeout: Duration::from_secs(10),
+            max_commit_delay: Duration::from_millis(1),
             observer: None,
         }
     }
@@ -106,6 +111,7 @@ impl fmt::Debug for JournalOptions {
             .field("segment_bytes", &self.segment_bytes)
             .field("max_pending_bytes", &self.max_pending_bytes)
             .field("writer_timeout", &self.writer_timeout)
+            .field("max_commit_delay", &self.max_commit_delay)
             .field("observer", &self.observer.is_some())
             .finish()
     }

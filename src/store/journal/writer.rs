@@ -6,6 +6,14 @@
 //! flight, so a dedicated thread is simpler than borrowing tokio's blocking pool. While it syncs
 //! batch n, batch n+1 accumulates; the batch grows with the load, so throughput scales with
 //! concurrency while each record waits about one to two syncs.
+//!
+//! Gathering: callers typically wait for their record and then append the next one, and they do
+//! so some tens or hundreds of microseconds after a commit releases them. A writer that took the
+//! next batch at once would take it before most of them are back, so they would split into two
+//! alternating halves, each waiting two commits. So when fewer records are pending than went
+//! into the last batch, the writer waits for that many, but no longer than a quarter of the last
+//! commit's duration (capped by `max_commit_delay`). A lone caller is never delayed: with one
+//! record in the last batch, one pending record is enough.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
@@ -15,7 +23,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
@@ -111,8 +119,10 @@ struct Pending {
     rejected_appends: u64,
     failure: Option<Arc<Failure>>,
     closing: bool,
-    /// The writer is waiting on `wake` (so an append must notify it).
+    /// The writer is waiting on `wake`, for `wake_at_records` pending records (an append that
+    /// brings `records` there must notify it).
     writer_idle: bool,
+    wake_at_records: usize,
     /// A compaction waiting for the writer to start a new segment.
     switch: Option<SwitchReply>,
     #[cfg(test)]
@@ -145,6 +155,13 @@ pub struct WriterHandle {
     pub thread: JoinHandle<()>,
     /// Sent to (or dropped) when the writer thread ends.
     pub done: Receiver<()>,
+}
+
+/// How long the writer may hold a batch open for callers it just released.
+#[derive(Debug, Clone, Copy, Default)]
+struct Gather {
+    records: usize,
+    window: Duration,
 }
 
 /// One batch, as taken from the pending buffer.
@@ -182,6 +199,7 @@ pub fn start(
             failure: None,
             closing: false,
             writer_idle: false,
+            wake_at_records: 1,
             switch: None,
             #[cfg(test)]
             faults: Faults::default(),
@@ -202,6 +220,8 @@ pub fn start(
         batch: Vec::new(),
         segment_bytes: options.segment_bytes,
         observer: options.observer.clone(),
+        max_commit_delay: options.max_commit_delay,
+        gather: Gather::default(),
     };
     let (done_tx, done) = mpsc::sync_channel(1);
     let thread = std::thread::Builder::new()
@@ -223,7 +243,10 @@ impl Shared {
 
     pub fn append(&self, payload: &[u8]) -> Result<Seq, JournalError> {
         let Some(frame_len) = format::frame_len(payload.len()).filter(|&l| l <= self.max_pending) else {
-            let limit = self.max_pending.min(u32::MAX as usize + format::FRAME_HEADER_LEN) - format::FRAME_HEADER_LEN;
+            let limit = self
+                .max_pending
+                .saturating_sub(format::FRAME_HEADER_LEN)
+                .min(u32::MAX as usize);
             return Err(JournalError::TooLarge {
                 len: payload.len(),
                 limit,
@@ -238,6 +261,12 @@ impl Shared {
         }
         if p.buf.len() + frame_len > self.max_pending {
             p.rejected_appends += 1;
+            // A writer gathering more records must stop waiting: no more will fit.
+            let wake = std::mem::take(&mut p.writer_idle);
+            drop(p);
+            if wake {
+                self.wake.notify_one();
+            }
             return Err(JournalError::Backpressure {
                 limit: self.max_pending,
             });
@@ -249,7 +278,10 @@ impl Shared {
         p.appended_records += 1;
         p.appended_bytes += frame_len as u64;
         self.head.store(seq, Ordering::Release);
-        let wake = std::mem::take(&mut p.writer_idle);
+        let wake = p.writer_idle && p.records >= p.wake_at_records;
+        if wake {
+            p.writer_idle = false;
+        }
         drop(p);
         if wake {
             self.wake.notify_one();
@@ -333,8 +365,9 @@ impl Shared {
     }
 
     /// Waits for work and takes it: the whole pending buffer (swapped with `spare`, so no copy),
-    /// any switch request, and whether this is the last batch.
-    fn take_batch(&self, spare: &mut Vec<u8>) -> Batch {
+    /// any switch request, and whether this is the last batch. With records pending but fewer
+    /// than `gather.records`, waits up to `gather.window` for more (see the module docs).
+    fn take_batch(&self, spare: &mut Vec<u8>, gather: Gather) -> Batch {
         let mut p = self.lock();
         loop {
             let work = !p.buf.is_empty() || p.switch.is_some() || p.closing;
@@ -345,6 +378,24 @@ impl Shared {
             }
             p.writer_idle = true;
             p = self.wake.wait(p).unwrap_or_else(|e| e.into_inner());
+        }
+        if p.records < gather.records && p.switch.is_none() && !p.closing {
+            let deadline = Instant::now() + gather.window;
+            p.wake_at_records = gather.records;
+            loop {
+                let now = Instant::now();
+                let full = p.buf.len() >= self.max_pending / 2;
+                if p.records >= gather.records || full || p.switch.is_some() || p.closing || now >= deadline {
+                    break;
+                }
+                p.writer_idle = true;
+                p = self
+                    .wake
+                    .wait_timeout(p, deadline - now)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+            }
+            p.wake_at_records = 1;
         }
         p.writer_idle = false;
         std::mem::swap(&mut p.buf, spare);
@@ -393,6 +444,9 @@ struct Writer {
     batch: Vec<u8>,
     segment_bytes: u64,
     observer: Option<CommitObserver>,
+    max_commit_delay: Duration,
+    /// Set from the last commit.
+    gather: Gather,
 }
 
 /// Marks the journal failed if the writer thread unwinds (a panicking observer, say), so that
@@ -415,7 +469,7 @@ impl Writer {
     fn run(mut self) {
         let _guard = FailOnPanic(self.shared.clone());
         loop {
-            let batch = self.shared.take_batch(&mut self.batch);
+            let batch = self.shared.take_batch(&mut self.batch, self.gather);
             if let Err(e) = self.step(&batch) {
                 let failure = self.shared.fail(e);
                 if let Some(reply) = batch.switch {
@@ -475,6 +529,10 @@ impl Writer {
             .sync_data()
             .map_err(failed("fdatasync", &self.segment.path))?;
         let elapsed = started.elapsed();
+        self.gather = Gather {
+            records: batch.records,
+            window: (elapsed / 4).min(self.max_commit_delay),
+        };
 
         let bytes = self.batch.len() as u64;
         self.segment.len += bytes;
