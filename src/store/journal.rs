@@ -44,6 +44,8 @@ mod recovery;
 mod writer;
 
 #[cfg(test)]
+mod bench;
+#[cfg(test)]
 mod tests;
 
 use std::fmt;
