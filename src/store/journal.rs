@@ -36,7 +36,21 @@
 //!
 //! **One process per folder**: an exclusive advisory lock (`flock`) on `LOCK`, held until the
 //! writer thread ends; the kernel drops it when the process dies, so a `kill -9` never blocks the
-//! next start.
+//! next start. (On a network filesystem `flock` may not exclude another machine: keep the folder
+//! local.)
+//!
+//! **What the caller must do** so that a snapshot and the log agree:
+//! - make an in-memory change only after its `append` succeeded, under the same lock (so a
+//!   refused append leaves no trace, and records are in the same order as the changes);
+//! - have `write_snapshot` read that state under that lock (shard by shard is fine);
+//! - replay idempotently: a snapshot may already reflect records after its seq, and after a crash
+//!   such a record may be missing from the log, its seq then reused by a different record (it was
+//!   never acknowledged, so nobody relied on it; the snapshot's copy of its effect is harmless);
+//! - acknowledge only after [`Journal::durable`] resolved, and treat any error there as "not
+//!   acknowledged".
+//!
+//! `open`, `close` and `compact` do blocking IO: call them before the runtime starts or from
+//! `spawn_blocking`. `append`, `head` and `stats` never do IO; `durable` is async.
 
 mod compact;
 mod format;
