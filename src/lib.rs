@@ -149,7 +149,7 @@ async fn maintain(app: Arc<App>, mut phase: watch::Receiver<Phase>) {
         app.snapshot().validator.run_pending_tasks();
         app.snapshot().sweep_upstreams();
         n += 1;
-        if n % 30 == 0 {
+        if n.is_multiple_of(30) {
             app.state().sweep();
         }
     }

@@ -15,6 +15,7 @@
 //! Every store also keeps the shared [`RevokedSessions`] set up to date. A store's operations
 //! return only once their effect is as durable as the store promises (the durable store: on disk).
 
+pub mod journal;
 pub mod memory;
 pub mod registry;
 
