@@ -95,8 +95,49 @@ pub struct Config {
     pub users: Vec<UserSettings>,
     pub routes: Vec<RouteSettings>,
     pub log: LogSettings,
+    pub state: StateSettings,
     /// Every scope named anywhere in the config.
     pub scopes: ScopeUniverse,
+}
+
+/// Where sessions and revocations live (`[state]`). Restart only.
+#[derive(Debug, Clone)]
+pub enum StateSettings {
+    /// No `[state]`: in process memory, gone with the process.
+    Memory,
+    /// `path`: the embedded durable store in this folder.
+    Durable { path: PathBuf },
+    /// `redis_url`: shared by every instance through Redis.
+    Redis(RedisSettings),
+}
+
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    /// `redis://host:port/db` or `rediss://…`, without credentials.
+    pub url: String,
+    pub tls: bool,
+    /// Trust anchors for `rediss://` (else the system roots).
+    pub ca_file: Option<PathBuf>,
+    pub password: Option<Secret>,
+    /// Prefix of every key tokengate writes (default `tokengate:`).
+    pub key_prefix: String,
+}
+
+impl StateSettings {
+    /// Whether two settings name the same store (a reload cannot move state).
+    pub fn same_store(&self, other: &StateSettings) -> bool {
+        match (self, other) {
+            (StateSettings::Memory, StateSettings::Memory) => true,
+            (StateSettings::Durable { path: a }, StateSettings::Durable { path: b }) => a == b,
+            (StateSettings::Redis(a), StateSettings::Redis(b)) => {
+                a.url == b.url
+                    && a.ca_file == b.ca_file
+                    && a.key_prefix == b.key_prefix
+                    && a.password.as_ref().map(Secret::expose) == b.password.as_ref().map(Secret::expose)
+            }
+            _ => false,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -866,6 +907,11 @@ fn validate(file: FileConfig, base_dir: &Path) -> Result<Config, Vec<Problem>> {
         }
     };
 
+    let state = match &file.state {
+        None => StateSettings::Memory,
+        Some(st) => check_state(&mut c, st),
+    };
+
     let level = file.log.level.clone().unwrap_or_else(|| "info".to_owned());
     if let Err(e) = tracing_subscriber::EnvFilter::try_new(&level) {
         c.fail("log.level", format!("{level:?} is not a log filter ({e})"));
@@ -920,8 +966,82 @@ fn validate(file: FileConfig, base_dir: &Path) -> Result<Config, Vec<Problem>> {
         users,
         routes,
         log: LogSettings { format, level },
+        state,
         scopes: universe,
     })
+}
+
+fn check_state(c: &mut Checker<'_>, st: &file::StateFile) -> StateSettings {
+    match (&st.path, &st.redis_url) {
+        (Some(_), Some(_)) => {
+            c.fail(
+                "state",
+                "set either path (embedded store) or redis_url (shared store), not both",
+            );
+            StateSettings::Memory
+        }
+        (None, None) => {
+            c.fail("state", "needs path (embedded store) or redis_url (shared store)");
+            StateSettings::Memory
+        }
+        (Some(path), None) => {
+            for (key, set) in [
+                ("state.ca_file", st.ca_file.is_some()),
+                ("state.password", st.password.is_some()),
+                ("state.key_prefix", st.key_prefix.is_some()),
+            ] {
+                if set {
+                    c.fail(key, "only applies with state.redis_url");
+                }
+            }
+            if path.trim().is_empty() {
+                c.fail("state.path", "must not be empty");
+            }
+            StateSettings::Durable { path: c.path(path) }
+        }
+        (None, Some(url)) => {
+            let tls = match url.split_once("://").map(|(scheme, _)| scheme) {
+                Some("redis") => false,
+                Some("rediss") => true,
+                _ => {
+                    c.fail("state.redis_url", format!("{url:?} is not a redis:// or rediss:// URL"));
+                    false
+                }
+            };
+            if let Some((_, rest)) = url.split_once("://")
+                && rest.split('/').next().is_some_and(|authority| authority.contains('@'))
+            {
+                // Never echo it: the part before @ is a password.
+                c.fail(
+                    "state.redis_url",
+                    "must not carry credentials (use state.password = \"env:NAME\" or \"file:PATH\")",
+                );
+            }
+            let ca_file = st.ca_file.as_ref().map(|p| c.path(p));
+            if let Some(path) = &ca_file {
+                if !tls {
+                    c.fail("state.ca_file", "only applies to a rediss:// URL");
+                } else if let Err(reason) = read_certs(path) {
+                    c.fail("state.ca_file", reason);
+                }
+            }
+            let password = st.password.as_deref().and_then(|p| c.secret("state.password", p));
+            let key_prefix = st.key_prefix.clone().unwrap_or_else(|| "tokengate:".to_owned());
+            if key_prefix.is_empty() || key_prefix.chars().any(|ch| ch.is_whitespace() || ch.is_control()) {
+                c.fail(
+                    "state.key_prefix",
+                    "must be non-empty, without spaces or control characters",
+                );
+            }
+            StateSettings::Redis(RedisSettings {
+                url: url.clone(),
+                tls,
+                ca_file,
+                password,
+                key_prefix,
+            })
+        }
+    }
 }
 
 /// A username or client id travels to upstreams in `X-Auth-*` headers and into logs: printable, no
@@ -1338,6 +1458,42 @@ signing = { secret = "env:TOKENGATE_TEST_SECRET_FOR_UNIT_TESTS" }
                 "{p:?}"
             );
         }
+    }
+
+    #[test]
+    fn state_is_one_store_and_never_an_inline_secret() {
+        assert!(matches!(load("").unwrap().state, StateSettings::Memory));
+        let c = load("[state]\npath = \"sessions\"\n").unwrap();
+        assert!(
+            matches!(&c.state, StateSettings::Durable { path } if path.ends_with("sessions") && path.is_absolute() == c.base_dir.is_absolute())
+        );
+        let c = load("[state]\nredis_url = \"redis://127.0.0.1:6379/2\"\n").unwrap();
+        assert!(matches!(&c.state, StateSettings::Redis(r) if r.key_prefix == "tokengate:" && !r.tls));
+        let p = problems("[state]\npath = \"x\"\nredis_url = \"redis://h\"\n");
+        assert!(p.iter().any(|m| m.starts_with("state: set either path")), "{p:?}");
+        let p = problems("[state]\nredis_url = \"redis://user:hunter2@h:6379\"\n");
+        assert!(
+            p.iter()
+                .any(|m| m.starts_with("state.redis_url: must not carry credentials")),
+            "{p:?}"
+        );
+        assert!(!p.iter().any(|m| m.contains("hunter2")), "{p:?}");
+        let p = problems("[state]\nredis_url = \"http://h\"\nca_file = \"x.pem\"\n");
+        assert!(
+            p.iter()
+                .any(|m| m.starts_with("state.redis_url: \"http://h\" is not a redis")),
+            "{p:?}"
+        );
+        assert!(
+            p.iter()
+                .any(|m| m.starts_with("state.ca_file: only applies to a rediss")),
+            "{p:?}"
+        );
+        let p = problems("[state]\npath = \"x\"\nkey_prefix = \"p:\"\n");
+        assert!(
+            p.contains(&"state.key_prefix: only applies with state.redis_url".to_owned()),
+            "{p:?}"
+        );
     }
 
     #[test]

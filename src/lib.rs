@@ -59,7 +59,18 @@ pub struct Gateway {
 impl Gateway {
     pub fn new(config: Config, clock: SharedClock) -> anyhow::Result<Gateway> {
         let revoked = Arc::new(RevokedSessions::with_leeway(config.tokens.leeway.as_secs()));
-        let store = Store::memory(revoked.clone(), config.tokens.reuse_grace.as_millis() as u64);
+        let store = match &config.state {
+            config::StateSettings::Memory => {
+                tracing::warn!(
+                    "no [state] in the config: sessions are kept in memory and will not survive a restart \
+                     (every refresh token and every revocation is forgotten)"
+                );
+                Store::memory(revoked.clone(), config.tokens.reuse_grace.as_millis() as u64)
+            }
+            config::StateSettings::Durable { .. } | config::StateSettings::Redis(_) => {
+                anyhow::bail!("state: this store is not available in this build yet")
+            }
+        };
         let state = Arc::new(State {
             store,
             revoked: revoked.clone(),

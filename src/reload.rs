@@ -10,7 +10,7 @@
 //! Live: routes and upstreams, clients and secrets, users and password hashes, scopes, token
 //! settings and keys, the TLS certificate (new handshakes), the log level, connection limits and
 //! timeouts (new connections). Restart only: the listen addresses, `worker_threads`, TLS on or
-//! off, the admin listener, the log format; a reload that changes them applies everything else,
+//! off, the admin listener, the log format, the `[state]` store; a reload that changes them applies everything else,
 //! keeps their running values, and names them.
 
 use crate::config::Config;
@@ -45,6 +45,10 @@ pub fn keep_restart_only(running: &Config, new: &mut Config) -> Vec<&'static str
     if running.admin.listen != new.admin.listen {
         changed.push("admin.listen");
         new.admin.listen = running.admin.listen;
+    }
+    if !running.state.same_store(&new.state) {
+        changed.push("state");
+        new.state = running.state.clone();
     }
     if running.log.format != new.log.format {
         changed.push("log.format");

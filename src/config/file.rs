@@ -20,6 +20,17 @@ pub struct FileConfig {
     pub routes: Vec<RouteFile>,
     #[serde(default)]
     pub log: LogFile,
+    pub state: Option<StateFile>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateFile {
+    pub path: Option<String>,
+    pub redis_url: Option<String>,
+    pub ca_file: Option<String>,
+    pub password: Option<String>,
+    pub key_prefix: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
