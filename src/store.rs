@@ -15,6 +15,7 @@
 //! Every store also keeps the shared [`RevokedSessions`] set up to date. A store's operations
 //! return only once their effect is as durable as the store promises (the durable store: on disk).
 
+pub mod durable;
 pub mod journal;
 pub mod memory;
 pub mod registry;
@@ -25,6 +26,7 @@ use crate::auth::RevokedSessions;
 use crate::crypto::{Digest, Sealed};
 use crate::ids::SessionId;
 
+pub use durable::DurableStore;
 pub use memory::MemoryStore;
 
 /// A session about to be created at login.
@@ -180,6 +182,7 @@ pub trait SessionStore: Send + Sync {
 /// The configured store.
 pub enum Store {
     Memory(MemoryStore),
+    Durable(DurableStore),
 }
 
 impl Store {
@@ -190,6 +193,7 @@ impl Store {
     pub fn kind(&self) -> &'static str {
         match self {
             Store::Memory(_) => "memory",
+            Store::Durable(_) => "durable",
         }
     }
 }
@@ -198,6 +202,7 @@ macro_rules! dispatch {
     ($self:ident, $s:ident => $e:expr) => {
         match $self {
             Store::Memory($s) => $e,
+            Store::Durable($s) => $e,
         }
     };
 }

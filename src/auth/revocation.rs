@@ -78,6 +78,10 @@ impl RevokedSessions {
         self.len() == 0
     }
 
+    pub fn leeway_secs(&self) -> u64 {
+        self.leeway_secs
+    }
+
     /// Every entry, for a durable store's snapshot.
     pub fn for_each(&self, mut f: impl FnMut(SessionId, u64)) {
         for e in self.until.iter() {

@@ -19,8 +19,9 @@ use crate::snapshot::Snapshot;
 use crate::state::State;
 use crate::store::{SessionStore, Store};
 
-/// Builds a store for a test: the revoked set it must keep, the reuse grace in milliseconds.
-pub type StoreFactory = fn(Arc<RevokedSessions>, u64) -> Store;
+/// Builds a store for a test: the revoked set it must keep, the reuse grace in milliseconds, the
+/// clock.
+pub type StoreFactory = fn(Arc<RevokedSessions>, u64, SharedClock) -> Store;
 
 pub const PASSWORD: &str = "suite-password";
 
@@ -89,7 +90,11 @@ impl Harness {
         let clock = Arc::new(ManualClock::new());
         let shared: SharedClock = clock.clone();
         let revoked = Arc::new(RevokedSessions::with_leeway(config.tokens.leeway.as_secs()));
-        let store = make(revoked.clone(), config.tokens.reuse_grace.as_millis() as u64);
+        let store = make(
+            revoked.clone(),
+            config.tokens.reuse_grace.as_millis() as u64,
+            shared.clone(),
+        );
         let snap = Snapshot::build(config, 1, None, revoked.clone(), shared.clone(), 2).unwrap();
         Harness {
             snap,
@@ -492,12 +497,36 @@ pub async fn concurrent_refreshes_of_one_token_agree(make: StoreFactory) {
     assert!(!h.is_revoked(sid_of(&rt)));
 }
 
+fn memory(revoked: Arc<RevokedSessions>, grace_ms: u64, _clock: SharedClock) -> Store {
+    Store::memory(revoked, grace_ms)
+}
+
+/// A durable store in a fresh folder.
+pub fn durable(revoked: Arc<RevokedSessions>, grace_ms: u64, clock: SharedClock) -> Store {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("tokengate-suite-durable-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let opened = crate::store::DurableStore::open(&dir, revoked, grace_ms, clock, Default::default()).unwrap();
+    Store::Durable(opened.store)
+}
+
 #[tokio::test]
 async fn memory_store() {
-    run(Store::memory).await;
+    run(memory).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn memory_store_concurrent_refreshes() {
-    concurrent_refreshes_of_one_token_agree(Store::memory).await;
+    concurrent_refreshes_of_one_token_agree(memory).await;
+}
+
+#[tokio::test]
+async fn durable_store() {
+    run(durable).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn durable_store_concurrent_refreshes() {
+    concurrent_refreshes_of_one_token_agree(durable).await;
 }

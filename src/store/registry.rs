@@ -105,6 +105,25 @@ impl Recorder for NoRecorder {
     }
 }
 
+/// Shares one `Arc<str>` per distinct name, so a million sessions of a hundred users hold a
+/// hundred username strings, not a million.
+#[derive(Default)]
+pub struct Interner(DashMap<Arc<str>, (), foldhash::fast::RandomState>);
+
+impl Interner {
+    pub fn intern(&self, s: &str) -> Arc<str> {
+        if let Some(e) = self.0.get(s) {
+            return e.key().clone();
+        }
+        self.0.entry(Arc::from(s)).or_default().key().clone()
+    }
+
+    /// Forgets names no session refers to any more.
+    fn sweep(&self) {
+        self.0.retain(|k, _| Arc::strong_count(k) > 1);
+    }
+}
+
 /// A token the session rotated.
 #[derive(Debug, Clone)]
 pub struct RotatedToken {
@@ -192,7 +211,7 @@ impl Session {
         self.access_exp_secs = self.access_exp_secs.max(access_exp_secs);
     }
 
-    fn live(&self, now_ms: u64) -> bool {
+    pub fn live(&self, now_ms: u64) -> bool {
         now_ms < self.current_expires_ms
     }
 }
@@ -203,6 +222,7 @@ pub struct Registry<R: Recorder = NoRecorder> {
     /// sessions that are gone or revoked are pruned lazily.
     by_user: DashMap<Arc<str>, Vec<SessionId>, foldhash::fast::RandomState>,
     revoked: Arc<RevokedSessions>,
+    names: Interner,
     recorder: R,
     reuse_grace_ms: u64,
 }
@@ -213,6 +233,7 @@ impl<R: Recorder> Registry<R> {
             sessions: DashMap::with_hasher(UniformKeyHasher),
             by_user: DashMap::default(),
             revoked,
+            names: Interner::default(),
             recorder,
             reuse_grace_ms,
         }
@@ -228,7 +249,10 @@ impl<R: Recorder> Registry<R> {
 
     /// Creates a session. Returns the sequence number of the last event recorded and the sessions
     /// revoked to keep the user within `max_sessions_per_user`.
-    pub fn create(&self, s: NewSession) -> Result<(u64, Vec<RevokedFamily>), StoreError> {
+    pub fn create(&self, mut s: NewSession) -> Result<(u64, Vec<RevokedFamily>), StoreError> {
+        s.user = self.names.intern(&s.user);
+        s.client = self.names.intern(&s.client);
+        s.scopes = self.names.intern(&s.scopes);
         let mut evicted = Vec::new();
         // The user's index is locked first and held while the session is inserted, so two logins
         // of one user cannot both see room for one more.
@@ -374,6 +398,13 @@ impl<R: Recorder> Registry<R> {
             sids.retain(|sid| self.sessions.get(sid).is_some_and(|s| !s.revoked));
             !sids.is_empty()
         });
+        self.names.sweep();
+    }
+
+    /// The interner names decoded during recovery go through, so they share storage with the
+    /// names of sessions created later.
+    pub fn names(&self) -> &Interner {
+        &self.names
     }
 
     pub fn session_count(&self) -> usize {
@@ -383,6 +414,7 @@ impl<R: Recorder> Registry<R> {
     /// Applies a journaled event (recovery). Idempotent, and tolerant of a state that already
     /// reflects later events.
     pub fn apply(&self, event: Event, now_ms: u64) {
+        let _ = now_ms;
         match event {
             Event::Created {
                 sid,
@@ -395,9 +427,8 @@ impl<R: Recorder> Registry<R> {
                 token,
                 token_exp_ms,
             } => {
-                if now_ms >= token_exp_ms {
-                    return;
-                }
+                // Even if this token has expired by now, later events may have rotated it: the
+                // caller sweeps once everything is replayed.
                 if let Entry::Vacant(v) = self.sessions.entry(sid) {
                     v.insert(Session {
                         user: user.clone(),
