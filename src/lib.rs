@@ -39,6 +39,7 @@ pub use config::Config;
 
 use crate::auth::{RevokedSessions, Validator};
 use crate::oauth::OAuthServer;
+use crate::oauth::password::PasswordPool;
 use crate::server::{ConnSettings, Phase};
 use crate::service::App;
 
@@ -46,6 +47,7 @@ use crate::service::App;
 pub struct Gateway {
     config: Config,
     app: Arc<App>,
+    passwords: Arc<PasswordPool>,
 }
 
 impl Gateway {
@@ -57,19 +59,22 @@ impl Gateway {
             revoked.clone(),
             clock.clone(),
         ));
-        let argon2_concurrency = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let passwords = Arc::new(
+            PasswordPool::new(config.tokens.password_hash_concurrency)
+                .context("cannot start the password-hashing threads")?,
+        );
         let oauth = OAuthServer::new(
             &config,
             revoked.clone(),
             validator.clone(),
             clock.clone(),
-            argon2_concurrency,
+            passwords.clone(),
         );
         let prefix = u32::from_le_bytes(
             oauth::issuer::random_bytes::<4>().map_err(|_| anyhow::anyhow!("the OS random generator failed"))?,
         );
         let app = Arc::new(App::new(&config, validator, oauth, prefix)?);
-        Ok(Gateway { config, app })
+        Ok(Gateway { config, app, passwords })
     }
 
     /// The service, usable without a socket.
@@ -120,6 +125,7 @@ impl Gateway {
             addr,
             admin_addr,
             app: self.app,
+            passwords: self.passwords,
             phase: phase_tx,
             ready,
             alive: alive_rx,
@@ -154,6 +160,7 @@ pub struct RunningGateway {
     pub addr: SocketAddr,
     pub admin_addr: SocketAddr,
     app: Arc<App>,
+    passwords: Arc<PasswordPool>,
     phase: watch::Sender<Phase>,
     ready: Arc<AtomicBool>,
     alive: mpsc::Receiver<()>,
@@ -174,6 +181,11 @@ pub enum Drained {
 impl RunningGateway {
     pub fn app(&self) -> &Arc<App> {
         &self.app
+    }
+
+    /// The Argon2 pool that checks login passwords (its counters: tests and metrics).
+    pub fn password_pool(&self) -> &PasswordPool {
+        &self.passwords
     }
 
     /// Graceful shutdown: /readyz turns 503, the listener closes (new connections are refused),

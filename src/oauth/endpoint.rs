@@ -19,6 +19,7 @@ use crate::oauth::clients::{ClientRegistry, Presented, parse_basic};
 use crate::oauth::error::{ErrorCode, INVALID_REFRESH_TOKEN, OAuthError};
 use crate::oauth::issuer::{self, Issuer, sid_from_str, sid_to_string};
 use crate::oauth::limiter::LoginLimiter;
+use crate::oauth::password::PasswordPool;
 use crate::oauth::registry::{
     Invalid, RefreshError, RefreshRegistry, RegistryLimits, RevokeOutcome, RevokedFamily, Rotated,
 };
@@ -76,7 +77,7 @@ impl OAuthServer {
         revoked: Arc<RevokedSessions>,
         validator: Arc<Validator>,
         clock: SharedClock,
-        argon2_concurrency: usize,
+        passwords: Arc<PasswordPool>,
     ) -> Self {
         let t = &config.tokens;
         let limits = RegistryLimits {
@@ -87,7 +88,7 @@ impl OAuthServer {
         };
         OAuthServer {
             clients: ClientRegistry::new(config.clients.clone()),
-            users: UserStore::new(config.users.clone(), argon2_concurrency),
+            users: UserStore::new(config.users.clone(), passwords),
             issuer: Issuer::new(t),
             registry: RefreshRegistry::new(limits, revoked.clone()),
             limiter: LoginLimiter::default(),
