@@ -18,7 +18,7 @@ use crate::config::{ClientSettings, Config, GrantType};
 use crate::oauth::clients::{ClientRegistry, Presented, parse_basic};
 use crate::oauth::error::{ErrorCode, INVALID_REFRESH_TOKEN, OAuthError};
 use crate::oauth::issuer::{self, Issuer, sid_from_str, sid_to_string};
-use crate::oauth::limiter::LoginLimiter;
+use crate::oauth::limiter::{LoginLimiter, Who};
 use crate::oauth::password::PasswordPool;
 use crate::oauth::registry::{
     Invalid, RefreshError, RefreshRegistry, RegistryLimits, RevokeOutcome, RevokedFamily, Rotated,
@@ -226,22 +226,31 @@ impl OAuthServer {
         let password = form.require("password")?;
         let requested = self.requested_scope(form)?;
         let now = self.clock.now_millis();
+        let who = Who {
+            username,
+            known_user: self.users.exists(username),
+            client: &client.id,
+            ip: peer,
+        };
+        // Dropped before it is told how the check went (the client went away), the attempt counts
+        // as a failure and is audited as abandoned.
         let attempt = self
             .limiter
-            .admit(username, peer, now)
+            .admit(who, now)
             .map_err(|retry_after_secs| OAuthError::SlowDown { retry_after_secs })?;
-        let verified = self.users.verify(username, password).await.map_err(|e| match e {
-            VerifyError::Busy => OAuthError::SlowDown { retry_after_secs: 1 },
-            VerifyError::TaskFailed => OAuthError::Internal("password verification failed to run"),
-        })?;
+        let verified = match self.users.verify(username, password).await {
+            Ok(v) => v,
+            Err(e) => {
+                attempt.unchecked();
+                return Err(match e {
+                    VerifyError::Busy => OAuthError::SlowDown { retry_after_secs: 1 },
+                    VerifyError::TaskFailed => OAuthError::Internal("password verification failed to run"),
+                });
+            }
+        };
         let Some(user_index) = verified else {
             attempt.failed(self.clock.now_millis());
-            // Only known usernames are logged: people type passwords into the username field.
-            let username = if self.users.exists(username) {
-                username
-            } else {
-                "(unknown user)"
-            };
+            let username = who.loggable_username();
             tracing::info!(target: "tokengate::audit", event = "login_failed", username, client = %client.id, %peer);
             return Err(OAuthError::new(
                 ErrorCode::InvalidGrant,
