@@ -15,9 +15,10 @@
 //!     cargo bench --bench load -- --scenario soak        # 60 s of mixed traffic (--duration S)
 //!
 //! `login-rss` prints RSS before, at its peak and after 1,000 logins (a third succeed, a third give
-//! a wrong password, a third are cancelled by the client mid-flight) and whether RSS after stays
-//! within 128 MiB. `soak` runs proxied GETs, refreshes, logins, and requests the client cancels,
-//! prints RSS every second, and ends with whether RSS stayed flat over the second half.
+//! a wrong password, a third are cancelled by the client 1-400 ms after sending) and whether RSS
+//! after them stays within 128 MiB. `soak` runs proxied GETs, refreshes, logins, and requests the
+//! client cancels, prints RSS every second, and ends with whether RSS stayed flat over the second
+//! half.
 //!
 //! Against a running deployment (the real token lifecycle: each connection logs in, calls the API
 //! with its access token, and refreshes when the token nears expiry):
@@ -690,13 +691,13 @@ async fn login_rss(t: &Target, running: &tokengate::RunningGateway, o: &Opts) {
                         return;
                     }
                     let username = format!("{}-{}", o.username, i % LOGIN_RSS_USERS);
-                    // Cancelled 1-40 ms after sending: queued for or in its check at the gateway.
+                    // Cancelled 1-400 ms after sending: queued for its check at the gateway, or in it.
                     let (password, cancel) = match i % 3 {
                         0 => (o.password.as_str(), None),
                         1 => ("a-wrong-password", None),
                         _ => (
                             o.password.as_str(),
-                            Some(Duration::from_millis(1 + (i * 7 % 40) as u64)),
+                            Some(Duration::from_millis(1 + (i * 37 % 400) as u64)),
                         ),
                     };
                     one_login(&t, i, &username, password, cancel, &tally).await;
