@@ -9,6 +9,17 @@
 //! and the load generator and upstream on another, so the gateway's own CPU per request is read
 //! from its threads' schedstat. `memory` measures the refresh registry's bytes per live session.
 //!
+//! Two memory scenarios, run only when named (each reads this process's RSS, so run it alone):
+//!
+//!     cargo bench --bench load -- --scenario login-rss   # 1,000 logins: ok, wrong, cancelled
+//!     cargo bench --bench load -- --scenario soak        # 60 s of mixed traffic (--duration S)
+//!
+//! `login-rss` prints RSS before, at its peak and after 1,000 logins (a third succeed, a third give
+//! a wrong password, a third are cancelled by the client 1-400 ms after sending) and whether RSS
+//! after them stays within 128 MiB. `soak` runs proxied GETs, refreshes, logins, and requests the
+//! client cancels, prints RSS every second, and ends with whether RSS stayed flat over the second
+//! half.
+//!
 //! Against a running deployment (the real token lifecycle: each connection logs in, calls the API
 //! with its access token, and refreshes when the token nears expiry):
 //!
@@ -17,10 +28,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -29,12 +40,15 @@ use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use rustls_pki_types::ServerName;
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::task::JoinHandle;
 
 #[derive(Debug, Clone)]
 struct Opts {
     connections: usize,
     duration: Duration,
+    /// Whether `--duration` was given (the soak's own default is 60 s).
+    duration_set: bool,
     scenarios: Vec<String>,
     gw_threads: usize,
     target: Option<String>,
@@ -49,6 +63,7 @@ fn parse_opts() -> Opts {
     let mut o = Opts {
         connections: 32,
         duration: Duration::from_secs(8),
+        duration_set: false,
         scenarios: vec![],
         gw_threads: 1,
         target: None,
@@ -63,7 +78,10 @@ fn parse_opts() -> Opts {
         let mut val = || args.next().unwrap_or_else(|| panic!("{a} needs a value"));
         match a.as_str() {
             "--connections" => o.connections = val().parse().expect("--connections N"),
-            "--duration" => o.duration = Duration::from_secs(val().parse().expect("--duration SECONDS")),
+            "--duration" => {
+                o.duration = Duration::from_secs(val().parse().expect("--duration SECONDS"));
+                o.duration_set = true;
+            }
             "--scenario" => o.scenarios.push(val()),
             "--gw-threads" => o.gw_threads = val().parse().expect("--gw-threads N"),
             "--target" => o.target = Some(val()),
@@ -76,7 +94,7 @@ fn parse_opts() -> Opts {
             "-h" | "--help" => {
                 println!(
                     "options: --connections N (32) --duration S (8) --scenario get-cached|get-distinct|refresh|login|memory \
-                     (repeatable; default all) --gw-threads N (1) | --target URL --ca FILE --client-id ID --username U \
+                     (repeatable; default all of these) | login-rss | soak (60 s unless --duration) --gw-threads N (1) | --target URL --ca FILE --client-id ID --username U \
                      --password P --path /api/..."
                 );
                 std::process::exit(0);
@@ -129,15 +147,29 @@ struct Target {
 }
 
 async fn connect(t: &Target) -> SendRequest<Full<Bytes>> {
-    let tcp = TcpStream::connect(t.addr).await.expect("connect");
-    tcp.set_nodelay(true).unwrap();
-    let name = ServerName::try_from(t.host.clone()).expect("server name");
-    let tls = t.tls.connect(name, tcp).await.expect("TLS handshake");
-    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-        .await
-        .expect("HTTP handshake");
-    tokio::spawn(conn);
-    send
+    connect_from(t, None).await.expect("connect").0
+}
+
+/// A connection from `from` (a loopback address other than 127.0.0.1 makes the gateway see another
+/// client address, so its per-address login limit does not slow a benchmark that is one machine).
+/// Aborting the returned task closes the connection, as a client that goes away does.
+async fn connect_from(t: &Target, from: Option<IpAddr>) -> Option<(SendRequest<Full<Bytes>>, JoinHandle<()>)> {
+    let tcp = match from {
+        None => TcpStream::connect(t.addr).await.ok()?,
+        Some(ip) => {
+            let socket = TcpSocket::new_v4().ok()?;
+            socket.bind(SocketAddr::new(ip, 0)).ok()?;
+            socket.connect(t.addr).await.ok()?
+        }
+    };
+    tcp.set_nodelay(true).ok()?;
+    let name = ServerName::try_from(t.host.clone()).ok()?;
+    let tls = t.tls.connect(name, tcp).await.ok()?;
+    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.ok()?;
+    let task = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Some((send, task))
 }
 
 fn get(t: &Target, path: &str, token: &str) -> Request<Full<Bytes>> {
@@ -465,7 +497,7 @@ scopes = ["orders:read"]
 "#,
         certs = repo.join("certs").display(),
         secret = secret_path.display(),
-        users = (0..o.connections)
+        users = (0..o.connections.max(LOGIN_RSS_USERS))
             .map(|i| format!(
                 "[[users]]\nusername = \"{}-{i}\"\npassword_hash = \"{hash}\"\nscopes = [\"orders:read\"]\n",
                 o.username
@@ -501,13 +533,29 @@ scopes = ["orders:read"]
     };
     let creds = Creds::from(&o);
     println!(
-        "in-process gateway ({} worker thread(s)), TLS 1.3 on loopback, {}s per scenario",
+        "in-process gateway ({} worker thread(s), {} Argon2 thread(s)), TLS 1.3 on loopback",
         o.gw_threads,
-        o.duration.as_secs()
+        running.password_pool().stats().threads,
     );
-    header();
+    let mut table = false;
     load_rt.block_on(async {
         for s in &scenarios {
+            match s.as_str() {
+                "login-rss" => {
+                    login_rss(&target, &running, &o).await;
+                    continue;
+                }
+                "soak" => {
+                    soak(&target, &running, &o).await;
+                    continue;
+                }
+                _ if !table => {
+                    println!("{}s per scenario", o.duration.as_secs());
+                    header();
+                    table = true;
+                }
+                _ => {}
+            }
             let work = match s.as_str() {
                 "get-cached" => {
                     let mut c = connect(&target).await;
@@ -529,6 +577,357 @@ scopes = ["orders:read"]
         }
     });
     gw_rt.block_on(running.shutdown());
+}
+
+/// Users the `login-rss` scenario spreads its logins over: each gets 4 of the 1,000, so none
+/// reaches the 5 failures after which the gateway slows a username down.
+const LOGIN_RSS_USERS: usize = 250;
+const LOGIN_RSS_LOGINS: usize = 1_000;
+/// The bound the gateway is meant to hold after any mix of logins (issue 8).
+const LOGIN_RSS_TARGET: u64 = 128 << 20;
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1 << 20) as f64
+}
+
+/// A client address for the `n`th connection: 127.1.x.y, so that the gateway's per-address login
+/// limit (20 failures from one address) sees many clients, as it would in production.
+fn client_ip(n: usize) -> IpAddr {
+    let n = n % 65_000 + 1;
+    IpAddr::V4(Ipv4Addr::new(127, 1, (n >> 8) as u8, n as u8))
+}
+
+/// Samples RSS every 5 ms on its own thread; `stop` returns the highest seen.
+struct PeakRss {
+    peak: Arc<AtomicU64>,
+    done: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl PeakRss {
+    fn start() -> PeakRss {
+        let peak = Arc::new(AtomicU64::new(rss_bytes()));
+        let done = Arc::new(AtomicBool::new(false));
+        let (p, d) = (peak.clone(), done.clone());
+        let thread = std::thread::spawn(move || {
+            while !d.load(Ordering::Relaxed) {
+                p.fetch_max(rss_bytes(), Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        PeakRss { peak, done, thread }
+    }
+    fn stop(self) -> u64 {
+        self.done.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap();
+        self.peak.load(Ordering::Relaxed).max(rss_bytes())
+    }
+}
+
+/// Waits until the gateway's Argon2 pool has nothing running or queued.
+async fn pool_idle(running: &tokengate::RunningGateway) {
+    loop {
+        let s = running.password_pool().stats();
+        if s.running == 0 && s.queued == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[derive(Default)]
+struct LoginTally {
+    ok: AtomicU64,
+    wrong: AtomicU64,
+    cancelled: AtomicU64,
+    busy: AtomicU64,
+    other: AtomicU64,
+}
+
+/// One login from its own connection and client address. `cancel_after`: the client goes away
+/// that long after sending (the request is then mid-flight: queued for or in its password check).
+async fn one_login(
+    t: &Target,
+    n: usize,
+    username: &str,
+    password: &str,
+    cancel_after: Option<Duration>,
+    tally: &LoginTally,
+) {
+    let Some((mut send, conn)) = connect_from(t, Some(client_ip(n))).await else {
+        tally.other.fetch_add(1, Ordering::Relaxed);
+        return;
+    };
+    let form = [
+        ("grant_type", "password"),
+        ("client_id", "web"),
+        ("username", username),
+        ("password", password),
+    ];
+    let req = post_form(t, "/api/oauth2/token", &form);
+    let counter = match cancel_after {
+        Some(after) => match tokio::time::timeout(after, send_request(&mut send, req)).await {
+            Err(_) => &tally.cancelled,
+            Ok(status) => login_counter(status, tally),
+        },
+        None => login_counter(send_request(&mut send, req).await, tally),
+    };
+    counter.fetch_add(1, Ordering::Relaxed);
+    conn.abort();
+}
+
+async fn send_request(s: &mut SendRequest<Full<Bytes>>, req: Request<Full<Bytes>>) -> Option<u16> {
+    send(s, req).await.map(|r| r.status().as_u16())
+}
+
+fn login_counter(status: Option<u16>, tally: &LoginTally) -> &AtomicU64 {
+    match status {
+        Some(200) => &tally.ok,
+        Some(400) => &tally.wrong,
+        Some(429) => &tally.busy,
+        _ => &tally.other,
+    }
+}
+
+/// Issue 8's memory bound: RSS after 1,000 logins of any mix stays within 128 MiB.
+async fn login_rss(t: &Target, running: &tokengate::RunningGateway, o: &Opts) {
+    pool_idle(running).await;
+    let before = rss_bytes();
+    let peak = PeakRss::start();
+    let started = Instant::now();
+    let next = Arc::new(AtomicUsize::new(0));
+    let tally = Arc::new(LoginTally::default());
+    let workers: Vec<_> = (0..o.connections)
+        .map(|_| {
+            let (t, o, next, tally) = (t.clone(), o.clone(), next.clone(), tally.clone());
+            tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= LOGIN_RSS_LOGINS {
+                        return;
+                    }
+                    let username = format!("{}-{}", o.username, i % LOGIN_RSS_USERS);
+                    // Cancelled 1-400 ms after sending: queued for its check at the gateway, or in it.
+                    let (password, cancel) = match i % 3 {
+                        0 => (o.password.as_str(), None),
+                        1 => ("a-wrong-password", None),
+                        _ => (
+                            o.password.as_str(),
+                            Some(Duration::from_millis(1 + (i * 37 % 400) as u64)),
+                        ),
+                    };
+                    one_login(&t, i, &username, password, cancel, &tally).await;
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.await.unwrap();
+    }
+    let elapsed = started.elapsed();
+    pool_idle(running).await;
+    let peak = peak.stop();
+    let after = rss_bytes();
+    let s = running.password_pool().stats();
+    println!(
+        "login-rss: {LOGIN_RSS_LOGINS} logins over {} connections in {:.1} s: {} ok, {} wrong password, {} cancelled \
+         by the client, {} answered 429, {} other",
+        o.connections,
+        elapsed.as_secs_f64(),
+        tally.ok.load(Ordering::Relaxed),
+        tally.wrong.load(Ordering::Relaxed),
+        tally.cancelled.load(Ordering::Relaxed),
+        tally.busy.load(Ordering::Relaxed),
+        tally.other.load(Ordering::Relaxed),
+    );
+    println!(
+        "login-rss: Argon2 pool: {} threads, {} checks run, {} skipped (client gone), peak {} at once, {} block \
+         allocations",
+        s.threads, s.run, s.skipped, s.peak_running, s.block_allocations
+    );
+    println!(
+        "login-rss: RSS before {:.1} MiB, peak {:.1} MiB, after {:.1} MiB; target after <= {} MiB: {}",
+        mib(before),
+        mib(peak),
+        mib(after),
+        LOGIN_RSS_TARGET >> 20,
+        if after <= LOGIN_RSS_TARGET {
+            "holds"
+        } else {
+            "DOES NOT HOLD"
+        }
+    );
+}
+
+/// One soak client: its own user and address; proxied GETs with its access token, a refresh every
+/// 2 s, a new login every 10 s, and, every second, a login and every half second a GET that it
+/// cancels right after sending (each on a connection of its own, from a fresh address).
+async fn soak_client(t: Target, o: Opts, w: usize, deadline: Instant, tally: Arc<SoakTally>, fresh: Arc<AtomicUsize>) {
+    let creds = Creds {
+        username: format!("{}-{}", o.username, w % LOGIN_RSS_USERS),
+        ..Creds::from(&o)
+    };
+    let home = Some(IpAddr::V4(Ipv4Addr::new(127, 2, 0, (w % 250 + 1) as u8)));
+    let Some((mut s, mut conn)) = connect_from(&t, home).await else {
+        return;
+    };
+    let Some((mut access, mut refresh, _)) = login(&t, &mut s, &creds).await else {
+        return;
+    };
+    let (mut next_refresh, mut next_login) = (Instant::now(), Instant::now() + Duration::from_secs(10));
+    let (mut next_cancelled_login, mut next_cancelled_get) = (Instant::now(), Instant::now());
+    while Instant::now() < deadline {
+        let now = Instant::now();
+        if now >= next_cancelled_login {
+            next_cancelled_login = now + Duration::from_secs(1);
+            // An unknown username from a fresh address: neither backs off, each costs a check.
+            let n = fresh.fetch_add(1, Ordering::Relaxed);
+            let ghost = format!("ghost-{n}");
+            let quiet = LoginTally::default();
+            one_login(&t, n, &ghost, "whatever", Some(Duration::from_millis(1)), &quiet).await;
+            tally.cancelled.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        if now >= next_cancelled_get {
+            next_cancelled_get = now + Duration::from_millis(500);
+            if let Some((mut c, task)) = connect_from(&t, home).await {
+                let _ =
+                    tokio::time::timeout(Duration::from_micros(200), send(&mut c, get(&t, &creds.path, &access))).await;
+                task.abort();
+            }
+            tally.cancelled.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        let req = if now >= next_login {
+            next_login = now + Duration::from_secs(10);
+            tally.logins.fetch_add(1, Ordering::Relaxed);
+            let form = [
+                ("grant_type", "password"),
+                ("client_id", creds.client_id.as_str()),
+                ("username", creds.username.as_str()),
+                ("password", creds.password.as_str()),
+            ];
+            post_form(&t, "/api/oauth2/token", &form)
+        } else if now >= next_refresh {
+            next_refresh = now + Duration::from_secs(2);
+            tally.refreshes.fetch_add(1, Ordering::Relaxed);
+            let form = [
+                ("grant_type", "refresh_token"),
+                ("client_id", creds.client_id.as_str()),
+                ("refresh_token", refresh.as_str()),
+            ];
+            post_form(&t, "/api/oauth2/token", &form)
+        } else {
+            tally.gets.fetch_add(1, Ordering::Relaxed);
+            get(&t, &creds.path, &access)
+        };
+        let Some(resp) = send(&mut s, req).await else {
+            tally.errors.fetch_add(1, Ordering::Relaxed);
+            conn.abort();
+            let Some(fresh_conn) = connect_from(&t, home).await else {
+                return;
+            };
+            (s, conn) = fresh_conn;
+            continue;
+        };
+        if resp.status() != 200 {
+            // 429 on a login is the gateway's backoff doing its job, not a failure.
+            if resp.status() != 429 {
+                tally.errors.fetch_add(1, Ordering::Relaxed);
+            }
+            continue;
+        }
+        if let (Some(at), Some(rt)) = (field(resp.body(), "access_token"), field(resp.body(), "refresh_token")) {
+            (access, refresh) = (at, rt);
+        }
+    }
+    conn.abort();
+}
+
+#[derive(Default)]
+struct SoakTally {
+    gets: AtomicU64,
+    refreshes: AtomicU64,
+    logins: AtomicU64,
+    cancelled: AtomicU64,
+    errors: AtomicU64,
+}
+
+/// Issue 8's soak: mixed traffic for 60 s (or `--duration`), RSS printed every second, then
+/// whether it stayed flat: the second half's samples (at most the last 30) within 10 % of their
+/// median.
+async fn soak(t: &Target, running: &tokengate::RunningGateway, o: &Opts) {
+    let duration = if o.duration_set {
+        o.duration
+    } else {
+        Duration::from_secs(60)
+    };
+    let started = Instant::now();
+    let deadline = started + duration;
+    let tally = Arc::new(SoakTally::default());
+    let fresh = Arc::new(AtomicUsize::new(0));
+    println!(
+        "soak: {} clients for {} s: proxied GETs, a refresh every 2 s and a login every 10 s each, \
+         a cancelled login every 1 s and a cancelled GET every 0.5 s each",
+        o.connections,
+        duration.as_secs()
+    );
+    let clients: Vec<_> = (0..o.connections)
+        .map(|w| {
+            tokio::spawn(soak_client(
+                t.clone(),
+                o.clone(),
+                w,
+                deadline,
+                tally.clone(),
+                fresh.clone(),
+            ))
+        })
+        .collect();
+    let mut samples = Vec::new();
+    let mut tick = tokio::time::interval_at(
+        tokio::time::Instant::now() + Duration::from_secs(1),
+        Duration::from_secs(1),
+    );
+    let mut last_gets = 0;
+    while Instant::now() < deadline {
+        tick.tick().await;
+        let rss = rss_bytes();
+        samples.push(rss);
+        let gets = tally.gets.load(Ordering::Relaxed);
+        let pool = running.password_pool().stats();
+        println!(
+            "soak: t={:>3}s RSS {:>6.1} MiB  GETs/s {:>6}  logins {} refreshes {} cancelled {} errors {}  Argon2 run {} \
+             skipped {}",
+            samples.len(),
+            mib(rss),
+            gets - last_gets,
+            tally.logins.load(Ordering::Relaxed),
+            tally.refreshes.load(Ordering::Relaxed),
+            tally.cancelled.load(Ordering::Relaxed),
+            tally.errors.load(Ordering::Relaxed),
+            pool.run,
+            pool.skipped,
+        );
+        last_gets = gets;
+    }
+    for c in clients {
+        c.await.unwrap();
+    }
+    let window = &samples[samples.len() - (samples.len() / 2).clamp(1, 30)..];
+    let mut sorted = window.to_vec();
+    sorted.sort_unstable();
+    let median = sorted[sorted.len() / 2];
+    let (lo, hi) = (sorted[0], sorted[sorted.len() - 1]);
+    let flat = hi as f64 <= median as f64 * 1.10 && lo as f64 >= median as f64 * 0.90;
+    println!(
+        "soak: RSS {}: the last {} s within {:.1}-{:.1} MiB, median {:.1} MiB (flat = all within 10 % of the median)",
+        if flat { "stayed flat" } else { "DID NOT stay flat" },
+        window.len(),
+        mib(lo),
+        mib(hi),
+        mib(median),
+    );
 }
 
 fn mint_tokens(secret: &[u8], n: usize) -> Vec<String> {

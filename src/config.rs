@@ -18,10 +18,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use argon2::PasswordHash;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
+use crate::oauth::password::StoredHash;
 use crate::routing::{self, RouteTable};
 use crate::scope::{self, ScopeSet, ScopeUniverse};
 
@@ -212,6 +212,9 @@ pub struct TokenSettings {
     pub reuse_grace: Duration,
     pub leeway: Duration,
     pub cache_capacity: u64,
+    /// Threads checking passwords (Argon2) at once; each keeps its Argon2 memory (19 MiB with
+    /// default parameters).
+    pub password_hash_concurrency: usize,
     pub token_path: String,
     pub revoke_path: String,
     /// Live sessions one user may hold; a login beyond it revokes the oldest.
@@ -324,6 +327,8 @@ const MAX_UPSTREAM_CONNECTIONS: usize = 1_000_000;
 /// Below the 5 s that common application servers (uvicorn, gunicorn, Node) keep an idle
 /// connection, so the gateway stops reusing one before the upstream closes it.
 pub const DEFAULT_UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+/// Past this, `tokens.password_hash_concurrency` is a typo, not a machine.
+pub const MAX_PASSWORD_HASH_CONCURRENCY: usize = 1024;
 
 /// Parses "900s", "15m", "1d", "250ms", "2h".
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -617,6 +622,21 @@ fn validate(file: FileConfig, base_dir: &Path) -> Result<Config, Vec<Problem>> {
     }
     let cache_capacity = c.positive("tokens.cache_capacity", t.cache_capacity, 100_000);
     let max_sessions_per_user = c.positive("tokens.max_sessions_per_user", t.max_sessions_per_user, 100) as usize;
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let password_hash_concurrency = c.positive(
+        "tokens.password_hash_concurrency",
+        t.password_hash_concurrency,
+        cores as u64,
+    ) as usize;
+    if password_hash_concurrency > MAX_PASSWORD_HASH_CONCURRENCY {
+        c.fail(
+            "tokens.password_hash_concurrency",
+            format!(
+                "{password_hash_concurrency} must be at most {MAX_PASSWORD_HASH_CONCURRENCY} \
+                 (each thread keeps up to 64 MiB of Argon2 memory)"
+            ),
+        );
+    }
     let token_path = own_path(&mut c, "tokens.token_path", t.token_path.as_deref(), DEFAULT_TOKEN_PATH);
     let revoke_path = own_path(
         &mut c,
@@ -729,19 +749,10 @@ fn validate(file: FileConfig, base_dir: &Path) -> Result<Config, Vec<Problem>> {
         } else if !seen.insert(f.username.as_str()) {
             c.fail(format!("{key}.username"), format!("{:?} is defined twice", f.username));
         }
-        match PasswordHash::new(&f.password_hash) {
-            Ok(h) if h.algorithm.as_str() == "argon2id" => {}
-            Ok(h) => c.fail(
-                format!("{key}.password_hash"),
-                format!(
-                    "uses {}; only argon2id is accepted (see `tokengate hash-password`)",
-                    h.algorithm
-                ),
-            ),
-            Err(_) => c.fail(
-                format!("{key}.password_hash"),
-                "is not a PHC string (make one with `tokengate hash-password`)",
-            ),
+        // The same decoding the Argon2 pool does: a hash accepted here is one it can check, within
+        // its memory cap.
+        if let Err(e) = StoredHash::parse(&f.password_hash) {
+            c.fail(format!("{key}.password_hash"), e.to_string());
         }
         let scopes = c.scopes(&format!("{key}.scopes"), &f.scopes, &universe);
         users.push(UserSettings {
@@ -956,6 +967,7 @@ fn validate(file: FileConfig, base_dir: &Path) -> Result<Config, Vec<Problem>> {
             reuse_grace,
             leeway,
             cache_capacity,
+            password_hash_concurrency,
             token_path,
             revoke_path,
             max_sessions_per_user,
@@ -1239,6 +1251,8 @@ signing = { secret = "env:TOKENGATE_TEST_SECRET_FOR_UNIT_TESTS" }
         assert_eq!(c.tokens.refresh_ttl, Duration::from_secs(86_400));
         assert_eq!(c.tokens.reuse_grace, Duration::from_secs(10));
         assert_eq!(c.tokens.token_path, "/api/oauth2/token");
+        let cores = std::thread::available_parallelism().unwrap().get();
+        assert_eq!(c.tokens.password_hash_concurrency, cores);
         assert_eq!(c.admin.listen, "127.0.0.1:9901".parse().unwrap());
         assert_eq!(c.tokens.secret.expose(), b"0123456789abcdef0123456789abcdef");
     }
@@ -1334,6 +1348,45 @@ signing = { secret = "env:TOKENGATE_TEST_SECRET_FOR_UNIT_TESTS" }
         assert!(parse_upstream("http://u:p@example.com").is_err());
         assert!(parse_upstream("http://example.com/?q=1").is_err());
         assert!(parse_upstream("/relative").is_err());
+    }
+
+    #[test]
+    fn password_hash_concurrency_is_a_sane_positive_count() {
+        assert_eq!(
+            load("password_hash_concurrency = 3\n")
+                .unwrap()
+                .tokens
+                .password_hash_concurrency,
+            3
+        );
+        assert_eq!(
+            problems("password_hash_concurrency = 0\n"),
+            ["tokens.password_hash_concurrency: 0 must be at least 1"]
+        );
+        assert_eq!(
+            problems("password_hash_concurrency = 5000\n"),
+            [
+                "tokens.password_hash_concurrency: 5000 must be at most 1024 (each thread keeps up to 64 MiB of Argon2 memory)"
+            ]
+        );
+    }
+
+    #[test]
+    fn password_hashes_needing_more_than_64_mib_or_an_unknown_version_are_refused() {
+        let hash = |params: &str| {
+            format!(
+                "[[users]]\nusername = \"u\"\npassword_hash = \"$argon2id${params}$dG9rZW5nYXRlLXNhbHQ$rmGuE1mECPfb07S9RZc0mRN2WZvA1aBXcN5OSG3DOIc\"\n"
+            )
+        };
+        assert_eq!(
+            problems(&hash("v=19$m=131072,t=1,p=1")),
+            ["users[0].password_hash: needs 128 MiB of memory per check (m=131072); at most 64 MiB is accepted"]
+        );
+        assert_eq!(
+            problems(&hash("v=20$m=19456,t=2,p=1")),
+            ["users[0].password_hash: has version 20; Argon2 versions are 16 and 19 (see `tokengate hash-password`)"]
+        );
+        assert!(load(&hash("v=19$m=65536,t=1,p=1")).is_ok(), "64 MiB is accepted");
     }
 
     #[test]

@@ -45,6 +45,7 @@ pub use config::Config;
 
 use crate::auth::RevokedSessions;
 use crate::oauth::limiter::LoginLimiter;
+use crate::oauth::password::PasswordPool;
 use crate::server::Phase;
 use crate::service::App;
 use crate::snapshot::Snapshot;
@@ -71,14 +72,18 @@ impl Gateway {
                 anyhow::bail!("state: this store is not available in this build yet")
             }
         };
+        let passwords = Arc::new(
+            PasswordPool::new(config.tokens.password_hash_concurrency)
+                .context("cannot start the password-hashing threads")?,
+        );
         let state = Arc::new(State {
             store,
             revoked: revoked.clone(),
             limiter: LoginLimiter::default(),
+            passwords,
             clock: clock.clone(),
         });
-        let argon2_concurrency = std::thread::available_parallelism().map_or(2, |n| n.get());
-        let snapshot = Snapshot::build(config, 1, None, revoked, clock, argon2_concurrency)?;
+        let snapshot = Snapshot::build(config, 1, None, &state)?;
         let prefix = u32::from_le_bytes(crypto::random_bytes::<4>()?);
         let app = Arc::new(App::new(snapshot, state, prefix));
         Ok(Gateway { app })
@@ -203,6 +208,11 @@ impl RunningGateway {
     /// and are named in the result. On error nothing has changed.
     pub fn reload(&self, config: Config) -> anyhow::Result<reload::Reloaded> {
         reload::apply(&self.app, self.tls.as_deref(), &self.slots, config)
+    }
+
+    /// The Argon2 pool that checks login passwords (its counters: tests and metrics).
+    pub fn password_pool(&self) -> &PasswordPool {
+        &self.app.state().passwords
     }
 
     /// Graceful shutdown: /readyz turns 503, the listener closes (new connections are refused),

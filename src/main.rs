@@ -118,7 +118,7 @@ fn run(path: Option<PathBuf>, log_format: Option<LogFormatArg>) -> anyhow::Resul
         .context("cannot start the log writer thread")?;
     tokengate::server::open_files::raise_limit(&config);
     // One worker: a current-thread runtime does the same work without the multi-thread
-    // scheduler's hand-offs (the main thread is the worker; Argon2 still goes to the blocking pool).
+    // scheduler's hand-offs (the main thread is the worker; Argon2 runs on its own threads).
     let mut runtime = match config.server.worker_threads {
         Some(1) => tokio::runtime::Builder::new_current_thread(),
         Some(n) => {

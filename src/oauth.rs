@@ -7,6 +7,7 @@ pub mod endpoint;
 pub mod error;
 pub mod issuer;
 pub mod limiter;
+pub mod password;
 pub mod users;
 
 pub use endpoint::OAuthServer;

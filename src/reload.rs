@@ -50,6 +50,10 @@ pub fn keep_restart_only(running: &Config, new: &mut Config) -> Vec<&'static str
         changed.push("state");
         new.state = running.state.clone();
     }
+    if running.tokens.password_hash_concurrency != new.tokens.password_hash_concurrency {
+        changed.push("tokens.password_hash_concurrency");
+        new.tokens.password_hash_concurrency = running.tokens.password_hash_concurrency;
+    }
     if running.log.format != new.log.format {
         changed.push("log.format");
         new.log.format = running.log.format;
@@ -60,17 +64,8 @@ pub fn keep_restart_only(running: &Config, new: &mut Config) -> Vec<&'static str
 pub fn apply(app: &App, tls: Option<&CertResolver>, slots: &Slots, mut config: Config) -> anyhow::Result<Reloaded> {
     let running = app.snapshot();
     let restart_needed = keep_restart_only(&running.config, &mut config);
-    let state = app.state();
-    let argon2_concurrency = std::thread::available_parallelism().map_or(2, |n| n.get());
     let generation = running.generation + 1;
-    let snapshot = Snapshot::build(
-        config,
-        generation,
-        Some(&running),
-        state.revoked.clone(),
-        state.clock.clone(),
-        argon2_concurrency,
-    )?;
+    let snapshot = Snapshot::build(config, generation, Some(&running), app.state())?;
     // Everything that can fail is done before anything is swapped.
     if let (Some(resolver), Some(new_tls)) = (tls, &snapshot.config.server.tls) {
         resolver.replace(new_tls)?;

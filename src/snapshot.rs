@@ -14,14 +14,14 @@ use std::sync::Arc;
 
 use anyhow::Context;
 
-use crate::auth::{RevokedSessions, Validator};
-use crate::clock::SharedClock;
+use crate::auth::Validator;
 use crate::config::{Config, RouteSettings};
 use crate::oauth::clients::ClientRegistry;
 use crate::oauth::issuer::Issuer;
 use crate::oauth::users::UserStore;
 use crate::proxy::Forwarder;
 use crate::routing::RouteTable;
+use crate::state::State;
 
 /// One route as the request path needs it.
 pub struct Route {
@@ -70,10 +70,9 @@ impl Snapshot {
         config: Config,
         generation: u64,
         previous: Option<&Snapshot>,
-        revoked: Arc<RevokedSessions>,
-        clock: SharedClock,
-        argon2_concurrency: usize,
+        state: &State,
     ) -> anyhow::Result<Snapshot> {
+        let clock = state.clock.clone();
         let table = RouteTable::new(
             config
                 .routes
@@ -106,13 +105,13 @@ impl Snapshot {
                 })
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
-        let validator = Validator::new(&config.tokens, config.scopes.clone(), revoked, clock);
+        let validator = Validator::new(&config.tokens, config.scopes.clone(), state.revoked.clone(), clock);
         Ok(Snapshot {
             generation,
             table,
             routes,
             clients: ClientRegistry::new(config.clients.clone()),
-            users: UserStore::new(config.users.clone(), argon2_concurrency),
+            users: UserStore::new(config.users.clone(), state.passwords.clone()),
             issuer: Issuer::new(&config.tokens),
             validator,
             config,

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use crate::auth::RevokedSessions;
 use crate::clock::SharedClock;
 use crate::oauth::limiter::LoginLimiter;
+use crate::oauth::password::PasswordPool;
 use crate::store::{SessionStore, Store};
 
 pub struct State {
@@ -15,6 +16,8 @@ pub struct State {
     /// Shared with the store (which writes it) and every Snapshot's validator (which reads it).
     pub revoked: Arc<RevokedSessions>,
     pub limiter: LoginLimiter,
+    /// The Argon2 threads login checks run on (their memory outlives every Snapshot).
+    pub passwords: Arc<PasswordPool>,
     pub clock: SharedClock,
 }
 

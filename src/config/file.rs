@@ -71,6 +71,7 @@ pub struct TokensFile {
     pub reuse_grace: Option<String>,
     pub leeway: Option<String>,
     pub cache_capacity: Option<i64>,
+    pub password_hash_concurrency: Option<i64>,
     pub token_path: Option<String>,
     pub revoke_path: Option<String>,
     pub max_sessions_per_user: Option<i64>,

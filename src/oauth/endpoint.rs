@@ -21,6 +21,7 @@ use crate::crypto::{self, Sealed};
 use crate::ids::{SessionId, mint_refresh_token, parse_refresh_token};
 use crate::oauth::clients::{Presented, parse_basic};
 use crate::oauth::error::{ErrorCode, INVALID_REFRESH_TOKEN, OAuthError};
+use crate::oauth::limiter::Who;
 use crate::oauth::users::VerifyError;
 use crate::proxy::body::ClientBodyError;
 use crate::scope::ScopeSet;
@@ -214,23 +215,32 @@ impl OAuthServer<'_> {
         let password = form.require("password")?;
         let requested = self.requested_scope(form)?;
         let clock = &self.state.clock;
+        let who = Who {
+            username,
+            known_user: self.snap.users.exists(username),
+            client: &client.id,
+            ip: peer,
+        };
+        // Dropped before it is told how the check went (the client went away), the attempt counts
+        // as a failure and is audited as abandoned.
         let attempt = self
             .state
             .limiter
-            .admit(username, peer, clock.now_millis())
+            .admit(who, clock.now_millis())
             .map_err(|retry_after_secs| OAuthError::SlowDown { retry_after_secs })?;
-        let verified = self.snap.users.verify(username, password).await.map_err(|e| match e {
-            VerifyError::Busy => OAuthError::SlowDown { retry_after_secs: 1 },
-            VerifyError::TaskFailed => OAuthError::Internal("password verification failed to run".into()),
-        })?;
+        let verified = match self.snap.users.verify(username, password).await {
+            Ok(v) => v,
+            Err(e) => {
+                attempt.unchecked();
+                return Err(match e {
+                    VerifyError::Busy => OAuthError::SlowDown { retry_after_secs: 1 },
+                    VerifyError::TaskFailed => OAuthError::Internal("password verification failed to run".into()),
+                });
+            }
+        };
         let Some(user) = verified else {
             attempt.failed(clock.now_millis());
-            // Only known usernames are logged: people type passwords into the username field.
-            let username = if self.snap.users.exists(username) {
-                username
-            } else {
-                "(unknown user)"
-            };
+            let username = who.loggable_username();
             tracing::info!(target: "tokengate::audit", event = "login_failed", username, client = %client.id, %peer);
             return Err(OAuthError::new(
                 ErrorCode::InvalidGrant,

@@ -6,7 +6,10 @@
 //! 2 s, 4 s … capped at 15 min) before the next attempt is heard. For a username, attempts still in
 //! flight count as failures, so a burst of parallel guesses gets no more Argon2 runs than
 //! sequential ones; an address may have at most [`MAX_PENDING_PER_IP`] attempts in flight. A
-//! success clears the username's failures. Counters are forgotten once quiet for twice the cap.
+//! success clears the username's failures. An attempt the client abandons (it closes the
+//! connection or resets the stream before the answer) counts as a failure, and is audited: its
+//! password check runs to the end all the same, so abandoning must cost a guesser what failing
+//! does. Counters are forgotten once quiet for twice the cap.
 
 use std::hash::{BuildHasher, Hash};
 use std::net::IpAddr;
@@ -88,7 +91,7 @@ impl<K: Eq + Hash> Counter<K> {
         Ok(())
     }
 
-    /// Ends an admitted attempt: `Some(true)` succeeded, `Some(false)` failed, `None` abandoned.
+    /// Ends an admitted attempt: `Some(true)` succeeded, `Some(false)` failed, `None` not counted.
     fn finish(&self, key: &K, outcome: Option<bool>, now_ms: UnixMillis) {
         let forget = outcome == Some(true) && self.pending_as_failures;
         self.map.remove_if_mut(key, |_, a| {
@@ -125,30 +128,84 @@ impl Default for LoginLimiter {
     }
 }
 
-/// An admitted login attempt. Say how it ended; dropped unsaid (the client went away), it only
-/// stops counting as in flight.
+/// Who is trying to log in, as far as the audit log may name them.
+#[derive(Debug, Clone, Copy)]
+pub struct Who<'a> {
+    pub username: &'a str,
+    /// Whether `username` is a configured user. Unknown ones are never logged: people type
+    /// passwords into the username field.
+    pub known_user: bool,
+    pub client: &'a str,
+    pub ip: IpAddr,
+}
+
+impl<'a> Who<'a> {
+    /// The username as the audit log may show it.
+    pub fn loggable_username(&self) -> &'a str {
+        if self.known_user {
+            self.username
+        } else {
+            "(unknown user)"
+        }
+    }
+}
+
+/// How an admitted attempt ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Succeeded,
+    Failed,
+    /// The gateway could not check the password (its queue was full): nothing is counted.
+    Unchecked,
+    /// Dropped unsaid: the client went away before the answer. Counted as a failure.
+    Abandoned,
+}
+
+/// An admitted login attempt. Say how it ended; dropped unsaid, it was abandoned by the client and
+/// counts as a failure.
 pub struct Attempt<'a> {
     limiter: &'a LoginLimiter,
+    who: Who<'a>,
     user: UserKey,
-    ip: IpAddr,
-    outcome: Option<bool>,
+    outcome: Outcome,
     now_ms: UnixMillis,
 }
 
 impl Attempt<'_> {
     pub fn succeeded(mut self) {
-        self.outcome = Some(true);
+        self.outcome = Outcome::Succeeded;
     }
     pub fn failed(mut self, now_ms: UnixMillis) {
-        self.outcome = Some(false);
+        self.outcome = Outcome::Failed;
         self.now_ms = now_ms;
+    }
+    /// The password was not checked (the gateway was too busy): the attempt is not counted.
+    pub fn unchecked(mut self) {
+        self.outcome = Outcome::Unchecked;
     }
 }
 
 impl Drop for Attempt<'_> {
     fn drop(&mut self) {
-        self.limiter.users.finish(&self.user, self.outcome, self.now_ms);
-        self.limiter.ips.finish(&self.ip, self.outcome, self.now_ms);
+        let counted = match self.outcome {
+            Outcome::Succeeded => Some(true),
+            Outcome::Failed => Some(false),
+            Outcome::Unchecked => None,
+            Outcome::Abandoned => {
+                let w = &self.who;
+                tracing::info!(
+                    target: "tokengate::audit",
+                    event = "login_abandoned",
+                    username = w.loggable_username(),
+                    client = w.client,
+                    peer = %w.ip,
+                );
+                // Timed from admission: no clock here, and the check it started ran meanwhile.
+                Some(false)
+            }
+        };
+        self.limiter.users.finish(&self.user, counted, self.now_ms);
+        self.limiter.ips.finish(&self.who.ip, counted, self.now_ms);
     }
 }
 
@@ -162,18 +219,18 @@ impl LoginLimiter {
     }
 
     /// Admits a login attempt, or `Err(seconds)` to wait (nothing counted).
-    pub fn admit(&self, username: &str, ip: IpAddr, now_ms: UnixMillis) -> Result<Attempt<'_>, u64> {
-        let user = self.hasher.hash_one(username);
+    pub fn admit<'a>(&'a self, who: Who<'a>, now_ms: UnixMillis) -> Result<Attempt<'a>, u64> {
+        let user = self.hasher.hash_one(who.username);
         self.users.admit(user, now_ms).map_err(|ms| ms.div_ceil(1000))?;
-        if let Err(ms) = self.ips.admit(ip, now_ms) {
+        if let Err(ms) = self.ips.admit(who.ip, now_ms) {
             self.users.finish(&user, None, now_ms);
             return Err(ms.div_ceil(1000));
         }
         Ok(Attempt {
             limiter: self,
+            who,
             user,
-            ip,
-            outcome: None,
+            outcome: Outcome::Abandoned,
             now_ms,
         })
     }
@@ -194,8 +251,17 @@ mod tests {
         s.parse().unwrap()
     }
 
+    fn who(username: &str, ip: IpAddr) -> Who<'_> {
+        Who {
+            username,
+            known_user: true,
+            client: "web",
+            ip,
+        }
+    }
+
     fn fail(l: &LoginLimiter, user: &str, addr: IpAddr, now: u64) -> Result<(), u64> {
-        l.admit(user, addr, now).map(|a| a.failed(now))
+        l.admit(who(user, addr), now).map(|a| a.failed(now))
     }
 
     #[test]
@@ -205,12 +271,15 @@ mod tests {
         for _ in 0..3 {
             assert_eq!(fail(&l, "ann", a, T0), Ok(()));
         }
-        assert!(matches!(l.admit("ann", a, T0), Err(1)));
+        assert!(matches!(l.admit(who("ann", a), T0), Err(1)));
         assert_eq!(fail(&l, "ann", a, T0 + 1_000), Ok(()));
-        assert!(matches!(l.admit("ann", a, T0 + 1_000), Err(2)));
-        assert!(l.admit("bob", ip("192.0.2.2"), T0).is_ok(), "others are not slowed");
+        assert!(matches!(l.admit(who("ann", a), T0 + 1_000), Err(2)));
+        assert!(
+            l.admit(who("bob", ip("192.0.2.2")), T0).is_ok(),
+            "others are not slowed"
+        );
         // After the wait, a success starts the username afresh.
-        l.admit("ann", a, T0 + 3_000).unwrap().succeeded();
+        l.admit(who("ann", a), T0 + 3_000).unwrap().succeeded();
         for _ in 0..3 {
             assert_eq!(fail(&l, "ann", a, T0 + 3_000), Ok(()));
         }
@@ -220,10 +289,41 @@ mod tests {
     fn parallel_guesses_for_one_username_get_no_more_checks_than_sequential_ones() {
         let l = LoginLimiter::new(5, 100);
         let a = ip("192.0.2.1");
-        let admitted: Vec<_> = (0..50).filter_map(|_| l.admit("ann", a, T0).ok()).collect();
+        let admitted: Vec<_> = (0..50).filter_map(|_| l.admit(who("ann", a), T0).ok()).collect();
         assert_eq!(admitted.len(), 5);
-        drop(admitted);
-        assert!(l.admit("ann", a, T0).is_ok(), "abandoned attempts stop counting");
+        for attempt in admitted {
+            attempt.succeeded();
+        }
+        assert!(
+            l.admit(who("ann", a), T0).is_ok(),
+            "finished attempts stop counting as in flight"
+        );
+    }
+
+    #[test]
+    fn abandoned_attempts_count_as_failures_for_the_username_and_the_address() {
+        let l = LoginLimiter::new(3, 4);
+        let a = ip("192.0.2.1");
+        for _ in 0..3 {
+            // Admitted, then dropped without an outcome: the client went away mid-check.
+            drop(l.admit(who("ann", a), T0).unwrap());
+        }
+        assert!(matches!(l.admit(who("ann", a), T0), Err(1)), "the username backs off");
+        drop(l.admit(who("bob", a), T0).unwrap());
+        assert!(
+            matches!(l.admit(who("carol", a), T0), Err(1)),
+            "the address backs off after its 4 free failures"
+        );
+    }
+
+    #[test]
+    fn attempts_the_gateway_could_not_check_are_not_counted() {
+        let l = LoginLimiter::new(1, 1);
+        let a = ip("192.0.2.1");
+        for _ in 0..3 {
+            l.admit(who("ann", a), T0).unwrap().unchecked();
+        }
+        assert!(l.admit(who("ann", a), T0).is_ok());
     }
 
     #[test]
@@ -233,24 +333,23 @@ mod tests {
         for i in 0..3 {
             assert_eq!(fail(&l, &format!("user{i}"), a, T0), Ok(()));
         }
-        assert!(matches!(l.admit("someone-else", a, T0), Err(1)));
+        assert!(matches!(l.admit(who("someone-else", a), T0), Err(1)));
     }
 
     #[test]
     fn many_users_behind_one_address_log_in_at_once() {
         let l = LoginLimiter::new(5, 20);
         let a = ip("192.0.2.3");
-        let inflight: Vec<_> = (0..MAX_PENDING_PER_IP)
-            .map(|i| l.admit(&format!("u{i}"), a, T0).unwrap())
-            .collect();
+        let names: Vec<String> = (0..MAX_PENDING_PER_IP).map(|i| format!("u{i}")).collect();
+        let inflight: Vec<_> = names.iter().map(|n| l.admit(who(n, a), T0).unwrap()).collect();
         assert!(
-            l.admit("one-more", a, T0).is_err(),
+            l.admit(who("one-more", a), T0).is_err(),
             "in-flight attempts per address are bounded"
         );
         for attempt in inflight {
             attempt.succeeded();
         }
-        assert!(l.admit("one-more", a, T0).is_ok());
+        assert!(l.admit(who("one-more", a), T0).is_ok());
     }
 
     #[test]

@@ -95,31 +95,20 @@ impl Harness {
             config.tokens.reuse_grace.as_millis() as u64,
             shared.clone(),
         );
-        let snap = Snapshot::build(config, 1, None, revoked.clone(), shared.clone(), 2).unwrap();
-        Harness {
-            snap,
-            state: State {
-                store,
-                revoked,
-                limiter: LoginLimiter::default(),
-                clock: shared,
-            },
-            clock,
-        }
+        let state = State {
+            store,
+            revoked,
+            limiter: LoginLimiter::default(),
+            passwords: Arc::new(crate::oauth::password::PasswordPool::new(2).unwrap()),
+            clock: shared,
+        };
+        let snap = Snapshot::build(config, 1, None, &state).unwrap();
+        Harness { snap, state, clock }
     }
 
     pub fn with_snapshot(&mut self, config: Config) {
         let generation = self.snap.generation + 1;
-        let clock: SharedClock = self.clock.clone();
-        self.snap = Snapshot::build(
-            config,
-            generation,
-            Some(&self.snap),
-            self.state.revoked.clone(),
-            clock,
-            2,
-        )
-        .unwrap();
+        self.snap = Snapshot::build(config, generation, Some(&self.snap), &self.state).unwrap();
     }
 
     fn server(&self) -> OAuthServer<'_> {

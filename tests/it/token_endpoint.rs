@@ -528,6 +528,142 @@ async fn repeated_login_failures_back_off_without_checking_the_password() {
     );
 }
 
+/// A user whose hash takes about a second to check (Argon2id m=8 MiB, t=160): while it runs, the
+/// gateway's single Argon2 thread is busy, so logins sent meanwhile stay queued. The second is
+/// the margin for the few milliseconds this test needs between seeing a job queued and the
+/// gateway seeing its client go.
+const SLOW_USER: &str = "slowpoke";
+const SLOW_PASSWORD: &str = "slowpoke-password-2718";
+const SLOW_HASH: &str =
+    "$argon2id$v=19$m=8192,t=160,p=1$c2xvd3Bva2Utc2FsdC0wMQ$Q5HXnKro1zcflNYcxtxtwmVq17Sca5LSpP8ltWuAslM";
+
+/// Starts a login over its own HTTP/1.1 TLS connection and returns the connection, to be dropped
+/// by the caller (the client going away mid-check).
+async fn start_login(
+    gw: &support::TestGateway,
+    client_id: &str,
+    username: &str,
+    password: &str,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let body: String = form_urlencoded::Serializer::new(String::new())
+        .extend_pairs([
+            ("grant_type", "password"),
+            ("client_id", client_id),
+            ("username", username),
+            ("password", password),
+        ])
+        .finish();
+    let tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(support::client::tls_config(&[b"http/1.1"])));
+    let mut tls = connector.connect("localhost".try_into().unwrap(), tcp).await.unwrap();
+    let head = format!(
+        "POST /api/oauth2/token HTTP/1.1\r\nHost: localhost\r\n\
+         Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    tokio::io::AsyncWriteExt::write_all(&mut tls, head.as_bytes())
+        .await
+        .unwrap();
+    tls
+}
+
+/// Waits until `cond` holds (a hang guard, not a timing assertion).
+async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let waited = tokio::time::timeout(Duration::from_secs(30), async {
+        while !cond() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert!(waited.is_ok(), "gave up waiting until {what}");
+}
+
+fn abandoned_lines(logs: &str, needle: &str) -> Vec<String> {
+    logs.lines()
+        .filter(|l| l.contains("login_abandoned") && l.contains(needle))
+        .map(String::from)
+        .collect()
+}
+
+/// Issue 8: logins abandoned by the client while their password is being checked are failures
+/// (5 of them and the username backs off), each is audited, none frees the Argon2 thread early,
+/// and the queued ones are never checked at all.
+#[tokio::test]
+async fn logins_abandoned_mid_check_count_as_failures_and_hold_the_argon2_bound() {
+    let gw = support::start(&support::config_toml(
+        "password_hash_concurrency = 1",
+        &format!(
+            "[[users]]\nusername = \"{SLOW_USER}\"\npassword_hash = \"{SLOW_HASH}\"\nscopes = [\"orders:read\"]\n"
+        ),
+    ))
+    .await;
+    let typed_in_username = "hunter2-typed-into-the-username-field";
+
+    // The first login takes the only Argon2 thread for about a second...
+    let mut conns = vec![start_login(&gw, "web", SLOW_USER, SLOW_PASSWORD).await];
+    let pool = |gw: &support::TestGateway| gw.running.as_ref().unwrap().password_pool().stats();
+    wait_until("the first check runs", || pool(&gw).running == 1).await;
+    // ...so these wait in the queue: four more for the same user, one for an unknown username.
+    for _ in 0..4 {
+        conns.push(start_login(&gw, "web", SLOW_USER, SLOW_PASSWORD).await);
+    }
+    conns.push(start_login(&gw, "mobile", typed_in_username, SLOW_PASSWORD).await);
+    wait_until("five logins are queued", || pool(&gw).queued == 5).await;
+    let s = pool(&gw);
+    assert_eq!(
+        (s.running, s.run),
+        (1, 0),
+        "nothing finished before the clients left: {s:?}"
+    );
+
+    // Every client goes away.
+    drop(conns);
+    wait_until("six abandoned logins are audited", || {
+        let logs = support::logs::captured();
+        abandoned_lines(&logs, &format!("username=\"{SLOW_USER}\"")).len() == 5
+            && abandoned_lines(&logs, "client=\"mobile\"").len() == 1
+    })
+    .await;
+
+    // Five abandoned attempts are five failures: the next login for the user waits.
+    let r = Client::new(Proto::Http1)
+        .form(
+            &gw.url("/api/oauth2/token"),
+            &[
+                ("grant_type", "password"),
+                ("client_id", "web"),
+                ("username", SLOW_USER),
+                ("password", SLOW_PASSWORD),
+            ],
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, 429, "{}", r.text());
+    assert_eq!(r.header("retry-after"), "1");
+
+    // The running check ended in its slot; the queued ones, whose clients had gone, never ran.
+    wait_until("the pool has dealt with every job", || {
+        let s = pool(&gw);
+        s.run + s.skipped == 6
+    })
+    .await;
+    let s = pool(&gw);
+    assert_eq!((s.run, s.skipped, s.peak_running), (1, 5, 1), "{s:?}");
+
+    let logs = support::logs::captured();
+    let line = &abandoned_lines(&logs, "client=\"mobile\"")[0];
+    assert!(
+        line.contains("username=\"(unknown user)\"") && line.contains("peer=127.0.0.1"),
+        "{line}"
+    );
+    assert!(abandoned_lines(&logs, SLOW_USER)[0].contains("client=\"web\""));
+    assert!(
+        !logs.contains(typed_in_username),
+        "an unknown username reached the logs"
+    );
+    assert!(!logs.contains(SLOW_PASSWORD), "a password reached the logs");
+}
+
 #[tokio::test]
 async fn revocation_by_refresh_token_by_access_token_and_of_unknown_tokens() {
     let gw = support::start_with_routes("", &[ORDERS]).await;
