@@ -68,8 +68,30 @@ impl Gateway {
                 );
                 Store::memory(revoked.clone(), config.tokens.reuse_grace.as_millis() as u64)
             }
-            config::StateSettings::Durable { .. } | config::StateSettings::Redis(_) => {
-                anyhow::bail!("state: this store is not available in this build yet")
+            config::StateSettings::Durable { path } => {
+                let opened = store::DurableStore::open(
+                    path,
+                    revoked.clone(),
+                    config.tokens.reuse_grace.as_millis() as u64,
+                    clock.clone(),
+                    Default::default(),
+                )
+                .with_context(|| format!("state.path: cannot open the session store in {}", path.display()))?;
+                for warning in opened.recovered.warnings() {
+                    tracing::warn!(state = %path.display(), "{warning}");
+                }
+                tracing::info!(
+                    state = %path.display(),
+                    sessions = opened.sessions,
+                    revoked = opened.revoked,
+                    records_replayed = opened.recovered.records,
+                    snapshot = opened.recovered.snapshot.as_ref().map_or(0, |s| s.seq.0),
+                    "session store opened"
+                );
+                Store::Durable(opened.store)
+            }
+            config::StateSettings::Redis(_) => {
+                anyhow::bail!("state.redis_url: the Redis store is not available in this build yet")
             }
         };
         let passwords = Arc::new(
@@ -167,7 +189,34 @@ async fn maintain(app: Arc<App>, mut phase: watch::Receiver<Phase>) {
         n += 1;
         if n.is_multiple_of(30) {
             app.state().sweep();
+            compact_if_due(&app).await;
         }
+    }
+}
+
+/// Writes a new snapshot of the durable store once its log has outgrown the last one (on a
+/// blocking thread: it is disk work).
+async fn compact_if_due(app: &Arc<App>) {
+    let Store::Durable(store) = &app.state().store else {
+        return;
+    };
+    if !store.wants_compaction() {
+        return;
+    }
+    let app = app.clone();
+    let done = tokio::task::spawn_blocking(move || match &app.state().store {
+        Store::Durable(store) => Some(store.compact()),
+        _ => None,
+    })
+    .await;
+    match done {
+        Ok(Some(Ok(stats))) => tracing::info!(
+            snapshot_bytes = stats.snapshot_bytes,
+            segments_removed = stats.segments_removed,
+            "session store compacted"
+        ),
+        Ok(Some(Err(e))) => tracing::warn!(error = %e, "session store compaction failed; the log keeps growing"),
+        Ok(None) | Err(_) => {}
     }
 }
 

@@ -8,6 +8,7 @@
 mod support;
 
 mod config_errors;
+mod crash;
 mod enforcement;
 mod forwarding;
 mod hardening;

@@ -24,7 +24,7 @@ pub const PASSWORD: &str = "ann-password-1";
 pub const SERVICE_SECRET: &str = "svc-secret-0123456789";
 
 /// Argon2id hash of [`PASSWORD`], made once per test binary.
-fn password_hash() -> &'static str {
+pub fn password_hash() -> &'static str {
     static HASH: OnceLock<String> = OnceLock::new();
     HASH.get_or_init(|| tokengate::oauth::users::hash_password(PASSWORD).expect("hash"))
 }
@@ -183,4 +183,11 @@ pub async fn refresh(client: &Client, gw: &TestGateway, refresh_token: &str, cli
 
 pub fn str_of<'a>(v: &'a serde_json::Value, key: &str) -> &'a str {
     v[key].as_str().unwrap_or_else(|| panic!("no string {key} in {v}"))
+}
+
+/// Nanoseconds of the wall clock: a seed where a test wants an arbitrary moment.
+pub fn now_nanos() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos())
 }
