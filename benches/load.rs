@@ -9,6 +9,11 @@
 //! and the load generator and upstream on another, so the gateway's own CPU per request is read
 //! from its threads' schedstat. `memory` measures the refresh registry's bytes per live session.
 //!
+//! `refresh-durable` runs the refresh load against a second gateway whose sessions live in the
+//! durable store (a fresh folder), and prints fsyncs per second and rotations per fsync;
+//! `durable-1m` journals a million sessions and times a restart from the log and from a snapshot,
+//! with the bytes on disk per live session.
+//!
 //! Two memory scenarios, run only when named (each reads this process's RSS, so run it alone):
 //!
 //!     cargo bench --bench load -- --scenario login-rss   # 1,000 logins: ok, wrong, cancelled
@@ -93,7 +98,7 @@ fn parse_opts() -> Opts {
             "--bench" => {} // passed by `cargo bench`
             "-h" | "--help" => {
                 println!(
-                    "options: --connections N (32) --duration S (8) --scenario get-cached|get-distinct|refresh|login|memory \
+                    "options: --connections N (32) --duration S (8) --scenario get-cached|get-distinct|refresh|refresh-durable|login|memory|durable-1m|login-rss|soak \
                      (repeatable; default all of these) | login-rss | soak (60 s unless --duration) --gw-threads N (1) | --target URL --ca FILE --client-id ID --username U \
                      --password P --path /api/..."
                 );
@@ -103,9 +108,17 @@ fn parse_opts() -> Opts {
         }
     }
     if o.scenarios.is_empty() {
-        o.scenarios = ["get-cached", "get-distinct", "refresh", "login", "memory"]
-            .map(String::from)
-            .to_vec();
+        o.scenarios = [
+            "get-cached",
+            "get-distinct",
+            "refresh",
+            "refresh-durable",
+            "login",
+            "memory",
+            "durable-1m",
+        ]
+        .map(String::from)
+        .to_vec();
     }
     o
 }
@@ -415,6 +428,85 @@ fn tls_connector(ca: &std::path::Path) -> tokio_rustls::TlsConnector {
     tokio_rustls::TlsConnector::from(Arc::new(cfg))
 }
 
+/// One million live sessions in the durable store: disk bytes per session once compacted, and how
+/// long a restart takes to load them (from the snapshot; and from the log alone, before it).
+fn durable_million() {
+    use tokengate::auth::RevokedSessions;
+    use tokengate::ids::{SessionId, mint_refresh_token};
+    use tokengate::store::{DurableStore, NewSession};
+    let n = 1_000_000u64;
+    let clock: tokengate::SharedClock = Arc::new(tokengate::SystemClock);
+    let now = clock.now_millis();
+    let dir = std::env::temp_dir().join(format!("tokengate-durable-1m-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let open = || {
+        let started = Instant::now();
+        let opened = DurableStore::open(
+            &dir,
+            Arc::new(RevokedSessions::new()),
+            10_000,
+            clock.clone(),
+            Default::default(),
+        )
+        .unwrap();
+        (opened, started.elapsed())
+    };
+    let disk = || -> u64 {
+        std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().len())
+            .sum()
+    };
+    let users: Vec<Arc<str>> = (0..1000).map(|i| Arc::from(format!("user{i}"))).collect();
+    let (opened, _) = open();
+    let started = Instant::now();
+    for i in 0..n {
+        let sid = SessionId::random().unwrap();
+        let t = mint_refresh_token(sid).unwrap();
+        opened
+            .store
+            .registry()
+            .create(NewSession {
+                sid,
+                user: users[(i % 1000) as usize].clone(),
+                client: "web".into(),
+                scopes: "orders:read".into(),
+                now_ms: now,
+                session_expires_ms: now + 30 * 86_400_000,
+                access_exp_secs: now / 1000 + 900,
+                token: t.digest,
+                token_exp_ms: now + 86_400_000,
+                max_sessions_per_user: usize::MAX,
+            })
+            .unwrap();
+    }
+    println!(
+        "durable-1m: {n} sessions journaled in {:.2}s",
+        started.elapsed().as_secs_f64()
+    );
+    drop(opened);
+    let log_bytes = disk();
+    let (opened, from_log) = open();
+    assert_eq!(opened.sessions as u64, n);
+    println!(
+        "durable-1m: restart from the log alone: {:.2}s ({:.0} bytes on disk per session)",
+        from_log.as_secs_f64(),
+        log_bytes as f64 / n as f64
+    );
+    let stats = opened.store.compact().unwrap();
+    drop(opened);
+    let (opened, from_snapshot) = open();
+    assert_eq!(opened.sessions as u64, n);
+    println!(
+        "durable-1m: restart from the snapshot: {:.2}s ({:.0} bytes on disk per live session; snapshot {} bytes)",
+        from_snapshot.as_secs_f64(),
+        disk() as f64 / n as f64,
+        stats.snapshot_bytes
+    );
+    drop(opened);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 fn memory_per_session() {
     use tokengate::auth::RevokedSessions;
     use tokengate::ids::{SessionId, mint_refresh_token};
@@ -465,7 +557,15 @@ fn main() {
     if o.scenarios.iter().any(|s| s == "memory") {
         memory_per_session();
     }
-    let scenarios: Vec<String> = o.scenarios.iter().filter(|s| *s != "memory").cloned().collect();
+    if o.scenarios.iter().any(|s| s == "durable-1m") {
+        durable_million();
+    }
+    let scenarios: Vec<String> = o
+        .scenarios
+        .iter()
+        .filter(|s| *s != "memory" && *s != "durable-1m")
+        .cloned()
+        .collect();
     if scenarios.is_empty() {
         return;
     }
@@ -474,8 +574,9 @@ fn main() {
     let upstream = load_rt.block_on(start_upstream());
     let hash = tokengate::oauth::users::hash_password(&o.password).unwrap();
     let secret_path = repo.join("certs/dev-jwt-secret");
-    let toml = format!(
-        r#"
+    let config_with = |extra: &str| -> tokengate::Config {
+        let toml = format!(
+            r#"
 [server]
 listen = "127.0.0.1:0"
 tls = {{ cert = "{certs}/localhost.pem", key = "{certs}/localhost-key.pem" }}
@@ -494,17 +595,20 @@ scopes = ["orders:read"]
 path_prefix = "/api/orders"
 upstream = "http://{upstream}"
 scopes = ["orders:read"]
+{extra}
 "#,
-        certs = repo.join("certs").display(),
-        secret = secret_path.display(),
-        users = (0..o.connections.max(LOGIN_RSS_USERS))
-            .map(|i| format!(
-                "[[users]]\nusername = \"{}-{i}\"\npassword_hash = \"{hash}\"\nscopes = [\"orders:read\"]\n",
-                o.username
-            ))
-            .collect::<String>(),
-    );
-    let config = tokengate::Config::from_toml(&toml, &repo, "load.toml").unwrap_or_else(|e| panic!("{e}"));
+            certs = repo.join("certs").display(),
+            secret = secret_path.display(),
+            users = (0..o.connections.max(LOGIN_RSS_USERS))
+                .map(|i| format!(
+                    "[[users]]\nusername = \"{}-{i}\"\npassword_hash = \"{hash}\"\nscopes = [\"orders:read\"]\n",
+                    o.username
+                ))
+                .collect::<String>(),
+        );
+        tokengate::Config::from_toml(&toml, &repo, "load.toml").unwrap_or_else(|e| panic!("{e}"))
+    };
+    let config = config_with("");
     let _log = tokengate::logging::init_to(
         tokengate::config::LogFormat::Text,
         "info",
@@ -570,6 +674,45 @@ scopes = ["orders:read"]
                     Work::GetDistinct(Arc::new(mint_tokens(secret.trim().as_bytes(), 400_000)), Arc::default())
                 }
                 "refresh" => Work::Refresh,
+                "refresh-durable" => {
+                    // The same refresh load against a second gateway whose sessions live in the
+                    // durable store (a fresh folder): what acknowledged-means-durable costs.
+                    let dir = std::env::temp_dir().join(format!("tokengate-load-state-{}", std::process::id()));
+                    let _ = std::fs::remove_dir_all(&dir);
+                    let config = config_with(&format!("[state]\npath = \"{}\"\n", dir.display()));
+                    let durable = gw_rt.block_on(async {
+                        tokengate::Gateway::new(config, Arc::new(tokengate::SystemClock))
+                            .unwrap()
+                            .start()
+                            .await
+                            .unwrap()
+                    });
+                    let t = Target {
+                        addr: durable.addr,
+                        authority: format!("localhost:{}", durable.addr.port()),
+                        ..target.clone()
+                    };
+                    let journal = |r: &tokengate::RunningGateway| match &r.app().state().store {
+                        tokengate::store::Store::Durable(d) => d.journal().map(|j| j.stats()),
+                        _ => None,
+                    };
+                    let before = journal(&durable).unwrap_or_default();
+                    let started = Instant::now();
+                    run(s, &t, Work::Refresh, &creds, &o, true).await;
+                    let after = journal(&durable).unwrap_or_default();
+                    let secs = started.elapsed().as_secs_f64();
+                    let commits = after.commits - before.commits;
+                    let records = after.appended_records - before.appended_records;
+                    println!(
+                        "{:<13} journal: {records} records, {commits} fsyncs ({:.0}/s), {:.1} records per fsync",
+                        "",
+                        commits as f64 / secs,
+                        records as f64 / commits.max(1) as f64
+                    );
+                    durable.shutdown().await;
+                    let _ = std::fs::remove_dir_all(&dir);
+                    continue;
+                }
                 "login" => Work::Login,
                 other => panic!("unknown scenario {other}"),
             };
