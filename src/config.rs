@@ -231,6 +231,14 @@ pub enum GrantType {
 }
 
 impl GrantType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GrantType::Password => "password",
+            GrantType::RefreshToken => "refresh_token",
+            GrantType::ClientCredentials => "client_credentials",
+        }
+    }
+
     pub fn parse(s: &str) -> Option<GrantType> {
         match s {
             "password" => Some(GrantType::Password),

@@ -19,6 +19,7 @@ pub mod config;
 pub mod crypto;
 pub mod ids;
 pub mod logging;
+pub mod metrics;
 pub mod oauth;
 pub mod proxy;
 pub mod reload;
@@ -60,6 +61,8 @@ pub struct Gateway {
 impl Gateway {
     pub fn new(config: Config, clock: SharedClock) -> anyhow::Result<Gateway> {
         let revoked = Arc::new(RevokedSessions::with_leeway(config.tokens.leeway.as_secs()));
+        let metrics = Arc::new(metrics::Metrics::new());
+        metrics.config_applied(clock.now_secs());
         let store = match &config.state {
             config::StateSettings::Memory => {
                 tracing::warn!(
@@ -69,12 +72,20 @@ impl Gateway {
                 Store::memory(revoked.clone(), config.tokens.reuse_grace.as_millis() as u64)
             }
             config::StateSettings::Durable { path } => {
+                let observed = metrics.clone();
+                let options = store::journal::JournalOptions {
+                    observer: Some(Arc::new(move |records, took| {
+                        observed.store_batch_size.observe(records as f64);
+                        observed.store_commit_duration.observe(took.as_secs_f64());
+                    })),
+                    ..Default::default()
+                };
                 let opened = store::DurableStore::open(
                     path,
                     revoked.clone(),
                     config.tokens.reuse_grace.as_millis() as u64,
                     clock.clone(),
-                    Default::default(),
+                    options,
                 )
                 .with_context(|| format!("state.path: cannot open the session store in {}", path.display()))?;
                 for warning in opened.recovered.warnings() {
@@ -103,6 +114,7 @@ impl Gateway {
             revoked: revoked.clone(),
             limiter: LoginLimiter::default(),
             passwords,
+            metrics,
             clock: clock.clone(),
         });
         let snapshot = Snapshot::build(config, 1, None, &state)?;
@@ -152,7 +164,15 @@ impl Gateway {
             phase_rx.clone(),
             alive_tx,
         ));
-        let admin = tokio::spawn(server::admin_loop(admin_listener, ready.clone(), phase_rx.clone()));
+        let admin = tokio::spawn(server::admin_loop(
+            admin_listener,
+            self.app.clone(),
+            ready.clone(),
+            phase_rx.clone(),
+        ));
+        if let Some(r) = &resolver {
+            self.app.state().metrics.cert_not_after(r.not_after());
+        }
         let maintenance = tokio::spawn(maintain(self.app.clone(), phase_rx));
         ready.store(true, Ordering::Release);
         let scheme = if server.tls.is_some() { "https" } else { "http" };
@@ -256,7 +276,19 @@ impl RunningGateway {
     /// unchanged upstream pools are kept. Keys only a restart applies keep their running values
     /// and are named in the result. On error nothing has changed.
     pub fn reload(&self, config: Config) -> anyhow::Result<reload::Reloaded> {
-        reload::apply(&self.app, self.tls.as_deref(), &self.slots, config)
+        let state = self.app.state();
+        let result = reload::apply(&self.app, self.tls.as_deref(), &self.slots, config);
+        state.metrics.reload(result.is_ok(), state.clock.now_secs());
+        if let (Ok(_), Some(r)) = (&result, &self.tls) {
+            state.metrics.cert_not_after(r.not_after());
+        }
+        result
+    }
+
+    /// Counts a reload refused before it reached [`RunningGateway::reload`] (an invalid file).
+    pub fn reload_refused(&self) {
+        let state = self.app.state();
+        state.metrics.reload(false, state.clock.now_secs());
     }
 
     /// The Argon2 pool that checks login passwords (its counters: tests and metrics).

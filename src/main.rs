@@ -158,6 +158,7 @@ fn reload(running: &tokengate::RunningGateway, path: &std::path::Path) {
                 errors = e.problems.len(),
                 "config reload refused; the running config is unchanged"
             );
+            running.reload_refused();
             return;
         }
     };

@@ -31,6 +31,7 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 
 use crate::service::{App, ConnInfo};
+use crate::store::SessionStore;
 
 /// Where the process is in its life; connection tasks watch it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -152,6 +153,9 @@ async fn serve_connection(
     phase: watch::Receiver<Phase>,
 ) {
     let info = Arc::new(ConnInfo::new(peer, tls.is_some(), Some(slot)));
+    let open = app.state().metrics.connections_open.clone();
+    open.inc();
+    let _open = GaugeGuard(open);
     // The per-connection service; `$activity` counts requests in flight for HTTP/2's idle timeout.
     macro_rules! service {
         ($activity:expr) => {{
@@ -189,6 +193,15 @@ async fn serve_connection(
         serve_http2(TokioIo::new(stream), service, activity, settings, phase).await
     } else {
         serve_http1(TokioIo::new(stream), service!(None), settings, phase).await
+    }
+}
+
+/// Decrements a gauge when dropped (a connection counted open until its task ends, however).
+struct GaugeGuard(prometheus_client::metrics::gauge::Gauge);
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
@@ -347,7 +360,12 @@ fn log_conn_end(r: Result<(), hyper::Error>) {
 
 /// The admin listener: `GET /healthz` (200 while the process runs) and `GET /readyz` (200 once
 /// every listener is bound, 503 once shutdown has begun). Plain HTTP/1.1.
-pub async fn admin_loop(listener: TcpListener, ready: Arc<AtomicBool>, mut phase: watch::Receiver<Phase>) {
+pub async fn admin_loop(
+    listener: TcpListener,
+    app: Arc<App>,
+    ready: Arc<AtomicBool>,
+    mut phase: watch::Receiver<Phase>,
+) {
     loop {
         let stream = tokio::select! {
             r = listener.accept() => match r {
@@ -361,9 +379,11 @@ pub async fn admin_loop(listener: TcpListener, ready: Arc<AtomicBool>, mut phase
             _ = reached(&mut phase, Phase::Closing) => return,
         };
         let ready = ready.clone();
+        let app = app.clone();
         let service = service_fn(move |req: Request<Incoming>| {
             let ready = ready.load(Ordering::Acquire);
-            async move { Ok::<_, Infallible>(admin_response(&req, ready)) }
+            let response = admin_response(&req, ready, &app);
+            async move { Ok::<_, Infallible>(response) }
         });
         let mut phase = phase.clone();
         tokio::spawn(async move {
@@ -379,7 +399,17 @@ pub async fn admin_loop(listener: TcpListener, ready: Arc<AtomicBool>, mut phase
     }
 }
 
-fn admin_response(req: &Request<Incoming>, ready: bool) -> Response<Full<Bytes>> {
+fn admin_response(req: &Request<Incoming>, ready: bool, app: &App) -> Response<Full<Bytes>> {
+    if (req.method(), req.uri().path()) == (&http::Method::GET, "/metrics") {
+        let state = app.state();
+        let text = state.metrics.render(state.store.session_count());
+        let mut r = Response::new(Full::new(Bytes::from(text)));
+        r.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        );
+        return r;
+    }
     let (status, body) = match (req.method(), req.uri().path()) {
         (&http::Method::GET, "/healthz") => (StatusCode::OK, "ok\n"),
         (&http::Method::GET, "/readyz") if ready => (StatusCode::OK, "ready\n"),

@@ -32,11 +32,12 @@ use crate::auth::bearer::{BearerError, bearer_token};
 use crate::auth::validator::InvalidToken;
 use crate::auth::{AuthError, VerifiedToken};
 use crate::config::AuthPolicy;
+use crate::metrics::{Metrics, TokenOutcome, UpstreamErrorKind};
 use crate::oauth::{OAuthError, OAuthServer};
 use crate::proxy::body::{BodyFault, ClientBody};
-use crate::proxy::echo;
 use crate::proxy::forward::{PooledBody, TunnelSlot};
 use crate::proxy::headers::{self, RequestContext, X_REQUEST_ID};
+use crate::proxy::{ForwardError, echo};
 use crate::routing::{PathError, normalize_path, request_authority};
 use crate::snapshot::{Route, Snapshot};
 use crate::state::State;
@@ -118,10 +119,7 @@ impl App {
 
     /// The authorization server over one Snapshot and the State.
     pub fn oauth<'a>(&'a self, snap: &'a Snapshot) -> OAuthServer<'a> {
-        OAuthServer {
-            snap,
-            state: &self.state,
-        }
+        OAuthServer::new(snap, &self.state)
     }
 
     /// Serves one request; never fails (errors are responses). Its access line is written when
@@ -129,7 +127,14 @@ impl App {
     pub async fn handle(&self, req: Request<Incoming>, conn: &ConnInfo) -> Response<ResponseBody> {
         let snap = self.snapshot.load_full();
         let request_id = self.request_ids.for_request(req.headers());
-        let mut log = AccessLog::start(req.method(), req.uri(), req.headers(), &conn.peer_ip, &request_id);
+        let mut log = AccessLog::start(
+            req.method(),
+            req.uri(),
+            req.headers(),
+            &conn.peer_ip,
+            &request_id,
+            &self.state.metrics,
+        );
         let version = req.version();
         let (parts, body) = req.into_parts();
         let body = ClientBody::new(body, snap.config.server.body_timeout);
@@ -169,10 +174,12 @@ impl App {
         let tokens = &snap.config.tokens;
         if path == tokens.token_path {
             log.route = RouteLabel::Own("token");
+            log.metrics = snap.token_metrics.clone();
             return self.token_endpoint(snap, req, conn).await;
         }
         if path == tokens.revoke_path {
             log.route = RouteLabel::Own("revoke");
+            log.metrics = snap.revoke_metrics.clone();
             return self.revoke_endpoint(snap, req).await;
         }
         // The host the client addressed, read once for routing and forwarding.
@@ -183,9 +190,10 @@ impl App {
             .ok_or(GatewayError::NotFound)?;
         let route = &snap.routes[index];
         log.route = RouteLabel::Route(route.label.clone());
+        log.metrics = route.metrics.clone();
         let token = match route.settings.auth {
             AuthPolicy::Required => {
-                let t = authorize(snap, req.headers(), route)?;
+                let t = authorize(snap, &self.state.metrics, req.headers(), route)?;
                 log.token = Some(t.clone());
                 Some(t)
             }
@@ -260,7 +268,19 @@ impl App {
                 return Err(match body_stats.fault() {
                     Some(BodyFault::Timeout) => GatewayError::BodyTimeout,
                     Some(BodyFault::Unreadable) => GatewayError::BadBody,
-                    None => e.into(),
+                    None => {
+                        let kind = match &e {
+                            ForwardError::Connect(_) => Some(UpstreamErrorKind::Connect),
+                            ForwardError::Reset(_) => Some(UpstreamErrorKind::Reset),
+                            ForwardError::Protocol(_) => Some(UpstreamErrorKind::Protocol),
+                            ForwardError::Timeout => Some(UpstreamErrorKind::Timeout),
+                            ForwardError::QueueFull => None,
+                        };
+                        if let Some(kind) = kind {
+                            route.metrics.upstream_error(kind);
+                        }
+                        e.into()
+                    }
                 });
             }
         };
@@ -342,8 +362,30 @@ fn log_error(e: &GatewayError, log: &AccessLog) {
     }
 }
 
-/// Bearer → validator (cache) → scope check. Runs on every request to a protected route.
-fn authorize(snap: &Snapshot, headers: &HeaderMap, route: &Route) -> Result<Arc<VerifiedToken>, GatewayError> {
+/// Bearer → validator (cache) → scope check, counted. Runs on every request to a protected route.
+fn authorize(
+    snap: &Snapshot,
+    metrics: &Metrics,
+    headers: &HeaderMap,
+    route: &Route,
+) -> Result<Arc<VerifiedToken>, GatewayError> {
+    let result = check_token(snap, metrics, headers, route);
+    metrics.token_check(match &result {
+        Ok(_) => TokenOutcome::Valid,
+        Err(GatewayError::Auth(AuthError::Missing)) => TokenOutcome::Missing,
+        Err(GatewayError::Auth(AuthError::InvalidToken(t))) => TokenOutcome::Invalid(*t),
+        Err(GatewayError::Auth(AuthError::InsufficientScope(_))) => TokenOutcome::InsufficientScope,
+        Err(_) => TokenOutcome::BadRequest,
+    });
+    result
+}
+
+fn check_token(
+    snap: &Snapshot,
+    metrics: &Metrics,
+    headers: &HeaderMap,
+    route: &Route,
+) -> Result<Arc<VerifiedToken>, GatewayError> {
     let token = match bearer_token(headers) {
         Ok(Some(t)) => t,
         Ok(None) => return Err(GatewayError::Auth(AuthError::Missing)),
@@ -358,10 +400,9 @@ fn authorize(snap: &Snapshot, headers: &HeaderMap, route: &Route) -> Result<Arc<
             )));
         }
     };
-    let verified = snap
-        .validator
-        .validate(token)
-        .map_err(|e: InvalidToken| GatewayError::Auth(AuthError::InvalidToken(e)))?;
+    let (verified, cache_hit) = snap.validator.validate_counted(token);
+    metrics.token_cache(cache_hit);
+    let verified = verified.map_err(|e: InvalidToken| GatewayError::Auth(AuthError::InvalidToken(e)))?;
     if !verified.scopes.contains_all(route.settings.scopes) {
         return Err(GatewayError::Auth(AuthError::InsufficientScope(
             route.scope_names.clone(),

@@ -16,6 +16,7 @@ use anyhow::Context;
 
 use crate::auth::Validator;
 use crate::config::{Config, RouteSettings};
+use crate::metrics::RouteMetrics;
 use crate::oauth::clients::ClientRegistry;
 use crate::oauth::issuer::Issuer;
 use crate::oauth::users::UserStore;
@@ -32,6 +33,7 @@ pub struct Route {
     pub forwarder: Option<Arc<Forwarder>>,
     /// The required scopes, space-delimited, for `insufficient_scope` challenges.
     pub scope_names: String,
+    pub metrics: Arc<RouteMetrics>,
 }
 
 pub struct Snapshot {
@@ -45,6 +47,9 @@ pub struct Snapshot {
     pub users: UserStore,
     pub issuer: Issuer,
     pub validator: Validator,
+    /// Request metrics of the gateway's own endpoints.
+    pub token_metrics: Arc<RouteMetrics>,
+    pub revoke_metrics: Arc<RouteMetrics>,
 }
 
 /// Whether two routes reach their upstream the same way, so the new one can keep the old one's
@@ -98,6 +103,7 @@ impl Snapshot {
                         .map(Arc::new),
                 };
                 Ok(Route {
+                    metrics: state.metrics.route(&r.path_prefix),
                     label: r.path_prefix.as_str().into(),
                     settings: r.clone(),
                     forwarder,
@@ -108,6 +114,8 @@ impl Snapshot {
         let validator = Validator::new(&config.tokens, config.scopes.clone(), state.revoked.clone(), clock);
         Ok(Snapshot {
             generation,
+            token_metrics: state.metrics.route(&config.tokens.token_path),
+            revoke_metrics: state.metrics.route(&config.tokens.revoke_path),
             table,
             routes,
             clients: ClientRegistry::new(config.clients.clone()),

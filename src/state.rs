@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use crate::auth::RevokedSessions;
 use crate::clock::SharedClock;
+use crate::metrics::Metrics;
 use crate::oauth::limiter::LoginLimiter;
 use crate::oauth::password::PasswordPool;
 use crate::store::{SessionStore, Store};
@@ -18,6 +19,7 @@ pub struct State {
     pub limiter: LoginLimiter,
     /// The Argon2 threads login checks run on (their memory outlives every Snapshot).
     pub passwords: Arc<PasswordPool>,
+    pub metrics: Arc<Metrics>,
     pub clock: SharedClock,
 }
 

@@ -150,9 +150,14 @@ impl Validator {
 
     /// Validates a bearer token, from the cache when it can.
     pub fn validate(&self, token: &str) -> Result<Arc<VerifiedToken>, InvalidToken> {
+        self.validate_counted(token).0
+    }
+
+    /// [`Validator::validate`], also saying whether the cache answered.
+    pub fn validate_counted(&self, token: &str) -> (Result<Arc<VerifiedToken>, InvalidToken>, bool) {
         match self.cached(token) {
-            Some(result) => result,
-            None => self.validate_uncached(token),
+            Some(result) => (result, true),
+            None => (self.validate_uncached(token), false),
         }
     }
 

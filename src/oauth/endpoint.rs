@@ -37,10 +37,12 @@ pub const MAX_FORM_BYTES: usize = 16 * 1024;
 /// Tries at minting a session id that is not taken (a 64-bit collision is not expected at all).
 const SESSION_ID_ATTEMPTS: usize = 4;
 
-/// The token and revocation endpoints, over one Snapshot and the State.
+/// The token and revocation endpoints, over one Snapshot and the State (one per request).
 pub struct OAuthServer<'a> {
     pub snap: &'a Snapshot,
     pub state: &'a State,
+    /// Set when this request's refresh token turned out to be reused (for the grant metric).
+    reuse_detected: std::sync::atomic::AtomicBool,
 }
 
 /// A parsed form: each parameter at most once (RFC 6749 §3.2), empty values treated as absent
@@ -91,14 +93,49 @@ fn ms(d: std::time::Duration) -> u64 {
     d.as_millis() as u64
 }
 
-impl OAuthServer<'_> {
-    /// The token endpoint. `Ok` is the §5.1 JSON body.
+impl<'a> OAuthServer<'a> {
+    pub fn new(snap: &'a Snapshot, state: &'a State) -> Self {
+        OAuthServer {
+            snap,
+            state,
+            reuse_detected: Default::default(),
+        }
+    }
+
+    /// The token endpoint. `Ok` is the §5.1 JSON body. Counted by grant type and outcome.
     pub async fn token<B>(
         &self,
         method: &Method,
         headers: &HeaderMap,
         body: B,
         peer: IpAddr,
+    ) -> Result<Bytes, OAuthError>
+    where
+        B: Body<Data = Bytes>,
+        B::Error: std::error::Error + Send + Sync + 'static,
+    {
+        let mut grant = "unknown";
+        let result = self.token_grant(method, headers, body, peer, &mut grant).await;
+        let outcome = match &result {
+            Ok(_) => "success",
+            Err(_) if self.reuse_detected.load(std::sync::atomic::Ordering::Relaxed) => "reuse_detected",
+            Err(OAuthError::Protocol { code, .. }) => code.as_str(),
+            Err(OAuthError::SlowDown { .. }) => "rate_limited",
+            Err(OAuthError::Unavailable(_)) => "temporarily_unavailable",
+            Err(OAuthError::Internal(_)) => "server_error",
+            Err(OAuthError::BodyTooLarge | OAuthError::BodyTimeout | OAuthError::MethodNotAllowed) => "invalid_request",
+        };
+        self.state.metrics.grant(grant, outcome);
+        result
+    }
+
+    async fn token_grant<B>(
+        &self,
+        method: &Method,
+        headers: &HeaderMap,
+        body: B,
+        peer: IpAddr,
+        grant_label: &mut &'static str,
     ) -> Result<Bytes, OAuthError>
     where
         B: Body<Data = Bytes>,
@@ -113,6 +150,7 @@ impl OAuthServer<'_> {
                 "grant_type is not supported",
             ));
         };
+        *grant_label = grant.as_str();
         if !client.may_use(grant) {
             return Err(OAuthError::new(
                 ErrorCode::UnauthorizedClient,
@@ -424,6 +462,7 @@ impl OAuthServer<'_> {
             tracing::info!(target: "tokengate::audit", event = "refresh_replayed", client = %session.client, sid = %session.sid);
             return Ok(Bytes::from(body));
         }
+        self.reuse_detected.store(true, std::sync::atomic::Ordering::Relaxed);
         if let Some(f) = self
             .state
             .store
@@ -492,6 +531,7 @@ impl OAuthServer<'_> {
         if !f.newly {
             return;
         }
+        self.state.metrics.revocation(reason.as_str());
         tracing::warn!(
             target: "tokengate::audit",
             event = "session_revoked",

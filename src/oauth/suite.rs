@@ -30,11 +30,17 @@ fn password_hash() -> &'static str {
     HASH.get_or_init(|| crate::oauth::users::hash_password(PASSWORD).unwrap())
 }
 
+/// A folder holding the signing secret, written once per test process (tests run in parallel,
+/// and one writing it while another reads it would read half a secret).
 fn secret_dir() -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("tokengate-suite-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("secret"), "0123456789abcdef0123456789abcdef").unwrap();
-    dir
+    static DIR: OnceLock<std::path::PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("tokengate-suite-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("secret"), "0123456789abcdef0123456789abcdef").unwrap();
+        dir
+    })
+    .clone()
 }
 
 /// A config with users ann and bob and clients web and mobile; `users_reversed` writes the users
@@ -100,6 +106,7 @@ impl Harness {
             revoked,
             limiter: LoginLimiter::default(),
             passwords: Arc::new(crate::oauth::password::PasswordPool::new(2).unwrap()),
+            metrics: Arc::default(),
             clock: shared,
         };
         let snap = Snapshot::build(config, 1, None, &state).unwrap();
@@ -112,10 +119,7 @@ impl Harness {
     }
 
     fn server(&self) -> OAuthServer<'_> {
-        OAuthServer {
-            snap: &self.snap,
-            state: &self.state,
-        }
+        OAuthServer::new(&self.snap, &self.state)
     }
 
     async fn post(&self, path_is_token: bool, form: &[(&str, &str)]) -> Result<Bytes, OAuthError> {

@@ -52,8 +52,12 @@ use crate::proxy::body::ClientBody;
 /// Why the upstream hop failed. Details are for the log only, never the response.
 #[derive(Debug)]
 pub enum ForwardError {
-    /// Refused, reset, unreachable, connect timeout, TLS failure: 502.
-    Unavailable(String),
+    /// Refused, unreachable, connect timeout, TLS or HTTP handshake failure: 502.
+    Connect(String),
+    /// The connection broke after the request was sent (reset, closed early): 502.
+    Reset(String),
+    /// The upstream answered something that is not HTTP: 502.
+    Protocol(String),
     /// No response head within the route's timeout (waiting for a connection included): 504.
     Timeout,
     /// Every connection busy and the wait queue full: 503.
@@ -359,7 +363,7 @@ impl Forwarder {
                     fresh = true;
                     continue;
                 }
-                Ok(Err(e)) => return Err(ForwardError::Unavailable(format!("connection closed before use: {e}"))),
+                Ok(Err(e)) => return Err(ForwardError::Reset(format!("connection closed before use: {e}"))),
                 Ok(Ok(())) => {}
             }
             // What a retry needs, kept only where a retry can happen: a reused connection.
@@ -401,7 +405,12 @@ impl Forwarder {
                         fresh = true;
                         continue;
                     }
-                    return Err(ForwardError::Unavailable(error_chain(e.error())));
+                    let detail = error_chain(e.error());
+                    return Err(if e.error().is_parse() || e.error().is_parse_status() {
+                        ForwardError::Protocol(detail)
+                    } else {
+                        ForwardError::Reset(detail)
+                    });
                 }
             }
         }
@@ -419,10 +428,10 @@ impl Forwarder {
     }
 
     async fn connect(&self, slot: Slot) -> Result<Conn, ForwardError> {
-        let unavailable = |what: &str, e: &dyn std::fmt::Display| ForwardError::Unavailable(format!("{what}: {e}"));
+        let unavailable = |what: &str, e: &dyn std::fmt::Display| ForwardError::Connect(format!("{what}: {e}"));
         let tcp = tokio::time::timeout(self.connect_timeout, connect_tcp(&self.connect_to))
             .await
-            .map_err(|_| ForwardError::Unavailable(format!("connect to {} timed out", self.connect_to)))?
+            .map_err(|_| ForwardError::Connect(format!("connect to {} timed out", self.connect_to)))?
             .map_err(|e| unavailable(&format!("connect to {}", self.connect_to), &e))?;
         let _ = tcp.set_nodelay(true);
         match &self.tls {
@@ -430,7 +439,7 @@ impl Forwarder {
             Some((connector, name)) => {
                 let tls = tokio::time::timeout(self.connect_timeout, connector.connect(name.clone(), tcp))
                     .await
-                    .map_err(|_| ForwardError::Unavailable("upstream TLS handshake timed out".into()))?
+                    .map_err(|_| ForwardError::Connect("upstream TLS handshake timed out".into()))?
                     .map_err(|e| unavailable("upstream TLS handshake", &e))?;
                 handshake(TokioIo::new(tls), slot).await
             }
@@ -525,7 +534,7 @@ where
 {
     let (sender, conn) = http1::handshake(io)
         .await
-        .map_err(|e| ForwardError::Unavailable(format!("upstream HTTP handshake: {e}")))?;
+        .map_err(|e| ForwardError::Connect(format!("upstream HTTP handshake: {e}")))?;
     let slot = Arc::new(slot);
     let share = Arc::downgrade(&slot);
     tokio::spawn(async move {

@@ -17,6 +17,7 @@ use http::{HeaderValue, Method, Uri};
 use http_body::{Body, Frame, SizeHint};
 
 use crate::auth::VerifiedToken;
+use crate::metrics::{Metrics, RouteMetrics};
 use crate::proxy::body::BodyStats;
 use crate::service::InnerBody;
 
@@ -53,6 +54,9 @@ pub struct AccessLog {
     pub body: Option<Arc<BodyStats>>,
     pub upstream_us: Option<u64>,
     bytes_out: u64,
+    /// The route's request metrics (unmatched until routing says otherwise).
+    pub metrics: Arc<RouteMetrics>,
+    inflight: prometheus_client::metrics::gauge::Gauge,
 }
 
 impl AccessLog {
@@ -62,7 +66,9 @@ impl AccessLog {
         headers: &http::HeaderMap,
         peer_ip: &HeaderValue,
         request_id: &HeaderValue,
+        metrics: &Metrics,
     ) -> Self {
+        metrics.inflight.inc();
         AccessLog {
             started: Instant::now(),
             method: method.clone(),
@@ -76,6 +82,8 @@ impl AccessLog {
             body: None,
             upstream_us: None,
             bytes_out: 0,
+            metrics: metrics.unmatched().clone(),
+            inflight: metrics.inflight.clone(),
         }
     }
 
@@ -91,11 +99,14 @@ impl AccessLog {
 impl Drop for AccessLog {
     fn drop(&mut self) {
         let status = if self.status == 0 { CLIENT_CLOSED } else { self.status };
+        let elapsed = self.started.elapsed();
+        self.metrics.finished(status, elapsed.as_secs_f64());
+        self.inflight.dec();
         crate::logging::access(&crate::logging::AccessRecord {
             method: self.method.as_str(),
             path: self.uri.path(),
             status,
-            duration_us: self.started.elapsed().as_micros() as u64,
+            duration_us: elapsed.as_micros() as u64,
             route: self.route.as_str(),
             request_id: self.request_id(),
             client: self.client.to_str().unwrap_or("-"),

@@ -44,7 +44,9 @@ const ALLOWED_METHODS: &str = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS";
 impl From<ForwardError> for GatewayError {
     fn from(e: ForwardError) -> Self {
         match e {
-            ForwardError::Unavailable(detail) => GatewayError::UpstreamUnavailable(detail),
+            ForwardError::Connect(detail) | ForwardError::Reset(detail) | ForwardError::Protocol(detail) => {
+                GatewayError::UpstreamUnavailable(detail)
+            }
             ForwardError::Timeout => GatewayError::UpstreamTimeout,
             ForwardError::QueueFull => GatewayError::UpstreamQueueFull,
         }

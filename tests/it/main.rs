@@ -12,6 +12,7 @@ mod crash;
 mod enforcement;
 mod forwarding;
 mod hardening;
+mod metrics;
 mod process;
 mod reload;
 mod server;
