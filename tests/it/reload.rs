@@ -222,3 +222,26 @@ fn sighup_applies_a_valid_file_and_logs_every_error_of_an_invalid_one() {
     gw.signal(Signal::Term);
     assert!(gw.wait_exit(Duration::from_secs(60)).is_some_and(|s| s.success()));
 }
+
+#[tokio::test]
+async fn a_cached_token_never_carries_scopes_from_the_previous_config() {
+    let routes = "[[routes]]\npath_prefix = \"/w\"\nupstream = \"echo\"\nscopes = [\"orders:write\"]\n\
+                  [[routes]]\npath_prefix = \"/r\"\nupstream = \"echo\"\nscopes = [\"orders:read\"]\n";
+    let mut gw = support::start(&support::config_toml("", routes)).await;
+    let c = Client::new(Proto::Http1);
+    let at = str_of(&login(&c, &gw, Some("orders:write")).await, "access_token").to_owned();
+    assert_eq!(c.get_with_token(&gw.url("/w/x"), &at).await.status, 200, "now cached");
+    assert_eq!(c.get_with_token(&gw.url("/r/x"), &at).await.status, 403);
+    // The same scopes named in another order: inside a Snapshot scopes are bits in the order the
+    // config names them, so a cache entry carried over would now read as orders:read.
+    let reordered = support::config_toml("", routes).replace(
+        "scopes = [\"orders:read\", \"orders:write\"]\n\n[[clients]]\nid = \"mobile\"",
+        "scopes = [\"orders:write\", \"orders:read\"]\n\n[[clients]]\nid = \"mobile\"",
+    );
+    assert_ne!(reordered, support::config_toml("", routes), "the scope order changed");
+    gw.running()
+        .reload(Config::from_toml(&reordered, &repo(), "test.toml").unwrap())
+        .unwrap();
+    assert_eq!(c.get_with_token(&gw.url("/r/x"), &at).await.status, 403);
+    assert_eq!(c.get_with_token(&gw.url("/w/x"), &at).await.status, 200);
+}
