@@ -680,13 +680,17 @@ scopes = ["orders:read"]
                     let dir = std::env::temp_dir().join(format!("tokengate-load-state-{}", std::process::id()));
                     let _ = std::fs::remove_dir_all(&dir);
                     let config = config_with(&format!("[state]\npath = \"{}\"\n", dir.display()));
-                    let durable = gw_rt.block_on(async {
-                        tokengate::Gateway::new(config, Arc::new(tokengate::SystemClock))
-                            .unwrap()
-                            .start()
-                            .await
-                            .unwrap()
-                    });
+                    // Started on the gateway's runtime, awaited from this one.
+                    let durable = gw_rt
+                        .spawn(async {
+                            tokengate::Gateway::new(config, Arc::new(tokengate::SystemClock))
+                                .unwrap()
+                                .start()
+                                .await
+                                .unwrap()
+                        })
+                        .await
+                        .unwrap();
                     let t = Target {
                         addr: durable.addr,
                         authority: format!("localhost:{}", durable.addr.port()),
@@ -709,7 +713,7 @@ scopes = ["orders:read"]
                         commits as f64 / secs,
                         records as f64 / commits.max(1) as f64
                     );
-                    durable.shutdown().await;
+                    gw_rt.spawn(durable.shutdown()).await.unwrap();
                     let _ = std::fs::remove_dir_all(&dir);
                     continue;
                 }

@@ -105,17 +105,14 @@ impl DurableStore {
         let now = clock.now_millis();
         let (journal, recovered) = Journal::open(dir, options, |item| -> Result<(), codec::DecodeError> {
             match item {
-                Replay::Snapshot { payload, .. } => decode_snapshot(payload, |restored| match restored {
-                    // Sessions expired by now are restored too: a record after the snapshot may have
-                    // rotated them before they expired. Everything expired is swept at the end.
-                    Restored::Session(sid, mut s) => {
-                        s.user = registry.names().intern(&s.user);
-                        s.client = registry.names().intern(&s.client);
-                        s.scopes = registry.names().intern(&s.scopes);
-                        registry.restore(sid, s);
-                    }
-                    Restored::Revoked(sid, until) => registry.revoked().revoke(sid, until),
-                }),
+                Replay::Snapshot { payload, .. } => {
+                    decode_snapshot(payload, registry.names(), |restored| match restored {
+                        // Sessions expired by now are restored too: a record after the snapshot may have
+                        // rotated them before they expired. Everything expired is swept at the end.
+                        Restored::Session(sid, s) => registry.restore(sid, s),
+                        Restored::Revoked(sid, until) => registry.revoked().revoke(sid, until),
+                    })
+                }
                 Replay::Record { payload, .. } => {
                     registry.apply(decode_event(payload, registry.names())?, now);
                     Ok(())
@@ -123,7 +120,7 @@ impl DurableStore {
             }
         })?;
         registry.sweep(now);
-        registry.sort_user_index();
+        registry.rebuild_user_index();
         let snapshot_bytes = recovered.snapshot.as_ref().map_or(0, |s| s.bytes);
         let appended = journal.stats().appended_bytes;
         if registry.recorder().journal.set(journal).is_err() {

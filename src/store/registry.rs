@@ -257,7 +257,6 @@ impl<R: Recorder> Registry<R> {
         // The user's index is locked first and held while the session is inserted, so two logins
         // of one user cannot both see room for one more.
         let mut index = self.by_user.entry(s.user.clone()).or_default();
-        index.retain(|sid| self.sessions.get(sid).is_some_and(|f| !f.revoked && f.live(s.now_ms)));
         let mut seq = match self.sessions.entry(s.sid) {
             Entry::Occupied(_) => return Err(StoreError::Collision),
             Entry::Vacant(v) => {
@@ -289,7 +288,16 @@ impl<R: Recorder> Registry<R> {
             }
         };
         index.push(s.sid);
-        let excess = index.len().saturating_sub(s.max_sessions_per_user.max(1));
+        let max = s.max_sessions_per_user.max(1);
+        if index.len() > max {
+            // Only now does it matter which of them are still live: forget the dead ones (expired,
+            // revoked, swept), then revoke the oldest beyond the limit.
+            let sid = s.sid;
+            index.retain(|other| {
+                *other == sid || self.sessions.get(other).is_some_and(|f| !f.revoked && f.live(s.now_ms))
+            });
+        }
+        let excess = index.len().saturating_sub(max);
         let oldest: Vec<SessionId> = index.drain(..excess).collect();
         drop(index);
         for sid in oldest {
@@ -431,7 +439,7 @@ impl<R: Recorder> Registry<R> {
                 // caller sweeps once everything is replayed.
                 if let Entry::Vacant(v) = self.sessions.entry(sid) {
                     v.insert(Session {
-                        user: user.clone(),
+                        user,
                         client,
                         scopes,
                         created_ms,
@@ -442,7 +450,6 @@ impl<R: Recorder> Registry<R> {
                         rotated: Vec::new(),
                         revoked: false,
                     });
-                    self.by_user.entry(user).or_default().push(sid);
                 }
             }
             Event::Rotated {
@@ -474,20 +481,30 @@ impl<R: Recorder> Registry<R> {
         }
     }
 
-    /// Inserts a session as a snapshot holds it (recovery).
+    /// Inserts a session as a snapshot holds it (recovery). The per-user index is rebuilt by
+    /// [`Registry::rebuild_user_index`] once everything is in.
     pub fn restore(&self, sid: SessionId, s: Session) {
-        let user = s.user.clone();
         if let Entry::Vacant(v) = self.sessions.entry(sid) {
             v.insert(s);
-            self.by_user.entry(user).or_default().push(sid);
         }
     }
 
-    /// Orders each user's index by creation (after a restore, which inserts in any order).
-    pub fn sort_user_index(&self) {
-        for mut e in self.by_user.iter_mut() {
-            e.value_mut()
-                .sort_by_key(|sid| self.sessions.get(sid).map_or(0, |s| s.created_ms));
+    /// Rebuilds each user's index, oldest session first, from the sessions (after recovery).
+    pub fn rebuild_user_index(&self) {
+        let mut by_user: std::collections::HashMap<Arc<str>, Vec<(u64, SessionId)>> = std::collections::HashMap::new();
+        for e in self.sessions.iter() {
+            if !e.revoked {
+                by_user
+                    .entry(e.user.clone())
+                    .or_default()
+                    .push((e.created_ms, *e.key()));
+            }
+        }
+        self.by_user.clear();
+        for (user, mut sids) in by_user {
+            sids.sort_unstable();
+            self.by_user
+                .insert(user, sids.into_iter().map(|(_, sid)| sid).collect());
         }
     }
 

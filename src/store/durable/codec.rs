@@ -316,7 +316,8 @@ pub enum Restored {
     Revoked(SessionId, u64),
 }
 
-pub fn decode_snapshot(buf: &[u8], mut each: impl FnMut(Restored)) -> Result<(), DecodeError> {
+/// Decodes a snapshot; each distinct name goes through `interner` once.
+pub fn decode_snapshot(buf: &[u8], interner: &Interner, mut each: impl FnMut(Restored)) -> Result<(), DecodeError> {
     let mut r = Reader::new(buf, "snapshot");
     if r.take(8)? != SNAPSHOT_MAGIC {
         return Err(err("snapshot", "not a tokengate state snapshot (bad magic)"));
@@ -328,7 +329,7 @@ pub fn decode_snapshot(buf: &[u8], mut each: impl FnMut(Restored)) -> Result<(),
             if (i & !NEW_NAME) as usize != names.len() {
                 return Err(err("snapshot", format!("name {} out of order", i & !NEW_NAME)));
             }
-            let s: Arc<str> = r.str()?.into();
+            let s = interner.intern(r.str()?);
             names.push(s.clone());
             return Ok(s);
         }
@@ -453,7 +454,7 @@ mod tests {
         #[test]
         fn decoding_never_panics(buf in proptest::collection::vec(any::<u8>(), 0..300)) {
             let _ = decode_event(&buf, &Interner::default());
-            let _ = decode_snapshot(&buf, |_| {});
+            let _ = decode_snapshot(&buf, &Interner::default(), |_| {});
         }
     }
 }
