@@ -126,6 +126,7 @@ measure() { # TARGET ROUND ATTEMPT SECS
   rm -f "$base.log"
   if [ "$bad" != 0 ]; then
     echo "peers: ERROR $t round $round: $bad requests failed (non-2xx or socket errors); see $base.out" >&2
+    if [ "$round" = warm ]; then die "$t fails under load; not measuring it"; fi
     FAILED=1
   fi
   [ "$reqs" -gt 0 ] || die "$t: no request completed; see $base.out"
