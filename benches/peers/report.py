@@ -43,7 +43,7 @@ def wrk_stats(out: str) -> tuple:
     m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     if m:
         bad += int(m.group(1))
-    pct = dict(re.findall(r"^\s+(50|99)(?:\.000)?%\s+(\S+)$", out, re.M))
+    pct = dict(re.findall(r"^\s+(50|99)(?:\.000)?%\s+(\S+)\s*$", out, re.M))
     return reqs, rps, bad, to_us(pct.get("50", "")), to_us(pct.get("99", ""))
 
 
@@ -208,14 +208,17 @@ def cmd_rounds(run_dir: Path) -> None:
             lines.append(f"| {n} | " + " | ".join(cells) + " |")
         lines.append("")
     noisy = sum(s["noisy_rounds"] for s in summary)
-    errors = sum(s["errors"] for s in summary)
+    # Every attempt counts here, kept or not: a failed request means a target misbehaved.
+    failed = [r for r in rows if num(r, "bad") > 0]
     lines.append(
         f"Medians over {len(rounds)} round(s). SUT CPU % and load CPU %: of one core (the server "
         "under test's process tree; the load CPU's busy time). Foreign CPU: used by processes "
         f"outside the harness during the run, % of one core; {noisy} measurement(s) stayed above "
         f"{foreign_max:.0f} % after retries{' (marked *)' if noisy else ''}.")
-    if errors:
-        lines.append(f"**{errors} requests failed (non-2xx or socket errors): these figures are not valid.**")
+    if failed:
+        where = ", ".join(f"{r['bad']} in {r['target']} round {r['round']} try {r['attempt']}" for r in failed)
+        lines.append(f"**Requests failed (non-2xx, socket errors or timeouts): {where}. "
+                     "These figures are not valid.**")
     text = "\n".join(lines) + "\n"
     (run_dir / "table.md").write_text(text)
     print(text, end="")
