@@ -284,26 +284,30 @@ const MAX_UPSTREAM_CONNECTIONS: usize = 1_000_000;
 /// connection, so the gateway stops reusing one before the upstream closes it.
 pub const DEFAULT_UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 
-/// Parses "900s", "15m", "1d", "250ms", "2h".
+/// The longest duration a key accepts: past 10 years a value is a typo, and later arithmetic stays
+/// far from overflow.
+const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 86_400);
+
+/// Parses a duration: a number and a unit, or several ("250ms", "90s", "15m", "1h30m", "1.5s",
+/// "2d"), by humantime's rules, at most 10 years, in whole milliseconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let bad = || format!("{s:?} is not a duration (use a whole number and a unit: 250ms, 900s, 15m, 2h, 1d)");
-    let n: u64 = num.parse().map_err(|_| bad())?;
-    let ms = match unit {
-        "ms" => Some(n),
-        "s" => n.checked_mul(1_000),
-        "m" => n.checked_mul(60_000),
-        "h" => n.checked_mul(3_600_000),
-        "d" => n.checked_mul(86_400_000),
-        _ => return Err(bad()),
-    };
-    // Cap at 10 years: past that a value is a typo, and later arithmetic stays far from overflow.
-    match ms {
-        Some(ms) if ms <= 10 * 365 * 86_400_000 => Ok(Duration::from_millis(ms)),
-        _ => Err(format!("{s:?} is too long (at most 3650d)")),
+    let d = humantime::parse_duration(s.trim()).map_err(|e| {
+        format!("{s:?} is not a duration ({e}; e.g. \"250ms\", \"90s\", \"15m\", \"1h30m\", \"1.5s\", \"2d\")")
+    })?;
+    // humantime's "M" is a month: "5M" meant as minutes would silently be 152 days.
+    if s.contains('M') {
+        return Err(format!(
+            "{s:?}: \"M\" means months; write days (\"30d\"), or \"m\" for minutes"
+        ));
     }
+    if d > MAX_DURATION {
+        return Err(format!("{s:?} is too long (at most 3650d)"));
+    }
+    // Every clock and deadline in the gateway counts milliseconds.
+    if d.subsec_nanos() % 1_000_000 != 0 {
+        return Err(format!("{s:?} is finer than a millisecond"));
+    }
+    Ok(d)
 }
 
 impl Config {
@@ -332,20 +336,7 @@ impl Config {
             source_name: source_name.to_owned(),
             problems,
         };
-        let de = toml::Deserializer::parse(text).map_err(|e| {
-            fail(vec![Problem {
-                key: "(syntax)".into(),
-                reason: one_line(&e),
-            }])
-        })?;
-        let file: FileConfig = serde_path_to_error::deserialize(de).map_err(|e| {
-            let key = e.path().to_string();
-            let key = if key == "." { "(top level)".to_owned() } else { key };
-            fail(vec![Problem {
-                key,
-                reason: one_line(e.inner()),
-            }])
-        })?;
+        let file = read_file(text).map_err(fail)?;
         validate(file, base_dir).map_err(fail)
     }
 
@@ -370,13 +361,122 @@ fn plural(n: usize) -> &'static str {
     if n == 1 { "" } else { "s" }
 }
 
-/// toml's errors span several lines with a source excerpt; keep the message and the position.
-fn one_line(e: &toml::de::Error) -> String {
-    let msg = e.message().trim().to_owned();
+/// Parses the TOML text into the file structs, with every syntax error, or every structural error
+/// (an unknown key, a value of the wrong type) serde's derive lets through one by one: after each,
+/// the offending key is removed and the document read again. A required key cannot be removed, so
+/// the search stops at one that is missing or mistyped. Problems come in the file's order, each
+/// with its line and column.
+fn read_file(text: &str) -> Result<FileConfig, Vec<Problem>> {
+    /// More rounds than any real file has problems; a bound, not a budget.
+    const MAX_ROUNDS: usize = 100;
+    let (root, syntax) = toml::de::DeTable::parse_recoverable(text);
+    if !syntax.is_empty() {
+        let mut syntax = syntax;
+        syntax.sort_by_key(|e| e.span().map_or(usize::MAX, |s| s.start));
+        return Err(syntax
+            .iter()
+            .map(|e| Problem {
+                key: "(syntax)".into(),
+                reason: located(text, e),
+            })
+            .collect());
+    }
+    let span = root.span();
+    let mut root = toml::de::DeValue::Table(root.into_inner());
+    let mut found: Vec<(usize, Problem)> = Vec::new();
+    let mut removed: Vec<String> = Vec::new();
+    for _ in 0..MAX_ROUNDS {
+        let toml::de::DeValue::Table(table) = &root else { break };
+        let de = toml::de::Deserializer::from(toml::Spanned::new(span.clone(), table.clone()));
+        let e = match serde_path_to_error::deserialize::<_, FileConfig>(de) {
+            Ok(file) if found.is_empty() => return Ok(file),
+            Ok(_) => break,
+            Err(e) => e,
+        };
+        let path = e.path().to_string();
+        // A required key removed by an earlier round: the real problem is already reported.
+        let missing = e
+            .inner()
+            .message()
+            .strip_prefix("missing field `")
+            .and_then(|m| m.strip_suffix('`'));
+        if let Some(field) = missing {
+            let full = if path == "." {
+                field.to_owned()
+            } else {
+                format!("{path}.{field}")
+            };
+            if removed.contains(&full) {
+                break;
+            }
+        }
+        found.push((
+            e.inner().span().map_or(usize::MAX, |s| s.start),
+            Problem {
+                key: if path == "." { "(top level)".to_owned() } else { path },
+                reason: located(text, e.inner()),
+            },
+        ));
+        match remove_key(&mut root, e.path()) {
+            Some(key) => removed.push(key),
+            None => break,
+        }
+    }
+    found.sort_by_key(|(at, _)| *at);
+    Err(found.into_iter().map(|(_, p)| p).collect())
+}
+
+/// Removes the innermost table key on `path` (an array element is never removed alone: the
+/// indexes after it would shift); returns that key's path, `None` if there is none to remove.
+fn remove_key(root: &mut toml::de::DeValue<'_>, path: &serde_path_to_error::Path) -> Option<String> {
+    use serde_path_to_error::Segment;
+    let segments: Vec<&Segment> = path.iter().collect();
+    let last_key = segments.iter().rposition(|s| matches!(s, Segment::Map { .. }))?;
+    let mut at = root;
+    for segment in &segments[..last_key] {
+        at = match (segment, at) {
+            (Segment::Map { key }, toml::de::DeValue::Table(t)) => t.get_mut(key.as_str())?.get_mut(),
+            (Segment::Seq { index }, toml::de::DeValue::Array(a)) => a.get_mut(*index)?.get_mut(),
+            _ => return None,
+        };
+    }
+    let (Segment::Map { key }, toml::de::DeValue::Table(t)) = (segments[last_key], at) else {
+        return None;
+    };
+    t.remove(key.as_str())?;
+    let mut removed = String::new();
+    for (i, segment) in segments[..=last_key].iter().enumerate() {
+        match segment {
+            Segment::Map { key } if i == 0 => removed.push_str(key),
+            Segment::Map { key } => {
+                removed.push('.');
+                removed.push_str(key);
+            }
+            Segment::Seq { index } => removed.push_str(&format!("[{index}]")),
+            _ => removed.push('?'),
+        }
+    }
+    Some(removed)
+}
+
+/// toml's message, on one line, with where in the text it points (line and column from 1).
+fn located(text: &str, e: &toml::de::Error) -> String {
+    let msg = e.message().trim().replace('\n', " ");
     match e.span() {
-        Some(span) => format!("{msg} (at byte {})", span.start),
+        Some(span) => {
+            let (line, column) = line_column(text, span.start);
+            format!("{msg} (at line {line}, column {column})")
+        }
         None => msg,
     }
+}
+
+/// 1-based line and column (in characters) of byte offset `at`.
+fn line_column(text: &str, at: usize) -> (usize, usize) {
+    let before = text.get(..at.min(text.len())).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
 }
 
 /// Collects problems while validating, so that one run reports them all.
@@ -1106,10 +1206,69 @@ signing = { secret = "env:TOKENGATE_TEST_SECRET_FOR_UNIT_TESTS" }
         assert_eq!(parse_duration("15m").unwrap(), Duration::from_secs(900));
         assert_eq!(parse_duration("1d").unwrap(), Duration::from_secs(86_400));
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
-        assert!(parse_duration("15").is_err());
+        assert!(parse_duration("15").unwrap_err().contains("is not a duration"));
         assert!(parse_duration("m").is_err());
-        assert!(parse_duration("1.5h").is_err());
         assert!(parse_duration("99999999999999999999d").is_err());
+    }
+
+    #[test]
+    fn compound_and_fractional_durations_parse() {
+        assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
+        assert_eq!(parse_duration("1h 30m").unwrap(), Duration::from_secs(5400));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_duration("1.5h").unwrap(), Duration::from_secs(5400));
+        assert_eq!(parse_duration("2m30s").unwrap(), Duration::from_secs(150));
+        assert_eq!(parse_duration("3650d").unwrap(), Duration::from_secs(3650 * 86_400));
+        let too_long = parse_duration("3651d").unwrap_err();
+        assert!(too_long.contains("too long (at most 3650d)"), "{too_long}");
+        assert!(parse_duration("11y").unwrap_err().contains("too long"));
+        assert!(
+            parse_duration("1.5ms")
+                .unwrap_err()
+                .contains("finer than a millisecond")
+        );
+        assert!(parse_duration("5M").unwrap_err().contains("months"));
+        let c = load("[[routes]]\npath_prefix = \"/a\"\nupstream = \"echo\"\ntimeout = \"1m30s\"\n").unwrap();
+        assert_eq!(c.routes[0].timeout, Duration::from_secs(90));
+    }
+
+    #[test]
+    fn type_errors_are_all_reported_with_line_and_column() {
+        let p = problems(
+            "[[routes]]\npath_prefix = \"/a\"\nupstream = \"echo\"\nmax_connections = \"ten\"\n\
+             [[routes]]\npath_prefix = \"/b\"\nupstream = 7\nscopez = []\n\
+             [log]\nformat = true\n",
+        );
+        // MINIMAL and the newline `load` adds take 8 lines: the extra text starts on line 9.
+        assert_eq!(
+            p,
+            [
+                "routes[0].max_connections: invalid type: string \"ten\", expected i64 (at line 12, column 19)",
+                "routes[1].upstream: invalid type: integer `7`, expected a string (at line 15, column 12)",
+                "routes[1].scopez: unknown field `scopez`, expected one of `path_prefix`, `host`, `upstream`, `auth`, `scopes`, `strip_prefix`, `forward_authorization`, `preserve_host`, `connect_timeout`, `timeout`, `ca_file`, `upgrades`, `max_connections`, `idle_timeout` (at line 16, column 1)",
+                "log.format: invalid type: boolean `true`, expected a string (at line 18, column 10)",
+            ],
+            "{p:#?}"
+        );
+    }
+
+    #[test]
+    fn a_missing_required_key_ends_the_search_without_inventing_errors() {
+        let p = problems("[[routes]]\npath_prefix = 5\nupstream = \"echo\"\n");
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(
+            p[0].starts_with("routes[0].path_prefix: invalid type: integer `5`"),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn every_syntax_error_is_reported_with_its_line() {
+        let p = problems("[[routes]]\npath_prefix = \"/a\nupstream = = 1\n");
+        assert!(!p.is_empty() && p.iter().all(|m| m.starts_with("(syntax): ")), "{p:?}");
+        assert!(p.len() >= 2, "{p:?}");
+        assert!(p[0].contains("(at line 10, column 18)"), "{p:?}");
+        assert!(p[1].contains("(at line 11, column"), "{p:?}");
     }
 
     #[test]
@@ -1137,7 +1296,7 @@ signing = { secret = "env:TOKENGATE_TEST_SECRET_FOR_UNIT_TESTS" }
     fn every_semantic_error_is_reported_at_once() {
         let p = problems(
             "[[routes]]\npath_prefix = \"/a\"\nupstream = \"htp://x\"\n\
-             [[routes]]\npath_prefix = \"/b\"\nupstream = \"echo\"\ntimeout = \"5 minutes\"\n",
+             [[routes]]\npath_prefix = \"/b\"\nupstream = \"echo\"\ntimeout = \"five minutes\"\n",
         );
         assert!(
             p.contains(&r#"routes[0].upstream: "htp://x" is not an http or https URL (or "echo")"#.to_owned()),
@@ -1145,7 +1304,7 @@ signing = { secret = "env:TOKENGATE_TEST_SECRET_FOR_UNIT_TESTS" }
         );
         assert!(
             p.iter()
-                .any(|m| m.starts_with("routes[1].timeout: \"5 minutes\" is not a duration")),
+                .any(|m| m.starts_with("routes[1].timeout: \"five minutes\" is not a duration")),
             "{p:?}"
         );
     }
