@@ -7,6 +7,7 @@
 
 mod support;
 
+mod cli;
 mod config_errors;
 mod enforcement;
 mod forwarding;
