@@ -473,8 +473,11 @@ impl OAuthServer<'_> {
             refresh_expires_in: refresh.map(|r| r.1),
             scope,
         };
-        // Serializing plain strings and integers cannot fail.
-        serde_json::to_vec(&body).unwrap_or_default()
+        // Serializing plain strings and integers cannot fail. The final newline is part of the
+        // body, so a replay within the grace (sealed from these bytes) is byte-identical too.
+        let mut json = serde_json::to_vec(&body).unwrap_or_default();
+        json.push(b'\n');
+        json
     }
 
     /// The audit record of a session revocation: who, which client, why; never a token.
