@@ -65,22 +65,35 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-/// A secret's bytes. Debug never prints them.
+/// A secret's bytes: zeroed when dropped (secrecy), never printed by Debug.
 #[derive(Clone)]
-pub struct Secret(Vec<u8>);
+pub struct Secret(secrecy::SecretSlice<u8>);
 
 impl Secret {
-    pub fn new(bytes: Vec<u8>) -> Self {
-        Secret(bytes)
+    /// Takes the bytes and zeroes `bytes`' whole buffer, spare capacity included.
+    pub fn new(mut bytes: Vec<u8>) -> Self {
+        use zeroize::Zeroize;
+        // An exact-size copy: `into_boxed_slice` on a Vec with spare capacity would reallocate
+        // and leave the old buffer behind unzeroed.
+        let secret = Secret(secrecy::SecretSlice::from(bytes.as_slice().to_vec()));
+        bytes.zeroize();
+        secret
     }
     pub fn expose(&self) -> &[u8] {
-        &self.0
+        use secrecy::ExposeSecret;
+        self.0.expose_secret()
+    }
+    pub fn len(&self) -> usize {
+        self.expose().len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Secret(<{} bytes>)", self.0.len())
+        write!(f, "Secret(<{} bytes>)", self.len())
     }
 }
 
@@ -540,7 +553,7 @@ impl Checker<'_> {
     fn secret(&mut self, key: &str, value: &str) -> Option<Secret> {
         if let Some(name) = value.strip_prefix("env:") {
             match std::env::var_os(name) {
-                Some(v) if !v.is_empty() => Some(Secret(v.into_encoded_bytes())),
+                Some(v) if !v.is_empty() => Some(Secret::new(v.into_encoded_bytes())),
                 _ => {
                     self.fail(key, format!("environment variable {name} is not set"));
                     None
@@ -554,7 +567,7 @@ impl Checker<'_> {
                     while bytes.last().is_some_and(|b| b.is_ascii_whitespace()) {
                         bytes.pop();
                     }
-                    Some(Secret(bytes))
+                    Some(Secret::new(bytes))
                 }
                 Err(e) => {
                     self.fail(key, format!("cannot read secret file {}: {e}", path.display()));
@@ -700,13 +713,13 @@ fn validate(file: FileConfig, base_dir: &Path) -> Result<Config, Vec<Problem>> {
     };
     let secret = c.secret("tokens.signing.secret", &t.signing.secret);
     if let Some(secret) = &secret
-        && secret.0.len() < alg.min_secret_len()
+        && secret.len() < alg.min_secret_len()
     {
         c.fail(
             "tokens.signing.secret",
             format!(
                 "is {} bytes; {alg:?} needs at least {} (RFC 7518 §3.2)",
-                secret.0.len(),
+                secret.len(),
                 alg.min_secret_len()
             ),
         );

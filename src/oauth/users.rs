@@ -71,7 +71,8 @@ impl UserStore {
             Some(u) => u.password_hash.clone(),
             None => DUMMY_HASH.to_owned(),
         };
-        let password = password.to_owned();
+        // Zeroed when the blocking task is done with it.
+        let password = zeroize::Zeroizing::new(password.to_owned());
         if self.waiting.fetch_add(1, Ordering::Relaxed) >= self.max_waiting {
             self.waiting.fetch_sub(1, Ordering::Relaxed);
             return Err(VerifyError::Busy);
