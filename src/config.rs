@@ -117,7 +117,12 @@ pub struct ServerSettings {
     pub listen: SocketAddr,
     pub tls: Option<TlsSettings>,
     pub handshake_timeout: Duration,
+    /// A request head, from its first byte to its last; a new connection's first request, from
+    /// the handshake.
     pub header_read_timeout: Duration,
+    /// A connection with no request in flight and no byte of a new one (HTTP/1.1 keep-alive,
+    /// HTTP/2 between requests) is closed after this long.
+    pub idle_timeout: Duration,
     /// The longest wait for the next bytes of a request body (nginx `client_body_timeout`).
     pub body_timeout: Duration,
     /// Cap on a request head (HTTP/1.1) or header list (HTTP/2): 431 beyond it.
@@ -291,6 +296,9 @@ pub const MAX_HEADER_BYTES: usize = 1024 * 1024;
 
 pub const DEFAULT_TOKEN_PATH: &str = "/api/oauth2/token";
 pub const DEFAULT_REVOKE_PATH: &str = "/api/oauth2/revoke";
+/// How long a client connection may wait for its next request: nginx's keepalive_timeout is
+/// 75s, browsers keep an idle connection about 60s-300s.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_UPSTREAM_MAX_CONNECTIONS: usize = 256;
 const MAX_UPSTREAM_CONNECTIONS: usize = 1_000_000;
 /// Below the 5 s that common application servers (uvicorn, gunicorn, Node) keep an idle
@@ -617,6 +625,7 @@ fn validate(file: FileConfig, base_dir: &Path) -> Result<Config, Vec<Problem>> {
         s.header_read_timeout.as_deref(),
         Duration::from_secs(10),
     );
+    let idle_timeout = c.duration("server.idle_timeout", s.idle_timeout.as_deref(), DEFAULT_IDLE_TIMEOUT);
     let body_timeout = c.duration(
         "server.body_timeout",
         s.body_timeout.as_deref(),
@@ -632,6 +641,7 @@ fn validate(file: FileConfig, base_dir: &Path) -> Result<Config, Vec<Problem>> {
     for (key, d) in [
         ("server.handshake_timeout", handshake_timeout),
         ("server.header_read_timeout", header_read_timeout),
+        ("server.idle_timeout", idle_timeout),
         ("server.body_timeout", body_timeout),
     ] {
         if d.is_zero() {
@@ -1007,6 +1017,7 @@ fn validate(file: FileConfig, base_dir: &Path) -> Result<Config, Vec<Problem>> {
             tls,
             handshake_timeout,
             header_read_timeout,
+            idle_timeout,
             body_timeout,
             max_header_bytes,
             max_connections,
@@ -1288,6 +1299,8 @@ signing = { secret = "env:TOKENGATE_TEST_SECRET_FOR_UNIT_TESTS" }
     fn minimal_config_gets_the_documented_defaults() {
         let c = load("").unwrap();
         assert_eq!(c.tokens.access_ttl, Duration::from_secs(900));
+        assert_eq!(c.server.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(c.server.idle_timeout, Duration::from_secs(60));
         assert_eq!(c.tokens.refresh_ttl, Duration::from_secs(86_400));
         assert_eq!(c.tokens.reuse_grace, Duration::from_secs(10));
         assert_eq!(c.tokens.token_path, "/api/oauth2/token");
