@@ -22,6 +22,7 @@ use argon2::PasswordHash;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
+use crate::proxy::forwarded::TrustedProxies;
 use crate::routing::{self, RouteTable};
 use crate::scope::{self, ScopeSet, ScopeUniverse};
 
@@ -131,6 +132,8 @@ pub struct ServerSettings {
     pub shutdown_grace: Duration,
     /// `None`: one per core.
     pub worker_threads: Option<usize>,
+    /// Peers whose `X-Forwarded-For` names the client (load balancers in front of the gateway).
+    pub trusted_proxies: TrustedProxies,
 }
 
 pub struct TlsSettings {
@@ -657,6 +660,7 @@ fn validate(file: FileConfig, base_dir: &Path) -> Result<Config, Vec<Problem>> {
     let worker_threads = s
         .worker_threads
         .map(|_| c.positive("server.worker_threads", s.worker_threads, 1) as usize);
+    let trusted_proxies = trusted_proxies(&mut c, s.trusted_proxies.as_deref().unwrap_or_default());
 
     // [admin]
     let admin_listen = c.addr("admin.listen", file.admin.listen.as_deref().unwrap_or("127.0.0.1:9901"));
@@ -1023,6 +1027,7 @@ fn validate(file: FileConfig, base_dir: &Path) -> Result<Config, Vec<Problem>> {
             max_connections,
             shutdown_grace,
             worker_threads,
+            trusted_proxies,
         },
         admin: AdminSettings { listen: admin_listen },
         tokens: TokenSettings {
@@ -1068,6 +1073,32 @@ fn check_name(name: &str, ascii_only: bool) -> Result<(), &'static str> {
         return Err("must be printable ASCII");
     }
     Ok(())
+}
+
+/// `server.trusted_proxies`: CIDR ranges ("10.0.0.0/8", "2001:db8::/32") or single addresses.
+fn trusted_proxies(c: &mut Checker<'_>, list: &[String]) -> TrustedProxies {
+    let mut nets = Vec::new();
+    for (i, raw) in list.iter().enumerate() {
+        let key = format!("server.trusted_proxies[{i}]");
+        let net = raw
+            .parse::<ipnet::IpNet>()
+            .ok()
+            .or_else(|| raw.parse::<std::net::IpAddr>().ok().map(ipnet::IpNet::from));
+        match net {
+            Some(net) if net.prefix_len() == 0 => c.fail(
+                key,
+                format!("{raw:?} trusts every address: any client could name its own; list your proxies' ranges"),
+            ),
+            Some(net) => nets.push(net.trunc()),
+            None => c.fail(
+                key,
+                format!(
+                    "{raw:?} is not an IP range or address (e.g. \"10.0.0.0/8\", \"2001:db8::/32\", \"192.0.2.7\")"
+                ),
+            ),
+        }
+    }
+    TrustedProxies::new(nets)
 }
 
 fn own_path(c: &mut Checker<'_>, key: &str, value: Option<&str>, default: &str) -> String {
@@ -1213,6 +1244,19 @@ signing = { secret = "env:TOKENGATE_TEST_SECRET_FOR_UNIT_TESTS" }
         std::fs::write(dir.join("secret"), "0123456789abcdef0123456789abcdef\n").unwrap();
         let text = MINIMAL.replace("env:TOKENGATE_TEST_SECRET_FOR_UNIT_TESTS", "file:secret");
         Config::from_toml(&format!("{text}\n{extra}"), &dir, "test.toml")
+    }
+
+    /// Like [`load`], with `keys` added to `[server]`.
+    fn load_server(keys: &str) -> Result<Config, ConfigError> {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("tokengate-cfg-server-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("secret"), "0123456789abcdef0123456789abcdef\n").unwrap();
+        let text = MINIMAL
+            .replace("env:TOKENGATE_TEST_SECRET_FOR_UNIT_TESTS", "file:secret")
+            .replace("listen = \"127.0.0.1:0\"", &format!("listen = \"127.0.0.1:0\"\n{keys}"));
+        Config::from_toml(&text, &dir, "test.toml")
     }
 
     fn problems(extra: &str) -> Vec<String> {
@@ -1523,6 +1567,41 @@ signing = { secret = "env:TOKENGATE_TEST_SECRET_FOR_UNIT_TESTS" }
                 "{p:?}"
             );
         }
+    }
+
+    #[test]
+    fn trusted_proxies_are_ranges_or_addresses() {
+        let c = load_server("trusted_proxies = [\"10.0.0.0/8\", \"192.0.2.7\", \"2001:db8::/32\"]").unwrap();
+        let t = &c.server.trusted_proxies;
+        for ip in ["10.1.2.3", "192.0.2.7", "2001:db8::5", "::ffff:10.0.0.1"] {
+            assert!(t.contains(ip.parse().unwrap()), "{ip}");
+        }
+        for ip in ["11.0.0.1", "192.0.2.8", "2001:db9::1"] {
+            assert!(!t.contains(ip.parse().unwrap()), "{ip}");
+        }
+        assert!(load("").unwrap().server.trusted_proxies.is_empty(), "none by default");
+
+        let p: Vec<String> = load_server("trusted_proxies = [\"10.0.0.0/33\", \"0.0.0.0/0\", \"lb.internal\"]")
+            .unwrap_err()
+            .problems
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert!(
+            p.iter()
+                .any(|m| m.starts_with("server.trusted_proxies[0]: \"10.0.0.0/33\" is not an IP range")),
+            "{p:?}"
+        );
+        assert!(
+            p.iter()
+                .any(|m| m.starts_with("server.trusted_proxies[1]: \"0.0.0.0/0\" trusts every address")),
+            "{p:?}"
+        );
+        assert!(
+            p.iter()
+                .any(|m| m.starts_with("server.trusted_proxies[2]: \"lb.internal\" is not")),
+            "{p:?}"
+        );
     }
 
     #[test]

@@ -1,8 +1,10 @@
-//! Forwarding to upstreams: header hygiene, the pooled client, the built-in echo upstream.
+//! Forwarding to upstreams: header hygiene, the client's address behind trusted proxies, the
+//! pooled client, the built-in echo upstream.
 
 pub mod body;
 pub mod echo;
 pub mod forward;
+pub mod forwarded;
 pub mod headers;
 
 pub use forward::{ForwardError, Forwarder};

@@ -36,6 +36,7 @@ use crate::oauth::{OAuthError, OAuthServer};
 use crate::proxy::body::{BodyFault, ClientBody};
 use crate::proxy::echo;
 use crate::proxy::forward::{PooledBody, TunnelSlot};
+use crate::proxy::forwarded::ClientAddr;
 use crate::proxy::headers::{self, RequestContext, X_REQUEST_ID};
 use crate::routing::{PathError, normalize_path, request_authority};
 use crate::snapshot::{Route, Snapshot};
@@ -58,7 +59,7 @@ pub type ClientRequest = Request<ClientBody>;
 pub struct ConnInfo {
     pub peer: SocketAddr,
     pub tls: bool,
-    /// The peer's IP as a header value, formatted once per connection for X-Forwarded-For.
+    /// The peer's IP as a header value, formatted once per connection (X-Forwarded-For, the log).
     pub peer_ip: HeaderValue,
     /// The connection's `max_connections` slot; an upgraded (WebSocket) tunnel keeps it.
     pub slot: Option<Arc<tokio::sync::OwnedSemaphorePermit>>,
@@ -66,7 +67,9 @@ pub struct ConnInfo {
 
 impl ConnInfo {
     pub fn new(peer: SocketAddr, tls: bool, slot: Option<Arc<tokio::sync::OwnedSemaphorePermit>>) -> Self {
-        let peer_ip = HeaderValue::from_str(&peer.ip().to_string()).unwrap_or(HeaderValue::from_static("unknown"));
+        // A dual-stack listener reports IPv4 clients as ::ffff:a.b.c.d; they are IPv4 clients.
+        let peer_ip =
+            HeaderValue::from_str(&peer.ip().to_canonical().to_string()).unwrap_or(HeaderValue::from_static("unknown"));
         ConnInfo {
             peer,
             tls,
@@ -129,13 +132,18 @@ impl App {
     pub async fn handle(&self, req: Request<Incoming>, conn: &ConnInfo) -> Response<ResponseBody> {
         let snap = self.snapshot.load_full();
         let request_id = self.request_ids.for_request(req.headers());
-        let mut log = AccessLog::start(req.method(), req.uri(), req.headers(), &conn.peer_ip, &request_id);
+        let client = snap
+            .config
+            .server
+            .trusted_proxies
+            .client(conn.peer.ip(), &conn.peer_ip, req.headers());
+        let mut log = AccessLog::start(req.method(), req.uri(), req.headers(), &client.ip_header, &request_id);
         let version = req.version();
         let (parts, body) = req.into_parts();
         let body = ClientBody::new(body, snap.config.server.body_timeout);
         log.body = Some(body.stats().clone());
         let req = Request::from_parts(parts, body);
-        let mut response = match self.dispatch(&snap, req, conn, &request_id, &mut log).await {
+        let mut response = match self.dispatch(&snap, req, conn, &client, &request_id, &mut log).await {
             Ok(r) => r,
             Err(e) => {
                 log_error(&e, &log);
@@ -158,6 +166,7 @@ impl App {
         snap: &Snapshot,
         req: ClientRequest,
         conn: &ConnInfo,
+        client: &ClientAddr,
         request_id: &HeaderValue,
         log: &mut AccessLog,
     ) -> Result<Response<InnerBody>, GatewayError> {
@@ -169,7 +178,7 @@ impl App {
         let tokens = &snap.config.tokens;
         if path == tokens.token_path {
             log.route = RouteLabel::Own("token");
-            return self.token_endpoint(snap, req, conn).await;
+            return self.token_endpoint(snap, req, client).await;
         }
         if path == tokens.revoke_path {
             log.route = RouteLabel::Own("revoke");
@@ -191,7 +200,7 @@ impl App {
             }
             AuthPolicy::None => None,
         };
-        self.forward(req, conn, route, &path, host, token.as_deref(), request_id, log)
+        self.forward(req, conn, client, route, &path, host, token.as_deref(), request_id, log)
             .await
     }
 
@@ -200,6 +209,7 @@ impl App {
         &self,
         mut req: ClientRequest,
         conn: &ConnInfo,
+        client: &ClientAddr,
         route: &Route,
         path: &str,
         original_host: Option<HeaderValue>,
@@ -225,7 +235,7 @@ impl App {
             path
         };
         let ctx = RequestContext {
-            peer_ip: &conn.peer_ip,
+            forwarded_for: &client.forwarded_for,
             proto: if conn.tls { "https" } else { "http" },
             original_host,
             upstream_host: if settings.preserve_host {
@@ -293,12 +303,12 @@ impl App {
         &self,
         snap: &Snapshot,
         req: ClientRequest,
-        conn: &ConnInfo,
+        client: &ClientAddr,
     ) -> Result<Response<InnerBody>, GatewayError> {
         let (parts, body) = req.into_parts();
         let json = self
             .oauth(snap)
-            .token(&parts.method, &parts.headers, body, conn.peer.ip())
+            .token(&parts.method, &parts.headers, body, client.ip)
             .await
             .map_err(GatewayError::OAuth)?;
         let mut r = Response::new(Either::Left(Full::new(json)));

@@ -35,6 +35,7 @@ pub struct ServerFile {
     pub max_connections: Option<i64>,
     pub shutdown_grace: Option<String>,
     pub worker_threads: Option<i64>,
+    pub trusted_proxies: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]

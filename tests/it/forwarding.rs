@@ -102,7 +102,8 @@ async fn identity_headers_are_set_from_the_token_and_spoofed_copies_never_arrive
         "Connection-named headers are hop-by-hop"
     );
     assert_eq!(seen.headers["x-forwarded-proto"], "https");
-    assert_eq!(seen.headers["x-forwarded-for"], "198.51.100.9, 127.0.0.1");
+    // The client is not a trusted proxy: its X-Forwarded-For is not believed, and not passed on.
+    assert_eq!(seen.headers["x-forwarded-for"], "127.0.0.1");
     assert_eq!(
         seen.headers["x-forwarded-host"],
         format!("localhost:{}", gw.addr.port())
@@ -117,6 +118,81 @@ async fn identity_headers_are_set_from_the_token_and_spoofed_copies_never_arrive
         !seen.headers.keys().any(|k| k.as_str().starts_with("x-auth-")),
         "{:?}",
         seen.headers
+    );
+}
+
+/// The access line of the request with this id, from the captured logs.
+fn access_line(request_id: &str) -> String {
+    support::logs::captured()
+        .lines()
+        .find(|l| l.contains("tokengate::access") && l.contains(&format!("request_id=\"{request_id}\"")))
+        .unwrap_or_else(|| panic!("no access line for {request_id}"))
+        .to_owned()
+}
+
+#[tokio::test]
+async fn behind_a_trusted_proxy_the_forwarded_client_is_used_for_xff_the_log_and_the_login_limiter() {
+    let up = Upstream::recording().await;
+    let toml = support::with_server_keys(
+        &support::config_toml(
+            "",
+            &format!(
+                "[[routes]]\npath_prefix = \"/pub\"\nupstream = \"{}\"\nauth = \"none\"\n",
+                up.url()
+            ),
+        ),
+        // The test client connects from 127.0.0.1: it plays the load balancer.
+        "trusted_proxies = [\"127.0.0.0/8\"]",
+    );
+    let gw = support::start(&toml).await;
+    let c = Client::new(Proto::Http1);
+    let r = c
+        .get(
+            &gw.url("/pub/x"),
+            &[
+                ("x-forwarded-for", "203.0.113.50, 198.51.100.9"),
+                ("x-request-id", "behind-lb-1"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    // 203.0.113.50 was written by the client itself (198.51.100.9 is not a trusted proxy).
+    assert_eq!(up.last().headers["x-forwarded-for"], "198.51.100.9, 127.0.0.1");
+    let line = access_line("behind-lb-1");
+    assert!(line.contains("client=\"198.51.100.9\""), "{line}");
+
+    // The per-address login limit counts the forwarded client, not the balancer: 20 failures
+    // from one client address (each with another username, so the per-user limit stays out of
+    // it) slow that address down, and another client behind the same balancer is unaffected.
+    let login = |xff: &'static str, user: String| {
+        let (c, url) = (c.clone(), gw.url("/api/oauth2/token"));
+        async move {
+            c.form(
+                &url,
+                &[
+                    ("grant_type", "password"),
+                    ("client_id", "web"),
+                    ("username", &user),
+                    ("password", "wrong"),
+                ],
+                &[("x-forwarded-for", xff)],
+            )
+            .await
+            .status
+        }
+    };
+    for i in 0..20 {
+        assert_eq!(login("198.51.100.9", format!("nobody-{i}")).await, 400);
+    }
+    assert_eq!(
+        login("198.51.100.9", "nobody-20".into()).await,
+        429,
+        "the address is slowed down"
+    );
+    assert_eq!(
+        login("198.51.100.10", "nobody-21".into()).await,
+        400,
+        "another client is not"
     );
 }
 
