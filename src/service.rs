@@ -38,6 +38,7 @@ use crate::proxy::echo;
 use crate::proxy::forward::{PooledBody, TunnelSlot};
 use crate::proxy::forwarded::ClientAddr;
 use crate::proxy::headers::{self, RequestContext, X_REQUEST_ID};
+use crate::proxy::tunnel::Tunnels;
 use crate::routing::{PathError, normalize_path, request_authority};
 use crate::snapshot::{Route, Snapshot};
 use crate::state::State;
@@ -83,6 +84,8 @@ pub struct App {
     snapshot: ArcSwap<Snapshot>,
     state: Arc<State>,
     request_ids: RequestIds,
+    /// Open WebSocket (upgraded) tunnels: shutdown waits for them, revocation closes them.
+    tunnels: Arc<Tunnels>,
 }
 
 impl App {
@@ -91,7 +94,12 @@ impl App {
             snapshot: ArcSwap::from_pointee(snapshot),
             state,
             request_ids: RequestIds::new(request_id_prefix),
+            tunnels: Arc::new(Tunnels::new()),
         }
+    }
+
+    pub fn tunnels(&self) -> &Arc<Tunnels> {
+        &self.tunnels
     }
 
     /// The current Snapshot. A request loads it once and keeps it to its end.
@@ -280,13 +288,11 @@ impl App {
                 Some(client_side) => {
                     let upstream_side = hyper::upgrade::on(&mut resp);
                     // The tunnel keeps both the client connection's slot and its upstream
-                    // connection's slot for as long as it lives.
-                    let slot = conn.slot.clone();
-                    let upstream_slot = resp.extensions_mut().remove::<TunnelSlot>();
-                    tokio::spawn(async move {
-                        tunnel(client_side, upstream_side).await;
-                        drop((slot, upstream_slot));
-                    });
+                    // connection's slot for as long as it lives, and is closed when the token's
+                    // session is revoked.
+                    let slots = (conn.slot.clone(), resp.extensions_mut().remove::<TunnelSlot>());
+                    let sid = token.and_then(|t| t.sid);
+                    self.tunnels.spawn(client_side, upstream_side, sid, slots);
                 }
                 None => {
                     return Err(GatewayError::UpstreamUnavailable(
@@ -387,22 +393,6 @@ fn strip_prefix<'p>(path: &'p str, prefix: &str) -> &'p str {
     match path.get(prefix.len()..) {
         Some("") | None => "/",
         Some(rest) => rest,
-    }
-}
-
-/// Copies bytes both ways between the client's and the upstream's upgraded connections.
-async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
-    let (client, upstream) = match tokio::try_join!(client, upstream) {
-        Ok(pair) => pair,
-        Err(e) => {
-            tracing::debug!(error = %e, "upgrade failed");
-            return;
-        }
-    };
-    let mut client = hyper_util::rt::TokioIo::new(client);
-    let mut upstream = hyper_util::rt::TokioIo::new(upstream);
-    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-        tracing::debug!(error = %e, "upgraded connection ended with an error");
     }
 }
 

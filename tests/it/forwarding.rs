@@ -568,6 +568,109 @@ async fn a_websocket_passes_through_after_the_token_check() {
     assert_eq!(echoed.into_text().unwrap().as_str(), "hello through the gateway");
 }
 
+/// Opens a WebSocket through the gateway's `/ws` route with `token`.
+async fn open_ws(
+    gw: &support::TestGateway,
+    token: &str,
+) -> tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>> {
+    let mut req = format!("wss://localhost:{}/ws", gw.addr.port())
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let (ws, resp) = within(
+        "websocket handshake",
+        tokio_tungstenite::client_async(req, tls_http11(gw.addr).await),
+    )
+    .await
+    .unwrap();
+    assert_eq!(resp.status(), 101);
+    ws
+}
+
+/// Sends a text message and expects it back.
+async fn echo(ws: &mut tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>>, text: &str) {
+    ws.send(Message::text(text)).await.unwrap();
+    let back = within("websocket echo", ws.next()).await.unwrap().unwrap();
+    assert_eq!(back.into_text().unwrap().as_str(), text);
+}
+
+/// Reads until the tunnel ends (close, EOF or an error); panics if it is still open after the
+/// hang guard.
+async fn assert_ws_ends(ws: &mut tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>>) {
+    within("the tunnel to be closed by the gateway", async {
+        loop {
+            match ws.next().await {
+                None | Some(Err(_)) => return,
+                Some(Ok(Message::Close(_))) => return,
+                Some(Ok(_)) => continue,
+            }
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_websocket_tunnel_is_closed_when_its_session_is_revoked() {
+    let ws_addr = websocket_echo().await;
+    let gw = support::start_with_routes("", &[("/ws", &format!("http://{ws_addr}"), "")]).await;
+    let c = Client::new(Proto::Http1);
+    let revoked = login(&c, &gw, None).await;
+    let kept = login(&c, &gw, None).await;
+    let mut doomed = open_ws(&gw, str_of(&revoked, "access_token")).await;
+    let mut other = open_ws(&gw, str_of(&kept, "access_token")).await;
+    echo(&mut doomed, "before").await;
+
+    let r = c
+        .form(
+            &gw.url("/api/oauth2/revoke"),
+            &[("client_id", "web"), ("token", str_of(&revoked, "refresh_token"))],
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_ws_ends(&mut doomed).await;
+    // Another session's tunnel is untouched.
+    echo(&mut other, "still here").await;
+}
+
+#[tokio::test]
+async fn shutdown_waits_for_an_open_tunnel() {
+    let ws_addr = websocket_echo().await;
+    let mut gw = support::start_with_routes("", &[("/ws", &format!("http://{ws_addr}"), "auth = \"none\"")]).await;
+    let mut ws = open_ws(&gw, "unused").await;
+    let mut running = gw.running.take().unwrap();
+    running.stop_accepting().await;
+    let finish = tokio::spawn(running.finish());
+    // The drain has begun; the tunnel is a request still in flight: it keeps working...
+    echo(&mut ws, "during the drain").await;
+    assert!(!finish.is_finished(), "shutdown finished while a tunnel was open");
+    // ...and once it ends, the shutdown is clean.
+    ws.close(None).await.unwrap();
+    drop(ws);
+    assert_eq!(within("shutdown", finish).await.unwrap(), tokengate::Drained::Cleanly);
+}
+
+#[tokio::test]
+async fn a_tunnel_still_open_when_the_grace_runs_out_is_closed() {
+    let ws_addr = websocket_echo().await;
+    let toml = support::config_toml(
+        "",
+        &format!("[[routes]]\npath_prefix = \"/ws\"\nupstream = \"http://{ws_addr}\"\nauth = \"none\"\n"),
+    )
+    .replace("shutdown_grace = \"10s\"", "shutdown_grace = \"500ms\"");
+    let mut gw = support::start(&toml).await;
+    let mut ws = open_ws(&gw, "unused").await;
+    echo(&mut ws, "hello").await;
+    let drained = within("shutdown", gw.running.take().unwrap().shutdown()).await;
+    assert_eq!(
+        drained,
+        tokengate::Drained::GraceExpired,
+        "the open tunnel was not waited for"
+    );
+    assert_ws_ends(&mut ws).await;
+}
+
 #[tokio::test]
 async fn an_https_upstream_is_reached_through_tls_with_the_routes_ca_file() {
     // An upstream serving TLS with the repo's localhost certificate.
