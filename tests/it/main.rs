@@ -15,5 +15,6 @@ mod hardening;
 mod process;
 mod reload;
 mod server;
+mod systemd;
 mod token_endpoint;
 mod upstream_pool;
