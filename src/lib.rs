@@ -117,11 +117,10 @@ impl Gateway {
         let admin = tokio::spawn(server::admin_loop(admin_listener, ready.clone(), phase_rx.clone()));
         let maintenance = tokio::spawn(maintain(self.app.clone(), phase_rx.clone()));
         let tunnel_revocations = {
-            let (app, mut phase) = (self.app.clone(), phase_rx);
+            let (state, mut phase) = (self.app.state().clone(), phase_rx);
             tokio::spawn(proxy::tunnel::close_revoked(
-                app.tunnels().clone(),
-                app.state().revoked.clone(),
-                app.state().clock.clone(),
+                self.app.tunnels().clone(),
+                move |sid| state.revoked.is_revoked(sid, state.clock.now_secs()),
                 async move { server::reached(&mut phase, Phase::Closing).await },
             ))
         };

@@ -21,8 +21,6 @@ use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{Notify, watch};
 
-use crate::auth::RevokedSessions;
-use crate::clock::SharedClock;
 use crate::ids::SessionId;
 
 /// How often open tunnels are checked against the revoked-session set.
@@ -173,12 +171,11 @@ async fn run(client: OnUpgrade, upstream: OnUpgrade, close: &Notify) {
     }
 }
 
-/// Closes, every [`REVOCATION_CHECK`], the tunnels whose session has been revoked; returns when
-/// `stop` resolves.
+/// Closes, every [`REVOCATION_CHECK`], the tunnels whose session `is_revoked` (the revoked-session
+/// set, read as the validator reads it); returns when `stop` resolves.
 pub async fn close_revoked(
     tunnels: Arc<Tunnels>,
-    revoked: Arc<RevokedSessions>,
-    clock: SharedClock,
+    is_revoked: impl Fn(SessionId) -> bool,
     stop: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(stop);
@@ -189,11 +186,10 @@ pub async fn close_revoked(
             _ = tick.tick() => {}
             _ = &mut stop => return,
         }
-        if tunnels.is_empty() || revoked.is_empty() {
+        if tunnels.is_empty() {
             continue;
         }
-        let now = clock.now_secs();
-        let closed = tunnels.close_sessions(|sid| revoked.is_revoked(sid, now));
+        let closed = tunnels.close_sessions(&is_revoked);
         if closed > 0 {
             tracing::info!(closed, "closed upgraded connections of revoked sessions");
         }
