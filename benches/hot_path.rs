@@ -142,7 +142,7 @@ fn bench_headers(c: &mut Criterion) {
             || h.clone(),
             |h| {
                 let ctx = RequestContext {
-                    peer_ip: &peer,
+                    forwarded_for: &peer,
                     proto: "https",
                     original_host: Some(HeaderValue::from_static("localhost:8443")),
                     upstream_host: Some(&up),

@@ -26,10 +26,14 @@
 //! half.
 //!
 //! Against a running deployment (the real token lifecycle: each connection logs in, calls the API
-//! with its access token, and refreshes when the token nears expiry):
+//! with its access token, and refreshes when the token nears expiry, or every `--refresh-every`
+//! seconds), with a progress line each second and the count of logins, refreshes and 429s:
 //!
 //!     cargo bench --bench load -- --target https://gw.example:8443 --ca ca.pem \
-//!         --client-id web --username alice --password '...' --path /api/orders
+//!         --client-id web --username alice --password '...' --path /api/orders --refresh-every 30
+//!
+//! There the CPU column is the load generator's own (this process), not the gateway's: measure
+//! the gateway on its host.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -62,6 +66,8 @@ struct Opts {
     username: String,
     password: String,
     path: String,
+    /// Target mode: refresh this often (else only when the access token nears expiry).
+    refresh_every: Option<Duration>,
 }
 
 fn parse_opts() -> Opts {
@@ -77,6 +83,7 @@ fn parse_opts() -> Opts {
         username: "bench".into(),
         password: "bench-password".into(),
         path: "/api/orders".into(),
+        refresh_every: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -95,12 +102,15 @@ fn parse_opts() -> Opts {
             "--username" => o.username = val(),
             "--password" => o.password = val(),
             "--path" => o.path = val(),
+            "--refresh-every" => {
+                o.refresh_every = Some(Duration::from_secs(val().parse().expect("--refresh-every SECONDS")))
+            }
             "--bench" => {} // passed by `cargo bench`
             "-h" | "--help" => {
                 println!(
                     "options: --connections N (32) --duration S (8) --scenario get-cached|get-distinct|refresh|refresh-durable|login|memory|durable-1m|login-rss|soak \
                      (repeatable; default all of these) | login-rss | soak (60 s unless --duration) --gw-threads N (1) | --target URL --ca FILE --client-id ID --username U \
-                     --password P --path /api/..."
+                     --password P --path /api/... --refresh-every S (default: 60 s before the token expires, or at 3/4 of a shorter lifetime)"
                 );
                 std::process::exit(0);
             }
@@ -212,16 +222,38 @@ async fn send(s: &mut SendRequest<Full<Bytes>>, req: Request<Full<Bytes>>) -> Op
     Some(Response::from_parts(parts, body))
 }
 
+#[derive(Default)]
+struct Tally {
+    latencies_us: Vec<u32>,
+}
+
 fn field(body: &[u8], key: &str) -> Option<String> {
     let v: serde_json::Value = serde_json::from_slice(body).ok()?;
     v[key].as_str().map(String::from)
 }
 
+/// What every connection has done so far, read by the progress line and the summary.
 #[derive(Default)]
-struct Tally {
-    latencies_us: Vec<u32>,
-    errors: u64,
-    refreshes: u64,
+struct Counters {
+    /// Responses of any kind (each is one latency sample).
+    responses: AtomicU64,
+    /// API calls answered 200.
+    api: AtomicU64,
+    logins: AtomicU64,
+    refreshes: AtomicU64,
+    /// 429 answers (logins of one username are deliberately slowed).
+    rate_limited: AtomicU64,
+    /// Anything else: other statuses, failed connections.
+    errors: AtomicU64,
+}
+
+impl Counters {
+    fn add(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+    fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
 }
 
 #[derive(Clone)]
@@ -253,7 +285,12 @@ impl From<&Opts> for Creds {
 }
 
 /// Logs in, honouring `429 Retry-After` (the gateway slows parallel logins of one username).
-async fn login(t: &Target, s: &mut SendRequest<Full<Bytes>>, c: &Creds) -> Option<(String, String, u64)> {
+async fn login(
+    t: &Target,
+    s: &mut SendRequest<Full<Bytes>>,
+    c: &Creds,
+    counters: &Counters,
+) -> Option<(String, String, u64)> {
     for _ in 0..30 {
         let form = [
             ("grant_type", "password"),
@@ -263,6 +300,7 @@ async fn login(t: &Target, s: &mut SendRequest<Full<Bytes>>, c: &Creds) -> Optio
         ];
         let r = send(s, post_form(t, "/api/oauth2/token", &form)).await?;
         if r.status() == 429 {
+            Counters::add(&counters.rate_limited);
             let wait = r
                 .headers()
                 .get("retry-after")
@@ -272,9 +310,11 @@ async fn login(t: &Target, s: &mut SendRequest<Full<Bytes>>, c: &Creds) -> Optio
             continue;
         }
         if r.status() != 200 {
+            Counters::add(&counters.errors);
             eprintln!("login failed: {} {}", r.status(), String::from_utf8_lossy(r.body()));
             return None;
         }
+        Counters::add(&counters.logins);
         let v: serde_json::Value = serde_json::from_slice(r.body()).ok()?;
         return Some((
             v["access_token"].as_str()?.into(),
@@ -285,15 +325,25 @@ async fn login(t: &Target, s: &mut SendRequest<Full<Bytes>>, c: &Creds) -> Optio
     None
 }
 
-async fn connection(t: Target, work: Work, creds: Creds, deadline: Instant) -> Tally {
+async fn connection(
+    t: Target,
+    work: Work,
+    creds: Creds,
+    deadline: Instant,
+    refresh_every: Option<Duration>,
+    counters: Arc<Counters>,
+) -> Tally {
     let mut tally = Tally::default();
     let mut s = connect(&t).await;
     let mut session = match work {
-        Work::Refresh | Work::Lifecycle => login(&t, &mut s, &creds).await,
+        Work::Refresh | Work::Lifecycle => login(&t, &mut s, &creds, &counters).await,
         _ => None,
     };
-    let mut token_expires = Instant::now() + Duration::from_secs(session.as_ref().map_or(0, |x| x.2));
+    // When the current access token was issued and when it expires.
+    let mut issued = Instant::now();
+    let mut token_expires = issued + Duration::from_secs(session.as_ref().map_or(0, |x| x.2));
     while Instant::now() < deadline {
+        let mut refreshing = false;
         let req = match &work {
             Work::GetCached(tok) => get(&t, &creds.path, tok),
             Work::GetDistinct(toks, i) => get(&t, &creds.path, &toks[i.fetch_add(1, Ordering::Relaxed) % toks.len()]),
@@ -308,20 +358,27 @@ async fn connection(t: Target, work: Work, creds: Creds, deadline: Instant) -> T
                 ],
             ),
             Work::Refresh => match &session {
-                Some((_, rt, _)) => post_form(
-                    &t,
-                    "/api/oauth2/token",
-                    &[
-                        ("grant_type", "refresh_token"),
-                        ("client_id", &creds.client_id),
-                        ("refresh_token", rt),
-                    ],
-                ),
+                Some((_, rt, _)) => {
+                    refreshing = true;
+                    post_form(
+                        &t,
+                        "/api/oauth2/token",
+                        &[
+                            ("grant_type", "refresh_token"),
+                            ("client_id", &creds.client_id),
+                            ("refresh_token", rt),
+                        ],
+                    )
+                }
                 None => break,
             },
             Work::Lifecycle => match &session {
-                Some((_, rt, _)) if Instant::now() + Duration::from_secs(60) >= token_expires => {
-                    tally.refreshes += 1;
+                // Before expiry: a minute before, or a quarter of the lifetime for short tokens.
+                Some((_, rt, ttl))
+                    if Instant::now() + Duration::from_secs(60.min(ttl / 4)) >= token_expires
+                        || refresh_every.is_some_and(|every| issued.elapsed() >= every) =>
+                {
+                    refreshing = true;
                     post_form(
                         &t,
                         "/api/oauth2/token",
@@ -338,22 +395,50 @@ async fn connection(t: Target, work: Work, creds: Creds, deadline: Instant) -> T
         };
         let started = Instant::now();
         let Some(resp) = send(&mut s, req).await else {
-            tally.errors += 1;
+            Counters::add(&counters.errors);
             s = connect(&t).await;
             continue;
         };
         tally
             .latencies_us
             .push(started.elapsed().as_micros().min(u32::MAX as u128) as u32);
-        if resp.status() != 200 {
-            tally.errors += 1;
-            continue;
+        Counters::add(&counters.responses);
+        match resp.status().as_u16() {
+            200 => {}
+            429 => {
+                Counters::add(&counters.rate_limited);
+                continue;
+            }
+            _ => {
+                Counters::add(&counters.errors);
+                // A refused refresh (the session was revoked, or has expired): log in again.
+                if refreshing && matches!(work, Work::Lifecycle) {
+                    session = login(&t, &mut s, &creds, &counters).await;
+                    issued = Instant::now();
+                    token_expires = issued + Duration::from_secs(session.as_ref().map_or(0, |x| x.2));
+                }
+                continue;
+            }
         }
-        if matches!(work, Work::Refresh | Work::Lifecycle)
-            && let (Some(at), Some(rt)) = (field(resp.body(), "access_token"), field(resp.body(), "refresh_token"))
-        {
-            token_expires = Instant::now() + Duration::from_secs(900);
-            session = Some((at, rt, 900));
+        match work {
+            Work::Login => Counters::add(&counters.logins),
+            Work::Refresh | Work::Lifecycle if refreshing => {
+                Counters::add(&counters.refreshes);
+                let v: Option<serde_json::Value> = serde_json::from_slice(resp.body()).ok();
+                let fields = v.as_ref().and_then(|v| {
+                    Some((
+                        v["access_token"].as_str()?.to_owned(),
+                        v["refresh_token"].as_str()?.to_owned(),
+                        v["expires_in"].as_u64()?,
+                    ))
+                });
+                if let Some((at, rt, expires_in)) = fields {
+                    issued = Instant::now();
+                    token_expires = issued + Duration::from_secs(expires_in);
+                    session = Some((at, rt, expires_in));
+                }
+            }
+            _ => Counters::add(&counters.api),
         }
     }
     tally
@@ -367,6 +452,7 @@ fn percentile(sorted: &[u32], p: f64) -> u32 {
 }
 
 async fn run(name: &str, t: &Target, work: Work, creds: &Creds, o: &Opts, in_process: bool) {
+    let counters = Arc::new(Counters::default());
     let start_cpu = cpu_ns();
     let started = Instant::now();
     let deadline = started + o.duration;
@@ -378,48 +464,116 @@ async fn run(name: &str, t: &Target, work: Work, creds: &Creds, o: &Opts, in_pro
                 // deliberately slowed by the gateway.
                 creds.username = format!("{}-{i}", creds.username);
             }
-            tokio::spawn(connection(t.clone(), work.clone(), creds, deadline))
+            tokio::spawn(connection(
+                t.clone(),
+                work.clone(),
+                creds,
+                deadline,
+                o.refresh_every,
+                counters.clone(),
+            ))
         })
         .collect();
+    // Against a deployment a run is long: a line each second says how it goes.
+    let progress = (!in_process).then(|| tokio::spawn(progress(counters.clone(), started, o.duration)));
     let mut all = Tally::default();
     for task in tasks {
         let tally = task.await.unwrap();
         all.latencies_us.extend(tally.latencies_us);
-        all.errors += tally.errors;
-        all.refreshes += tally.refreshes;
+    }
+    if let Some(p) = progress {
+        p.abort();
+        let _ = p.await;
     }
     let elapsed = started.elapsed().as_secs_f64();
     let end_cpu = cpu_ns();
     let n = all.latencies_us.len().max(1) as f64;
     all.latencies_us.sort_unstable();
-    let gw_cpu = if in_process {
-        format!("{:.1}", (end_cpu.0 - start_cpu.0) as f64 / 1e3 / n)
+    let own_cpu = (end_cpu.1 - start_cpu.1) as f64 / 1e3 / n;
+    let cpu = if in_process {
+        format!("{:>13.1} {:>15.1}", (end_cpu.0 - start_cpu.0) as f64 / 1e3 / n, own_cpu)
     } else {
-        "-".into()
+        format!("{own_cpu:>13.1}")
     };
+    let errors = Counters::get(&counters.errors);
     println!(
-        "{name:<13} {:>5} {:>10.0} {:>8} {:>8} {:>8} {:>12} {:>12.1} {:>7}{}",
+        "{name:<13} {:>5} {:>10.0} {:>8} {:>8} {:>8} {cpu} {errors:>7}",
         o.connections,
         n / elapsed,
         percentile(&all.latencies_us, 0.50),
         percentile(&all.latencies_us, 0.99),
         percentile(&all.latencies_us, 0.999),
-        gw_cpu,
-        (end_cpu.1 - start_cpu.1) as f64 / 1e3 / n,
-        all.errors,
-        if all.refreshes > 0 {
-            format!("  ({} refreshes)", all.refreshes)
-        } else {
-            String::new()
-        },
     );
+    let (logins, refreshes, limited) = (
+        Counters::get(&counters.logins),
+        Counters::get(&counters.refreshes),
+        Counters::get(&counters.rate_limited),
+    );
+    if !in_process || logins + refreshes + limited > 0 {
+        println!(
+            "{:<13} API calls {}, logins {logins}, refreshes {refreshes}, 429 {limited}, errors {errors}",
+            "",
+            Counters::get(&counters.api),
+        );
+    }
 }
 
-fn header() {
-    println!(
-        "{:<13} {:>5} {:>10} {:>8} {:>8} {:>8} {:>12} {:>12} {:>7}",
-        "scenario", "conns", "req/s", "p50 µs", "p99 µs", "p99.9 µs", "gw CPU µs/req", "proc CPU µs/req", "errors"
-    );
+/// A line each second: elapsed time, the last second's responses, and the running counts; a
+/// progress bar on a terminal (indicatif), plain lines otherwise (a log, a pipe).
+async fn progress(counters: Arc<Counters>, started: Instant, duration: Duration) {
+    use std::io::IsTerminal;
+    let bar = if std::io::stderr().is_terminal() {
+        let bar = indicatif::ProgressBar::new(duration.as_secs());
+        if let Ok(style) = indicatif::ProgressStyle::with_template("{bar:30} {pos:>4}/{len}s {msg}") {
+            bar.set_style(style);
+        }
+        Some(bar)
+    } else {
+        None
+    };
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.tick().await;
+    let mut last = 0;
+    loop {
+        tick.tick().await;
+        let responses = Counters::get(&counters.responses);
+        let line = format!(
+            "{:>4.0}s {:>8} resp/s  API {}  logins {}  refreshes {}  429 {}  errors {}",
+            started.elapsed().as_secs_f64(),
+            responses - last,
+            Counters::get(&counters.api),
+            Counters::get(&counters.logins),
+            Counters::get(&counters.refreshes),
+            Counters::get(&counters.rate_limited),
+            Counters::get(&counters.errors),
+        );
+        last = responses;
+        match &bar {
+            Some(bar) => {
+                bar.set_position(started.elapsed().as_secs().min(duration.as_secs()));
+                bar.set_message(line);
+            }
+            None => eprintln!("{line}"),
+        }
+    }
+}
+
+fn header(in_process: bool) {
+    if in_process {
+        println!(
+            "{:<13} {:>5} {:>10} {:>8} {:>8} {:>8} {:>13} {:>15} {:>7}",
+            "scenario", "conns", "req/s", "p50 µs", "p99 µs", "p99.9 µs", "gw CPU µs/req", "bench CPU µs/req", "errors"
+        );
+        println!(
+            "  (gw CPU: the gateway's threads; bench CPU: the whole process, load generator and upstream included)"
+        );
+    } else {
+        println!(
+            "{:<13} {:>5} {:>10} {:>8} {:>8} {:>8} {:>13} {:>7}",
+            "scenario", "conns", "req/s", "p50 µs", "p99 µs", "p99.9 µs", "loadgen CPU", "errors"
+        );
+        println!("  (loadgen CPU: µs per request of this load generator, not of the gateway)");
+    }
 }
 
 fn tls_connector(ca: &std::path::Path) -> tokio_rustls::TlsConnector {
@@ -655,7 +809,7 @@ scopes = ["orders:read"]
                 }
                 _ if !table => {
                     println!("{}s per scenario", o.duration.as_secs());
-                    header();
+                    header(true);
                     table = true;
                 }
                 _ => {}
@@ -667,7 +821,8 @@ scopes = ["orders:read"]
                         username: format!("{}-0", creds.username),
                         ..creds.clone()
                     };
-                    Work::GetCached(login(&target, &mut c, &first).await.expect("login").0.into())
+                    let counters = Counters::default();
+                    Work::GetCached(login(&target, &mut c, &first, &counters).await.expect("login").0.into())
                 }
                 "get-distinct" => {
                     let secret = std::fs::read_to_string(&secret_path).unwrap();
@@ -918,7 +1073,7 @@ async fn soak_client(t: Target, o: Opts, w: usize, deadline: Instant, tally: Arc
     let Some((mut s, mut conn)) = connect_from(&t, home).await else {
         return;
     };
-    let Some((mut access, mut refresh, _)) = login(&t, &mut s, &creds).await else {
+    let Some((mut access, mut refresh, _)) = login(&t, &mut s, &creds, &Counters::default()).await else {
         return;
     };
     let (mut next_refresh, mut next_login) = (Instant::now(), Instant::now() + Duration::from_secs(10));
@@ -1132,10 +1287,16 @@ async fn external(url: String, o: Opts) {
         tls: tls_connector(&ca),
     };
     let creds = Creds::from(&o);
+    let refresh = match o.refresh_every {
+        Some(every) => format!("refreshes every {}s (and before expiry)", every.as_secs()),
+        None => "refreshes 60s before its token expires (at 3/4 of a shorter lifetime)".to_owned(),
+    };
     println!(
-        "target {url}: each connection logs in, calls {} with its token, refreshes before expiry",
+        "target {url}: {} connections for {}s; each logs in, calls {} with its token, {refresh}",
+        o.connections,
+        o.duration.as_secs(),
         o.path
     );
-    header();
+    header(false);
     run("lifecycle", &target, Work::Lifecycle, &creds, &o, false).await;
 }

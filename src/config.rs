@@ -22,6 +22,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::oauth::password::StoredHash;
+use crate::proxy::forwarded::TrustedProxies;
 use crate::routing::{self, RouteTable};
 use crate::scope::{self, ScopeSet, ScopeUniverse};
 
@@ -65,22 +66,35 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-/// A secret's bytes. Debug never prints them.
+/// A secret's bytes: zeroed when dropped (secrecy), never printed by Debug.
 #[derive(Clone)]
-pub struct Secret(Vec<u8>);
+pub struct Secret(secrecy::SecretSlice<u8>);
 
 impl Secret {
-    pub fn new(bytes: Vec<u8>) -> Self {
-        Secret(bytes)
+    /// Takes the bytes and zeroes `bytes`' whole buffer, spare capacity included.
+    pub fn new(mut bytes: Vec<u8>) -> Self {
+        use zeroize::Zeroize;
+        // An exact-size copy: `into_boxed_slice` on a Vec with spare capacity would reallocate
+        // and leave the old buffer behind unzeroed.
+        let secret = Secret(secrecy::SecretSlice::from(bytes.as_slice().to_vec()));
+        bytes.zeroize();
+        secret
     }
     pub fn expose(&self) -> &[u8] {
-        &self.0
+        use secrecy::ExposeSecret;
+        self.0.expose_secret()
+    }
+    pub fn len(&self) -> usize {
+        self.expose().len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Secret(<{} bytes>)", self.0.len())
+        write!(f, "Secret(<{} bytes>)", self.len())
     }
 }
 
@@ -145,7 +159,12 @@ pub struct ServerSettings {
     pub listen: SocketAddr,
     pub tls: Option<TlsSettings>,
     pub handshake_timeout: Duration,
+    /// A request head, from its first byte to its last; a new connection's first request, from
+    /// the handshake.
     pub header_read_timeout: Duration,
+    /// A connection with no request in flight and no byte of a new one (HTTP/1.1 keep-alive,
+    /// HTTP/2 between requests) is closed after this long.
+    pub idle_timeout: Duration,
     /// The longest wait for the next bytes of a request body (nginx `client_body_timeout`).
     pub body_timeout: Duration,
     /// Cap on a request head (HTTP/1.1) or header list (HTTP/2): 431 beyond it.
@@ -154,6 +173,8 @@ pub struct ServerSettings {
     pub shutdown_grace: Duration,
     /// `None`: one per core.
     pub worker_threads: Option<usize>,
+    /// Peers whose `X-Forwarded-For` names the client (load balancers in front of the gateway).
+    pub trusted_proxies: TrustedProxies,
 }
 
 pub struct TlsSettings {
@@ -330,6 +351,9 @@ pub const MAX_HEADER_BYTES: usize = 1024 * 1024;
 
 pub const DEFAULT_TOKEN_PATH: &str = "/api/oauth2/token";
 pub const DEFAULT_REVOKE_PATH: &str = "/api/oauth2/revoke";
+/// How long a client connection may wait for its next request: nginx's keepalive_timeout is
+/// 75s, browsers keep an idle connection about 60s-300s.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_UPSTREAM_MAX_CONNECTIONS: usize = 256;
 const MAX_UPSTREAM_CONNECTIONS: usize = 1_000_000;
 /// Below the 5 s that common application servers (uvicorn, gunicorn, Node) keep an idle
@@ -338,26 +362,30 @@ pub const DEFAULT_UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 /// Past this, `tokens.password_hash_concurrency` is a typo, not a machine.
 pub const MAX_PASSWORD_HASH_CONCURRENCY: usize = 1024;
 
-/// Parses "900s", "15m", "1d", "250ms", "2h".
+/// The longest duration a key accepts: past 10 years a value is a typo, and later arithmetic stays
+/// far from overflow.
+const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 86_400);
+
+/// Parses a duration: a number and a unit, or several ("250ms", "90s", "15m", "1h30m", "1.5s",
+/// "2d"), by humantime's rules, at most 10 years, in whole milliseconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let bad = || format!("{s:?} is not a duration (use a whole number and a unit: 250ms, 900s, 15m, 2h, 1d)");
-    let n: u64 = num.parse().map_err(|_| bad())?;
-    let ms = match unit {
-        "ms" => Some(n),
-        "s" => n.checked_mul(1_000),
-        "m" => n.checked_mul(60_000),
-        "h" => n.checked_mul(3_600_000),
-        "d" => n.checked_mul(86_400_000),
-        _ => return Err(bad()),
-    };
-    // Cap at 10 years: past that a value is a typo, and later arithmetic stays far from overflow.
-    match ms {
-        Some(ms) if ms <= 10 * 365 * 86_400_000 => Ok(Duration::from_millis(ms)),
-        _ => Err(format!("{s:?} is too long (at most 3650d)")),
+    let d = humantime::parse_duration(s.trim()).map_err(|e| {
+        format!("{s:?} is not a duration ({e}; e.g. \"250ms\", \"90s\", \"15m\", \"1h30m\", \"1.5s\", \"2d\")")
+    })?;
+    // humantime's "M" is a month: "5M" meant as minutes would silently be 152 days.
+    if s.contains('M') {
+        return Err(format!(
+            "{s:?}: \"M\" means months; write days (\"30d\"), or \"m\" for minutes"
+        ));
     }
+    if d > MAX_DURATION {
+        return Err(format!("{s:?} is too long (at most 3650d)"));
+    }
+    // Every clock and deadline in the gateway counts milliseconds.
+    if d.subsec_nanos() % 1_000_000 != 0 {
+        return Err(format!("{s:?} is finer than a millisecond"));
+    }
+    Ok(d)
 }
 
 impl Config {
@@ -386,20 +414,7 @@ impl Config {
             source_name: source_name.to_owned(),
             problems,
         };
-        let de = toml::Deserializer::parse(text).map_err(|e| {
-            fail(vec![Problem {
-                key: "(syntax)".into(),
-                reason: one_line(&e),
-            }])
-        })?;
-        let file: FileConfig = serde_path_to_error::deserialize(de).map_err(|e| {
-            let key = e.path().to_string();
-            let key = if key == "." { "(top level)".to_owned() } else { key };
-            fail(vec![Problem {
-                key,
-                reason: one_line(e.inner()),
-            }])
-        })?;
+        let file = read_file(text).map_err(fail)?;
         validate(file, base_dir).map_err(fail)
     }
 
@@ -424,13 +439,122 @@ fn plural(n: usize) -> &'static str {
     if n == 1 { "" } else { "s" }
 }
 
-/// toml's errors span several lines with a source excerpt; keep the message and the position.
-fn one_line(e: &toml::de::Error) -> String {
-    let msg = e.message().trim().to_owned();
+/// Parses the TOML text into the file structs, with every syntax error, or every structural error
+/// (an unknown key, a value of the wrong type) serde's derive lets through one by one: after each,
+/// the offending key is removed and the document read again. A required key cannot be removed, so
+/// the search stops at one that is missing or mistyped. Problems come in the file's order, each
+/// with its line and column.
+fn read_file(text: &str) -> Result<FileConfig, Vec<Problem>> {
+    /// More rounds than any real file has problems; a bound, not a budget.
+    const MAX_ROUNDS: usize = 100;
+    let (root, syntax) = toml::de::DeTable::parse_recoverable(text);
+    if !syntax.is_empty() {
+        let mut syntax = syntax;
+        syntax.sort_by_key(|e| e.span().map_or(usize::MAX, |s| s.start));
+        return Err(syntax
+            .iter()
+            .map(|e| Problem {
+                key: "(syntax)".into(),
+                reason: located(text, e),
+            })
+            .collect());
+    }
+    let span = root.span();
+    let mut root = toml::de::DeValue::Table(root.into_inner());
+    let mut found: Vec<(usize, Problem)> = Vec::new();
+    let mut removed: Vec<String> = Vec::new();
+    for _ in 0..MAX_ROUNDS {
+        let toml::de::DeValue::Table(table) = &root else { break };
+        let de = toml::de::Deserializer::from(toml::Spanned::new(span.clone(), table.clone()));
+        let e = match serde_path_to_error::deserialize::<_, FileConfig>(de) {
+            Ok(file) if found.is_empty() => return Ok(file),
+            Ok(_) => break,
+            Err(e) => e,
+        };
+        let path = e.path().to_string();
+        // A required key removed by an earlier round: the real problem is already reported.
+        let missing = e
+            .inner()
+            .message()
+            .strip_prefix("missing field `")
+            .and_then(|m| m.strip_suffix('`'));
+        if let Some(field) = missing {
+            let full = if path == "." {
+                field.to_owned()
+            } else {
+                format!("{path}.{field}")
+            };
+            if removed.contains(&full) {
+                break;
+            }
+        }
+        found.push((
+            e.inner().span().map_or(usize::MAX, |s| s.start),
+            Problem {
+                key: if path == "." { "(top level)".to_owned() } else { path },
+                reason: located(text, e.inner()),
+            },
+        ));
+        match remove_key(&mut root, e.path()) {
+            Some(key) => removed.push(key),
+            None => break,
+        }
+    }
+    found.sort_by_key(|(at, _)| *at);
+    Err(found.into_iter().map(|(_, p)| p).collect())
+}
+
+/// Removes the innermost table key on `path` (an array element is never removed alone: the
+/// indexes after it would shift); returns that key's path, `None` if there is none to remove.
+fn remove_key(root: &mut toml::de::DeValue<'_>, path: &serde_path_to_error::Path) -> Option<String> {
+    use serde_path_to_error::Segment;
+    let segments: Vec<&Segment> = path.iter().collect();
+    let last_key = segments.iter().rposition(|s| matches!(s, Segment::Map { .. }))?;
+    let mut at = root;
+    for segment in &segments[..last_key] {
+        at = match (segment, at) {
+            (Segment::Map { key }, toml::de::DeValue::Table(t)) => t.get_mut(key.as_str())?.get_mut(),
+            (Segment::Seq { index }, toml::de::DeValue::Array(a)) => a.get_mut(*index)?.get_mut(),
+            _ => return None,
+        };
+    }
+    let (Segment::Map { key }, toml::de::DeValue::Table(t)) = (segments[last_key], at) else {
+        return None;
+    };
+    t.remove(key.as_str())?;
+    let mut removed = String::new();
+    for (i, segment) in segments[..=last_key].iter().enumerate() {
+        match segment {
+            Segment::Map { key } if i == 0 => removed.push_str(key),
+            Segment::Map { key } => {
+                removed.push('.');
+                removed.push_str(key);
+            }
+            Segment::Seq { index } => removed.push_str(&format!("[{index}]")),
+            _ => removed.push('?'),
+        }
+    }
+    Some(removed)
+}
+
+/// toml's message, on one line, with where in the text it points (line and column from 1).
+fn located(text: &str, e: &toml::de::Error) -> String {
+    let msg = e.message().trim().replace('\n', " ");
     match e.span() {
-        Some(span) => format!("{msg} (at byte {})", span.start),
+        Some(span) => {
+            let (line, column) = line_column(text, span.start);
+            format!("{msg} (at line {line}, column {column})")
+        }
         None => msg,
     }
+}
+
+/// 1-based line and column (in characters) of byte offset `at`.
+fn line_column(text: &str, at: usize) -> (usize, usize) {
+    let before = text.get(..at.min(text.len())).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
 }
 
 /// Collects problems while validating, so that one run reports them all.
@@ -494,7 +618,7 @@ impl Checker<'_> {
     fn secret(&mut self, key: &str, value: &str) -> Option<Secret> {
         if let Some(name) = value.strip_prefix("env:") {
             match std::env::var_os(name) {
-                Some(v) if !v.is_empty() => Some(Secret(v.into_encoded_bytes())),
+                Some(v) if !v.is_empty() => Some(Secret::new(v.into_encoded_bytes())),
                 _ => {
                     self.fail(key, format!("environment variable {name} is not set"));
                     None
@@ -508,7 +632,7 @@ impl Checker<'_> {
                     while bytes.last().is_some_and(|b| b.is_ascii_whitespace()) {
                         bytes.pop();
                     }
-                    Some(Secret(bytes))
+                    Some(Secret::new(bytes))
                 }
                 Err(e) => {
                     self.fail(key, format!("cannot read secret file {}: {e}", path.display()));
@@ -558,6 +682,7 @@ fn validate(file: FileConfig, base_dir: &Path) -> Result<Config, Vec<Problem>> {
         s.header_read_timeout.as_deref(),
         Duration::from_secs(10),
     );
+    let idle_timeout = c.duration("server.idle_timeout", s.idle_timeout.as_deref(), DEFAULT_IDLE_TIMEOUT);
     let body_timeout = c.duration(
         "server.body_timeout",
         s.body_timeout.as_deref(),
@@ -573,6 +698,7 @@ fn validate(file: FileConfig, base_dir: &Path) -> Result<Config, Vec<Problem>> {
     for (key, d) in [
         ("server.handshake_timeout", handshake_timeout),
         ("server.header_read_timeout", header_read_timeout),
+        ("server.idle_timeout", idle_timeout),
         ("server.body_timeout", body_timeout),
     ] {
         if d.is_zero() {
@@ -588,6 +714,7 @@ fn validate(file: FileConfig, base_dir: &Path) -> Result<Config, Vec<Problem>> {
     let worker_threads = s
         .worker_threads
         .map(|_| c.positive("server.worker_threads", s.worker_threads, 1) as usize);
+    let trusted_proxies = trusted_proxies(&mut c, s.trusted_proxies.as_deref().unwrap_or_default());
 
     // [admin]
     let admin_listen = c.addr("admin.listen", file.admin.listen.as_deref().unwrap_or("127.0.0.1:9901"));
@@ -669,13 +796,13 @@ fn validate(file: FileConfig, base_dir: &Path) -> Result<Config, Vec<Problem>> {
     };
     let secret = c.secret("tokens.signing.secret", &t.signing.secret);
     if let Some(secret) = &secret
-        && secret.0.len() < alg.min_secret_len()
+        && secret.len() < alg.min_secret_len()
     {
         c.fail(
             "tokens.signing.secret",
             format!(
                 "is {} bytes; {alg:?} needs at least {} (RFC 7518 §3.2)",
-                secret.0.len(),
+                secret.len(),
                 alg.min_secret_len()
             ),
         );
@@ -959,11 +1086,13 @@ fn validate(file: FileConfig, base_dir: &Path) -> Result<Config, Vec<Problem>> {
             tls,
             handshake_timeout,
             header_read_timeout,
+            idle_timeout,
             body_timeout,
             max_header_bytes,
             max_connections,
             shutdown_grace,
             worker_threads,
+            trusted_proxies,
         },
         admin: AdminSettings { listen: admin_listen },
         tokens: TokenSettings {
@@ -1084,6 +1213,32 @@ fn check_name(name: &str, ascii_only: bool) -> Result<(), &'static str> {
         return Err("must be printable ASCII");
     }
     Ok(())
+}
+
+/// `server.trusted_proxies`: CIDR ranges ("10.0.0.0/8", "2001:db8::/32") or single addresses.
+fn trusted_proxies(c: &mut Checker<'_>, list: &[String]) -> TrustedProxies {
+    let mut nets = Vec::new();
+    for (i, raw) in list.iter().enumerate() {
+        let key = format!("server.trusted_proxies[{i}]");
+        let net = raw
+            .parse::<ipnet::IpNet>()
+            .ok()
+            .or_else(|| raw.parse::<std::net::IpAddr>().ok().map(ipnet::IpNet::from));
+        match net {
+            Some(net) if net.prefix_len() == 0 => c.fail(
+                key,
+                format!("{raw:?} trusts every address: any client could name its own; list your proxies' ranges"),
+            ),
+            Some(net) => nets.push(net.trunc()),
+            None => c.fail(
+                key,
+                format!(
+                    "{raw:?} is not an IP range or address (e.g. \"10.0.0.0/8\", \"2001:db8::/32\", \"192.0.2.7\")"
+                ),
+            ),
+        }
+    }
+    TrustedProxies::new(nets)
 }
 
 fn own_path(c: &mut Checker<'_>, key: &str, value: Option<&str>, default: &str) -> String {
@@ -1231,6 +1386,19 @@ signing = { secret = "env:TOKENGATE_TEST_SECRET_FOR_UNIT_TESTS" }
         Config::from_toml(&format!("{text}\n{extra}"), &dir, "test.toml")
     }
 
+    /// Like [`load`], with `keys` added to `[server]`.
+    fn load_server(keys: &str) -> Result<Config, ConfigError> {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("tokengate-cfg-server-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("secret"), "0123456789abcdef0123456789abcdef\n").unwrap();
+        let text = MINIMAL
+            .replace("env:TOKENGATE_TEST_SECRET_FOR_UNIT_TESTS", "file:secret")
+            .replace("listen = \"127.0.0.1:0\"", &format!("listen = \"127.0.0.1:0\"\n{keys}"));
+        Config::from_toml(&text, &dir, "test.toml")
+    }
+
     fn problems(extra: &str) -> Vec<String> {
         load(extra)
             .unwrap_err()
@@ -1246,16 +1414,77 @@ signing = { secret = "env:TOKENGATE_TEST_SECRET_FOR_UNIT_TESTS" }
         assert_eq!(parse_duration("15m").unwrap(), Duration::from_secs(900));
         assert_eq!(parse_duration("1d").unwrap(), Duration::from_secs(86_400));
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
-        assert!(parse_duration("15").is_err());
+        assert!(parse_duration("15").unwrap_err().contains("is not a duration"));
         assert!(parse_duration("m").is_err());
-        assert!(parse_duration("1.5h").is_err());
         assert!(parse_duration("99999999999999999999d").is_err());
+    }
+
+    #[test]
+    fn compound_and_fractional_durations_parse() {
+        assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
+        assert_eq!(parse_duration("1h 30m").unwrap(), Duration::from_secs(5400));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_duration("1.5h").unwrap(), Duration::from_secs(5400));
+        assert_eq!(parse_duration("2m30s").unwrap(), Duration::from_secs(150));
+        assert_eq!(parse_duration("3650d").unwrap(), Duration::from_secs(3650 * 86_400));
+        let too_long = parse_duration("3651d").unwrap_err();
+        assert!(too_long.contains("too long (at most 3650d)"), "{too_long}");
+        assert!(parse_duration("11y").unwrap_err().contains("too long"));
+        assert!(
+            parse_duration("1.5ms")
+                .unwrap_err()
+                .contains("finer than a millisecond")
+        );
+        assert!(parse_duration("5M").unwrap_err().contains("months"));
+        let c = load("[[routes]]\npath_prefix = \"/a\"\nupstream = \"echo\"\ntimeout = \"1m30s\"\n").unwrap();
+        assert_eq!(c.routes[0].timeout, Duration::from_secs(90));
+    }
+
+    #[test]
+    fn type_errors_are_all_reported_with_line_and_column() {
+        let p = problems(
+            "[[routes]]\npath_prefix = \"/a\"\nupstream = \"echo\"\nmax_connections = \"ten\"\n\
+             [[routes]]\npath_prefix = \"/b\"\nupstream = 7\nscopez = []\n\
+             [log]\nformat = true\n",
+        );
+        // MINIMAL and the newline `load` adds take 8 lines: the extra text starts on line 9.
+        assert_eq!(
+            p,
+            [
+                "routes[0].max_connections: invalid type: string \"ten\", expected i64 (at line 12, column 19)",
+                "routes[1].upstream: invalid type: integer `7`, expected a string (at line 15, column 12)",
+                "routes[1].scopez: unknown field `scopez`, expected one of `path_prefix`, `host`, `upstream`, `auth`, `scopes`, `strip_prefix`, `forward_authorization`, `preserve_host`, `connect_timeout`, `timeout`, `ca_file`, `upgrades`, `max_connections`, `idle_timeout` (at line 16, column 1)",
+                "log.format: invalid type: boolean `true`, expected a string (at line 18, column 10)",
+            ],
+            "{p:#?}"
+        );
+    }
+
+    #[test]
+    fn a_missing_required_key_ends_the_search_without_inventing_errors() {
+        let p = problems("[[routes]]\npath_prefix = 5\nupstream = \"echo\"\n");
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(
+            p[0].starts_with("routes[0].path_prefix: invalid type: integer `5`"),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn every_syntax_error_is_reported_with_its_line() {
+        let p = problems("[[routes]]\npath_prefix = \"/a\nupstream = = 1\n");
+        assert!(!p.is_empty() && p.iter().all(|m| m.starts_with("(syntax): ")), "{p:?}");
+        assert!(p.len() >= 2, "{p:?}");
+        assert!(p[0].contains("(at line 10, column 18)"), "{p:?}");
+        assert!(p[1].contains("(at line 11, column"), "{p:?}");
     }
 
     #[test]
     fn minimal_config_gets_the_documented_defaults() {
         let c = load("").unwrap();
         assert_eq!(c.tokens.access_ttl, Duration::from_secs(900));
+        assert_eq!(c.server.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(c.server.idle_timeout, Duration::from_secs(60));
         assert_eq!(c.tokens.refresh_ttl, Duration::from_secs(86_400));
         assert_eq!(c.tokens.reuse_grace, Duration::from_secs(10));
         assert_eq!(c.tokens.token_path, "/api/oauth2/token");
@@ -1279,7 +1508,7 @@ signing = { secret = "env:TOKENGATE_TEST_SECRET_FOR_UNIT_TESTS" }
     fn every_semantic_error_is_reported_at_once() {
         let p = problems(
             "[[routes]]\npath_prefix = \"/a\"\nupstream = \"htp://x\"\n\
-             [[routes]]\npath_prefix = \"/b\"\nupstream = \"echo\"\ntimeout = \"5 minutes\"\n",
+             [[routes]]\npath_prefix = \"/b\"\nupstream = \"echo\"\ntimeout = \"five minutes\"\n",
         );
         assert!(
             p.contains(&r#"routes[0].upstream: "htp://x" is not an http or https URL (or "echo")"#.to_owned()),
@@ -1287,7 +1516,7 @@ signing = { secret = "env:TOKENGATE_TEST_SECRET_FOR_UNIT_TESTS" }
         );
         assert!(
             p.iter()
-                .any(|m| m.starts_with("routes[1].timeout: \"5 minutes\" is not a duration")),
+                .any(|m| m.starts_with("routes[1].timeout: \"five minutes\" is not a duration")),
             "{p:?}"
         );
     }
@@ -1553,6 +1782,41 @@ signing = { secret = "env:TOKENGATE_TEST_SECRET_FOR_UNIT_TESTS" }
         let p = problems("[state]\npath = \"x\"\nkey_prefix = \"p:\"\n");
         assert!(
             p.contains(&"state.key_prefix: only applies with state.redis_url".to_owned()),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn trusted_proxies_are_ranges_or_addresses() {
+        let c = load_server("trusted_proxies = [\"10.0.0.0/8\", \"192.0.2.7\", \"2001:db8::/32\"]").unwrap();
+        let t = &c.server.trusted_proxies;
+        for ip in ["10.1.2.3", "192.0.2.7", "2001:db8::5", "::ffff:10.0.0.1"] {
+            assert!(t.contains(ip.parse().unwrap()), "{ip}");
+        }
+        for ip in ["11.0.0.1", "192.0.2.8", "2001:db9::1"] {
+            assert!(!t.contains(ip.parse().unwrap()), "{ip}");
+        }
+        assert!(load("").unwrap().server.trusted_proxies.is_empty(), "none by default");
+
+        let p: Vec<String> = load_server("trusted_proxies = [\"10.0.0.0/33\", \"0.0.0.0/0\", \"lb.internal\"]")
+            .unwrap_err()
+            .problems
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert!(
+            p.iter()
+                .any(|m| m.starts_with("server.trusted_proxies[0]: \"10.0.0.0/33\" is not an IP range")),
+            "{p:?}"
+        );
+        assert!(
+            p.iter()
+                .any(|m| m.starts_with("server.trusted_proxies[1]: \"0.0.0.0/0\" trusts every address")),
+            "{p:?}"
+        );
+        assert!(
+            p.iter()
+                .any(|m| m.starts_with("server.trusted_proxies[2]: \"lb.internal\" is not")),
             "{p:?}"
         );
     }

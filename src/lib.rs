@@ -173,7 +173,15 @@ impl Gateway {
         if let Some(r) = &resolver {
             self.app.state().metrics.cert_not_after(r.not_after());
         }
-        let maintenance = tokio::spawn(maintain(self.app.clone(), phase_rx));
+        let maintenance = tokio::spawn(maintain(self.app.clone(), phase_rx.clone()));
+        let tunnel_revocations = {
+            let (state, mut phase) = (self.app.state().clone(), phase_rx);
+            tokio::spawn(proxy::tunnel::close_revoked(
+                self.app.tunnels().clone(),
+                move |sid| state.revoked.is_revoked(sid, state.clock.now_secs()),
+                async move { server::reached(&mut phase, Phase::Closing).await },
+            ))
+        };
         ready.store(true, Ordering::Release);
         let scheme = if server.tls.is_some() { "https" } else { "http" };
         tracing::info!(%addr, %admin_addr, scheme, "tokengate listening");
@@ -188,7 +196,7 @@ impl Gateway {
             alive: alive_rx,
             grace: server.shutdown_grace,
             accept: Some(accept),
-            background: vec![admin, maintenance],
+            background: vec![admin, maintenance, tunnel_revocations],
         })
     }
 }
@@ -297,7 +305,8 @@ impl RunningGateway {
     }
 
     /// Graceful shutdown: /readyz turns 503, the listener closes (new connections are refused),
-    /// in-flight requests get up to `shutdown_grace` to finish, then everything left is closed.
+    /// in-flight requests and open WebSocket tunnels get up to `shutdown_grace` to finish, then
+    /// everything left is closed.
     pub async fn shutdown(mut self) -> Drained {
         self.stop_accepting().await;
         self.finish().await
@@ -313,13 +322,26 @@ impl RunningGateway {
         }
     }
 
-    /// The second half: waits up to `shutdown_grace` for in-flight requests, then closes the rest.
+    /// The second half: waits up to `shutdown_grace` for in-flight requests and open tunnels,
+    /// then closes the rest.
     pub async fn finish(mut self) -> Drained {
-        let drained = match tokio::time::timeout(self.grace, self.alive.recv()).await {
-            Ok(_) => Drained::Cleanly,
+        let tunnels = self.app.tunnels().clone();
+        // Connections first: a request finishing during the drain may still open a tunnel.
+        let everything = async {
+            self.alive.recv().await;
+            tunnels.wait_closed().await;
+        };
+        let drained = match tokio::time::timeout(self.grace, everything).await {
+            Ok(()) => Drained::Cleanly,
             Err(_) => Drained::GraceExpired,
         };
         let _ = self.phase.send(Phase::Closing);
+        let cut = tunnels.close_all();
+        if cut > 0 {
+            tracing::info!(tunnels = cut, "shutdown grace over: closing upgraded connections");
+            // Each shuts its sides down within a bounded time; let them, before the process ends.
+            let _ = tokio::time::timeout(Duration::from_secs(3), tunnels.wait_closed()).await;
+        }
         for task in self.background.drain(..) {
             let _ = task.await;
         }

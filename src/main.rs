@@ -1,5 +1,6 @@
 //! The `tokengate` command: run / check / hash-password / gen-certs. Raw arguments are parsed
-//! first, validated second; any error is printed with its chain of causes and a non-zero exit.
+//! first, validated second; any error is printed with its chain of causes and a non-zero exit:
+//! 2 for a usage or config problem (nothing was started), 1 for anything else.
 
 use std::io::{IsTerminal, Read};
 use std::path::PathBuf;
@@ -7,7 +8,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use tokengate::config::{Config, ConfigError, LogFormat};
 use tokengate::{Gateway, SystemClock};
 
@@ -15,17 +16,45 @@ use tokengate::{Gateway, SystemClock};
 #[command(
     name = "tokengate",
     version,
-    about = "A TLS gateway that issues and enforces OAuth 2.0 access tokens"
+    about = "A TLS gateway that issues and enforces OAuth 2.0 access tokens",
+    override_usage = "tokengate [run] --config FILE [--log-format text|json]\n       tokengate <COMMAND>",
+    after_help = "Without a command, runs the gateway: `tokengate --config FILE` is `tokengate run --config FILE`.\n\
+                  Exit status: 0 success, 2 a usage or config problem (nothing was started), 1 any other failure.",
+    args_conflicts_with_subcommands = true
 )]
 struct Cli {
-    /// Config file (run without a subcommand).
-    #[arg(long, global = true)]
-    config: Option<PathBuf>,
-    /// Log format; overrides [log] format.
-    #[arg(long, global = true, value_enum)]
-    log_format: Option<LogFormatArg>,
+    /// `run`'s options, accepted without the command name; listed under `tokengate run --help`.
+    #[command(flatten)]
+    run: RunArgs,
     #[command(subcommand)]
     command: Option<Command>,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// The config file.
+    #[arg(long, value_name = "FILE", env = "TOKENGATE_CONFIG", hide = true)]
+    config: Option<PathBuf>,
+    /// Log format; overrides [log] format.
+    #[arg(long, value_enum, hide = true)]
+    log_format: Option<LogFormatArg>,
+}
+
+#[derive(Args)]
+struct RunCommandArgs {
+    /// The config file.
+    #[arg(long, value_name = "FILE", env = "TOKENGATE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Log format; overrides [log] format.
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormatArg>,
+}
+
+#[derive(Args)]
+struct CheckArgs {
+    /// The config file.
+    #[arg(long, value_name = "FILE", env = "TOKENGATE_CONFIG")]
+    config: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -37,14 +66,14 @@ enum LogFormatArg {
 #[derive(Subcommand)]
 enum Command {
     /// Run the gateway (the default).
-    Run,
+    Run(RunCommandArgs),
     /// Validate a config: print a summary and exit 0, or every error and exit 2.
-    Check,
+    Check(CheckArgs),
     /// Read a password from stdin and print its Argon2id PHC string for [[users]].
     HashPassword,
     /// Write a development CA, a localhost certificate and a JWT secret into DIR.
     GenCerts {
-        #[arg(long)]
+        #[arg(long, value_name = "DIR")]
         out: PathBuf,
         /// Overwrite files already in DIR (by default an existing CA key is never replaced).
         #[arg(long)]
@@ -52,15 +81,17 @@ enum Command {
     },
 }
 
+/// A usage or config problem: nothing was started. (clap exits 2 for usage errors too.)
 const EXIT_CONFIG: u8 = 2;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = match cli.command.unwrap_or(Command::Run) {
-        Command::Run => run(cli.config, cli.log_format),
-        Command::Check => return check(cli.config),
-        Command::HashPassword => hash_password(),
-        Command::GenCerts { out, force } => tokengate::certs::generate(&out, force).map(|()| {
+    let result = match cli.command {
+        None => run(cli.run.config, cli.run.log_format),
+        Some(Command::Run(args)) => run(args.config, args.log_format),
+        Some(Command::Check(args)) => return check(args.config),
+        Some(Command::HashPassword) => hash_password(),
+        Some(Command::GenCerts { out, force }) => tokengate::certs::generate(&out, force).map(|()| {
             println!(
                 "wrote ca.pem, ca-key.pem, localhost.pem, localhost-key.pem, dev-jwt-secret to {}",
                 out.display()
@@ -74,21 +105,29 @@ fn main() -> ExitCode {
                 eprintln!("tokengate: {config_error}");
                 return ExitCode::from(EXIT_CONFIG);
             }
+            if e.downcast_ref::<NoConfig>().is_some() {
+                eprintln!("tokengate: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
             eprintln!("tokengate: {e:#}");
             ExitCode::FAILURE
         }
     }
 }
 
-fn config_path(path: Option<PathBuf>) -> anyhow::Result<PathBuf> {
-    path.context("--config FILE is required (try: --config config/tokengate.toml)")
+#[derive(Debug, thiserror::Error)]
+#[error("--config FILE (or TOKENGATE_CONFIG) is required (try: --config config/tokengate.toml)")]
+struct NoConfig;
+
+fn config_path(path: Option<PathBuf>) -> Result<PathBuf, NoConfig> {
+    path.ok_or(NoConfig)
 }
 
 fn check(path: Option<PathBuf>) -> ExitCode {
     let path = match config_path(path) {
         Ok(p) => p,
         Err(e) => {
-            eprintln!("tokengate: {e:#}");
+            eprintln!("tokengate: {e}");
             return ExitCode::from(EXIT_CONFIG);
         }
     };

@@ -4,7 +4,15 @@
 //! waits, so further connections queue in the kernel's listen backlog (and are refused by the
 //! kernel once that is full) instead of being accepted and starved. TLS connections get
 //! `handshake_timeout` to finish the handshake, then are served with the protocol ALPN chose.
-//! HTTP/1.1 connections get `header_read_timeout` for each request head (slowloris).
+//!
+//! Two more bounds per connection, kept by the gateway's own timer ([`Activity`]) rather than
+//! hyper's `header_read_timeout` (which in HTTP/1.1 runs from the moment a connection goes idle, so
+//! it would bound the keep-alive wait and the head as one):
+//! - `header_read_timeout`: a request head, from its first byte to its last (slowloris), and a new
+//!   connection's first request, from the handshake.
+//! - `idle_timeout`: a connection with no request in flight and no byte of a new one (HTTP/1.1
+//!   keep-alive, HTTP/2 between requests). A request is in flight until its response body has
+//!   been sent, so a long download is never idle.
 //!
 //! Shutdown has two phases: *draining* (stop accepting, tell connections to finish their in-flight
 //! requests and close: GOAWAY on HTTP/2, `Connection: close` on HTTP/1.1) and, after
@@ -86,6 +94,7 @@ impl Slots {
 pub struct ConnSettings {
     pub handshake_timeout: Duration,
     pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
     /// Request head (HTTP/1.1) or header list (HTTP/2) cap: 431 beyond it.
     pub max_header_bytes: usize,
 }
@@ -95,6 +104,7 @@ impl From<&crate::config::ServerSettings> for ConnSettings {
         ConnSettings {
             handshake_timeout: s.handshake_timeout,
             header_read_timeout: s.header_read_timeout,
+            idle_timeout: s.idle_timeout,
             max_header_bytes: s.max_header_bytes,
         }
     }
@@ -156,24 +166,28 @@ async fn serve_connection(
     let open = app.state().metrics.connections_open.clone();
     open.inc();
     let _open = GaugeGuard(open);
-    // The per-connection service; `$activity` counts requests in flight for HTTP/2's idle timeout.
-    macro_rules! service {
-        ($activity:expr) => {{
-            let activity: Option<Arc<Activity>> = $activity;
-            service_fn(move |req: Request<Incoming>| {
-                let app = app.clone();
-                let info = info.clone();
-                let in_flight = activity.clone().map(InFlight::new);
-                async move {
-                    let response = app.handle(req, &info).await;
-                    drop(in_flight);
-                    Ok::<_, Infallible>(response)
-                }
-            })
-        }};
-    }
+    // The connection's clock for its head and idle timeouts starts once the handshake is done.
+    let activity = Arc::new(Activity::new());
+    let service = {
+        let activity = activity.clone();
+        service_fn(move |req: Request<Incoming>| {
+            let app = app.clone();
+            let info = info.clone();
+            // In flight from here until the response body has been sent (or abandoned).
+            let in_flight = InFlight::new(activity.clone());
+            async move {
+                let response = app.handle(req, &info).await;
+                Ok::<_, Infallible>(response.map(|body| ConnBody {
+                    body,
+                    _in_flight: in_flight,
+                }))
+            }
+        })
+    };
     let Some(acceptor) = tls else {
-        return serve_http1(TokioIo::new(stream), service!(None), settings, phase).await;
+        activity.restart();
+        let io = TokioIo::new(Watched::new(stream, activity.clone()));
+        return serve_http1(io, service, activity, settings, phase).await;
     };
     let stream = match tokio::time::timeout(settings.handshake_timeout, acceptor.accept(stream)).await {
         Ok(Ok(s)) => s,
@@ -186,13 +200,13 @@ async fn serve_connection(
             return;
         }
     };
+    activity.restart();
     let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
     if h2 {
-        let activity = Arc::new(Activity::new());
-        let service = service!(Some(activity.clone()));
         serve_http2(TokioIo::new(stream), service, activity, settings, phase).await
     } else {
-        serve_http1(TokioIo::new(stream), service!(None), settings, phase).await
+        let io = TokioIo::new(Watched::new(stream, activity.clone()));
+        serve_http1(io, service, activity, settings, phase).await
     }
 }
 
@@ -205,13 +219,54 @@ impl Drop for GaugeGuard {
     }
 }
 
-/// What an HTTP/2 connection is doing, for its idle timeout (HTTP/1.1's comes from hyper's
-/// header-read timeout, which also runs while a keep-alive connection waits for its next request).
+/// A response body that keeps its request counted as in flight until it has been sent (hyper
+/// drops it then, or when the client goes away).
+struct ConnBody {
+    body: crate::service::ResponseBody,
+    _in_flight: InFlight,
+}
+
+impl http_body::Body for ConnBody {
+    type Data = Bytes;
+    type Error = <crate::service::ResponseBody as http_body::Body>::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// What a connection is doing, for its head and idle timeouts: requests in flight, and whether
+/// the first bytes of a new request head have arrived since it last went idle.
 struct Activity {
     started: std::time::Instant,
     in_flight: AtomicUsize,
-    /// Milliseconds from `started` to the last request's start or end.
-    last_ms: AtomicU64,
+    /// Milliseconds from `started` to when the connection last went idle or, while a head is
+    /// being read, to that head's first byte.
+    since_ms: AtomicU64,
+    /// A request head is being read (or, on a new connection, awaited).
+    reading_head: AtomicBool,
+}
+
+/// Which bound applies to a connection now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Waiting {
+    /// A request is in flight: the body and upstream timeouts apply, not these.
+    Busy,
+    /// For a request head to be completed: `header_read_timeout` from `since`.
+    Head { since: Duration },
+    /// For a new request: `idle_timeout` from `since`.
+    Idle { since: Duration },
 }
 
 impl Activity {
@@ -219,21 +274,71 @@ impl Activity {
         Activity {
             started: std::time::Instant::now(),
             in_flight: AtomicUsize::new(0),
-            last_ms: AtomicU64::new(0),
+            since_ms: AtomicU64::new(0),
+            reading_head: AtomicBool::new(true),
         }
     }
-    fn touch(&self) {
-        self.last_ms
-            .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
     }
-    /// How long the connection has had no request in flight (zero while one is).
-    fn idle_for(&self) -> Duration {
+
+    /// The first request's head is awaited from now (the handshake has just finished).
+    fn restart(&self) {
+        self.since_ms.store(self.now_ms(), Ordering::Relaxed);
+        self.reading_head.store(true, Ordering::Relaxed);
+    }
+
+    /// Bytes arrived from the client: on an idle connection, they begin a new request head.
+    fn bytes_read(&self) {
+        if self.in_flight.load(Ordering::Relaxed) == 0 && !self.reading_head.load(Ordering::Relaxed) {
+            self.since_ms.store(self.now_ms(), Ordering::Relaxed);
+            self.reading_head.store(true, Ordering::Relaxed);
+        }
+    }
+
+    fn waiting(&self) -> Waiting {
         if self.in_flight.load(Ordering::Relaxed) > 0 {
-            return Duration::ZERO;
+            return Waiting::Busy;
         }
-        let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
-        self.started.elapsed().saturating_sub(last)
+        let since = Duration::from_millis(self.since_ms.load(Ordering::Relaxed));
+        if self.reading_head.load(Ordering::Relaxed) {
+            Waiting::Head { since }
+        } else {
+            Waiting::Idle { since }
+        }
     }
+
+    /// Resolves when the connection has waited longer than its bound allows; says which bound.
+    /// Each sleep is at most the shorter bound, so a change of state (a request ending, a head
+    /// beginning) is seen in time to keep its own deadline exactly.
+    async fn expired(&self, header_read_timeout: Duration, idle_timeout: Duration) -> Expired {
+        let look_again = header_read_timeout.min(idle_timeout);
+        loop {
+            let (since, limit, what) = match self.waiting() {
+                Waiting::Busy => {
+                    tokio::time::sleep(look_again).await;
+                    continue;
+                }
+                Waiting::Head { since } => (since, header_read_timeout, Expired::Head),
+                Waiting::Idle { since } => (since, idle_timeout, Expired::Idle),
+            };
+            let waited = self.started.elapsed().saturating_sub(since);
+            if waited >= limit {
+                return what;
+            }
+            tokio::time::sleep((limit - waited).min(look_again)).await;
+        }
+    }
+}
+
+/// Why a connection waited too long.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expired {
+    /// A request head was not finished within `header_read_timeout`: the connection is closed.
+    Head,
+    /// No new request within `idle_timeout`: the connection is asked to finish (HTTP/2 GOAWAY).
+    Idle,
 }
 
 /// Counts a request in flight for as long as it lives.
@@ -242,28 +347,99 @@ struct InFlight(Arc<Activity>);
 impl InFlight {
     fn new(a: Arc<Activity>) -> Self {
         a.in_flight.fetch_add(1, Ordering::Relaxed);
-        a.touch();
+        a.reading_head.store(false, Ordering::Relaxed);
         InFlight(a)
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.touch();
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if self.0.in_flight.fetch_sub(1, Ordering::Relaxed) == 1 {
+            self.0.since_ms.store(self.0.now_ms(), Ordering::Relaxed);
+        }
     }
 }
 
-async fn serve_http1<I, S>(io: I, service: S, settings: &ConnSettings, phase: watch::Receiver<Phase>)
-where
+/// The client's side of an HTTP/1.1 connection, reporting each read to the connection's
+/// [`Activity`] (one relaxed load per read) so the head timeout starts at a head's first byte.
+struct Watched<S> {
+    inner: S,
+    activity: Arc<Activity>,
+}
+
+impl<S> Watched<S> {
+    fn new(inner: S, activity: Arc<Activity>) -> Self {
+        Watched { inner, activity }
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Watched<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.bytes_read();
+        }
+        polled
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Watched<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+async fn serve_http1<I, S>(
+    io: I,
+    service: S,
+    activity: Arc<Activity>,
+    settings: &ConnSettings,
+    phase: watch::Receiver<Phase>,
+) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-    S: hyper::service::HttpService<Incoming, ResBody = crate::service::ResponseBody> + Send,
+    S: hyper::service::HttpService<Incoming, ResBody = ConnBody> + Send,
     S::Future: Send + 'static,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(settings.header_read_timeout)
+        // Not hyper's: it would run from the moment the connection goes idle (see Activity).
+        .header_read_timeout(None)
         // The read buffer bounds the request head: a head that does not fit is answered 431.
         .max_buf_size(settings.max_header_bytes)
         .keep_alive(true)
@@ -271,7 +447,8 @@ where
         .writev(false)
         .serve_connection(io, service)
         .with_upgrades();
-    drive(conn, phase, std::future::pending()).await
+    let (head, idle) = (settings.header_read_timeout, settings.idle_timeout);
+    drive(conn, phase, async move { activity.expired(head, idle).await }).await
 }
 
 async fn serve_http2<I, S>(
@@ -282,7 +459,7 @@ async fn serve_http2<I, S>(
     phase: watch::Receiver<Phase>,
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-    S: hyper::service::HttpService<Incoming, ResBody = crate::service::ResponseBody> + Send,
+    S: hyper::service::HttpService<Incoming, ResBody = ConnBody> + Send,
     S::Future: Send + 'static,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
@@ -293,18 +470,10 @@ async fn serve_http2<I, S>(
         .keep_alive_timeout(Duration::from_secs(10))
         .max_header_list_size(settings.max_header_bytes.try_into().unwrap_or(u32::MAX))
         .serve_connection(io, service);
-    let idle_timeout = settings.header_read_timeout;
-    // No request in flight for `idle_timeout`: close (GOAWAY), as HTTP/1.1 connections do.
-    let idle = async move {
-        loop {
-            let idle_for = activity.idle_for();
-            if idle_for >= idle_timeout {
-                return;
-            }
-            tokio::time::sleep(idle_timeout - idle_for).await;
-        }
-    };
-    drive(conn, phase, idle).await
+    // No request in flight for `idle_timeout` (or no first request within
+    // `header_read_timeout`): close with GOAWAY.
+    let (head, idle) = (settings.header_read_timeout, settings.idle_timeout);
+    drive(conn, phase, async move { activity.expired(head, idle).await }).await
 }
 
 /// A hyper server connection that can be asked to finish (HTTP/1.1 and HTTP/2 each have the
@@ -316,7 +485,7 @@ trait Graceful: std::future::Future<Output = Result<(), hyper::Error>> {
 impl<I, S> Graceful for http1::UpgradeableConnection<I, S>
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-    S: hyper::service::HttpService<Incoming, ResBody = crate::service::ResponseBody>,
+    S: hyper::service::HttpService<Incoming, ResBody = ConnBody>,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     fn begin_graceful_shutdown(self: std::pin::Pin<&mut Self>) {
@@ -327,7 +496,7 @@ where
 impl<I, S> Graceful for http2::Connection<I, S, TokioExecutor>
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-    S: hyper::service::HttpService<Incoming, ResBody = crate::service::ResponseBody> + Send,
+    S: hyper::service::HttpService<Incoming, ResBody = ConnBody> + Send,
     S::Future: Send + 'static,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
@@ -336,14 +505,24 @@ where
     }
 }
 
-/// Serves a connection until it ends; when draining starts or `idle` resolves, asks it to finish
-/// its in-flight requests; when closing starts, drops it.
-async fn drive(conn: impl Graceful, mut phase: watch::Receiver<Phase>, idle: impl std::future::Future<Output = ()>) {
+/// Serves a connection until it ends; when draining starts or it has been idle too long, asks it
+/// to finish its in-flight requests; when closing starts, or a request head is too slow, drops it.
+async fn drive(
+    conn: impl Graceful,
+    mut phase: watch::Receiver<Phase>,
+    expired: impl std::future::Future<Output = Expired>,
+) {
     tokio::pin!(conn);
     tokio::select! {
         r = conn.as_mut() => return log_conn_end(r),
         _ = reached(&mut phase, Phase::Draining) => {}
-        _ = idle => {}
+        why = expired => {
+            tracing::debug!(?why, "closing the connection");
+            // A head half read: nothing is in flight, and hyper would wait for the rest.
+            if why == Expired::Head {
+                return;
+            }
+        }
     }
     conn.as_mut().begin_graceful_shutdown();
     tokio::select! {

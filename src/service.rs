@@ -36,7 +36,9 @@ use crate::metrics::{Metrics, TokenOutcome, UpstreamErrorKind};
 use crate::oauth::{OAuthError, OAuthServer};
 use crate::proxy::body::{BodyFault, ClientBody};
 use crate::proxy::forward::{PooledBody, TunnelSlot};
+use crate::proxy::forwarded::ClientAddr;
 use crate::proxy::headers::{self, RequestContext, X_REQUEST_ID};
+use crate::proxy::tunnel::Tunnels;
 use crate::proxy::{ForwardError, echo};
 use crate::routing::{PathError, normalize_path, request_authority};
 use crate::snapshot::{Route, Snapshot};
@@ -59,7 +61,7 @@ pub type ClientRequest = Request<ClientBody>;
 pub struct ConnInfo {
     pub peer: SocketAddr,
     pub tls: bool,
-    /// The peer's IP as a header value, formatted once per connection for X-Forwarded-For.
+    /// The peer's IP as a header value, formatted once per connection (X-Forwarded-For, the log).
     pub peer_ip: HeaderValue,
     /// The connection's `max_connections` slot; an upgraded (WebSocket) tunnel keeps it.
     pub slot: Option<Arc<tokio::sync::OwnedSemaphorePermit>>,
@@ -67,7 +69,9 @@ pub struct ConnInfo {
 
 impl ConnInfo {
     pub fn new(peer: SocketAddr, tls: bool, slot: Option<Arc<tokio::sync::OwnedSemaphorePermit>>) -> Self {
-        let peer_ip = HeaderValue::from_str(&peer.ip().to_string()).unwrap_or(HeaderValue::from_static("unknown"));
+        // A dual-stack listener reports IPv4 clients as ::ffff:a.b.c.d; they are IPv4 clients.
+        let peer_ip =
+            HeaderValue::from_str(&peer.ip().to_canonical().to_string()).unwrap_or(HeaderValue::from_static("unknown"));
         ConnInfo {
             peer,
             tls,
@@ -81,6 +85,8 @@ pub struct App {
     snapshot: ArcSwap<Snapshot>,
     state: Arc<State>,
     request_ids: RequestIds,
+    /// Open WebSocket (upgraded) tunnels: shutdown waits for them, revocation closes them.
+    tunnels: Arc<Tunnels>,
 }
 
 impl App {
@@ -89,7 +95,12 @@ impl App {
             snapshot: ArcSwap::from_pointee(snapshot),
             state,
             request_ids: RequestIds::new(request_id_prefix),
+            tunnels: Arc::new(Tunnels::new()),
         }
+    }
+
+    pub fn tunnels(&self) -> &Arc<Tunnels> {
+        &self.tunnels
     }
 
     /// The current Snapshot. A request loads it once and keeps it to its end.
@@ -127,11 +138,16 @@ impl App {
     pub async fn handle(&self, req: Request<Incoming>, conn: &ConnInfo) -> Response<ResponseBody> {
         let snap = self.snapshot.load_full();
         let request_id = self.request_ids.for_request(req.headers());
+        let client = snap
+            .config
+            .server
+            .trusted_proxies
+            .client(conn.peer.ip(), &conn.peer_ip, req.headers());
         let mut log = AccessLog::start(
             req.method(),
             req.uri(),
             req.headers(),
-            &conn.peer_ip,
+            &client.ip_header,
             &request_id,
             &self.state.metrics,
         );
@@ -140,7 +156,7 @@ impl App {
         let body = ClientBody::new(body, snap.config.server.body_timeout);
         log.body = Some(body.stats().clone());
         let req = Request::from_parts(parts, body);
-        let mut response = match self.dispatch(&snap, req, conn, &request_id, &mut log).await {
+        let mut response = match self.dispatch(&snap, req, conn, &client, &request_id, &mut log).await {
             Ok(r) => r,
             Err(e) => {
                 log_error(&e, &log);
@@ -163,6 +179,7 @@ impl App {
         snap: &Snapshot,
         req: ClientRequest,
         conn: &ConnInfo,
+        client: &ClientAddr,
         request_id: &HeaderValue,
         log: &mut AccessLog,
     ) -> Result<Response<InnerBody>, GatewayError> {
@@ -175,7 +192,7 @@ impl App {
         if path == tokens.token_path {
             log.route = RouteLabel::Own("token");
             log.metrics = snap.token_metrics.clone();
-            return self.token_endpoint(snap, req, conn).await;
+            return self.token_endpoint(snap, req, client).await;
         }
         if path == tokens.revoke_path {
             log.route = RouteLabel::Own("revoke");
@@ -199,7 +216,7 @@ impl App {
             }
             AuthPolicy::None => None,
         };
-        self.forward(req, conn, route, &path, host, token.as_deref(), request_id, log)
+        self.forward(req, conn, client, route, &path, host, token.as_deref(), request_id, log)
             .await
     }
 
@@ -208,6 +225,7 @@ impl App {
         &self,
         mut req: ClientRequest,
         conn: &ConnInfo,
+        client: &ClientAddr,
         route: &Route,
         path: &str,
         original_host: Option<HeaderValue>,
@@ -233,7 +251,7 @@ impl App {
             path
         };
         let ctx = RequestContext {
-            peer_ip: &conn.peer_ip,
+            forwarded_for: &client.forwarded_for,
             proto: if conn.tls { "https" } else { "http" },
             original_host,
             upstream_host: if settings.preserve_host {
@@ -290,13 +308,11 @@ impl App {
                 Some(client_side) => {
                     let upstream_side = hyper::upgrade::on(&mut resp);
                     // The tunnel keeps both the client connection's slot and its upstream
-                    // connection's slot for as long as it lives.
-                    let slot = conn.slot.clone();
-                    let upstream_slot = resp.extensions_mut().remove::<TunnelSlot>();
-                    tokio::spawn(async move {
-                        tunnel(client_side, upstream_side).await;
-                        drop((slot, upstream_slot));
-                    });
+                    // connection's slot for as long as it lives, and is closed when the token's
+                    // session is revoked.
+                    let slots = (conn.slot.clone(), resp.extensions_mut().remove::<TunnelSlot>());
+                    let sid = token.and_then(|t| t.sid);
+                    self.tunnels.spawn(client_side, upstream_side, sid, slots);
                 }
                 None => {
                     return Err(GatewayError::UpstreamUnavailable(
@@ -313,12 +329,12 @@ impl App {
         &self,
         snap: &Snapshot,
         req: ClientRequest,
-        conn: &ConnInfo,
+        client: &ClientAddr,
     ) -> Result<Response<InnerBody>, GatewayError> {
         let (parts, body) = req.into_parts();
         let json = self
             .oauth(snap)
-            .token(&parts.method, &parts.headers, body, conn.peer.ip())
+            .token(&parts.method, &parts.headers, body, client.ip)
             .await
             .map_err(GatewayError::OAuth)?;
         let mut r = Response::new(Either::Left(Full::new(json)));
@@ -418,22 +434,6 @@ fn strip_prefix<'p>(path: &'p str, prefix: &str) -> &'p str {
     match path.get(prefix.len()..) {
         Some("") | None => "/",
         Some(rest) => rest,
-    }
-}
-
-/// Copies bytes both ways between the client's and the upstream's upgraded connections.
-async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
-    let (client, upstream) = match tokio::try_join!(client, upstream) {
-        Ok(pair) => pair,
-        Err(e) => {
-            tracing::debug!(error = %e, "upgrade failed");
-            return;
-        }
-    };
-    let mut client = hyper_util::rt::TokioIo::new(client);
-    let mut upstream = hyper_util::rt::TokioIo::new(upstream);
-    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-        tracing::debug!(error = %e, "upgraded connection ended with an error");
     }
 }
 

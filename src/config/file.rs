@@ -40,11 +40,13 @@ pub struct ServerFile {
     pub tls: Option<TlsFile>,
     pub handshake_timeout: Option<String>,
     pub header_read_timeout: Option<String>,
+    pub idle_timeout: Option<String>,
     pub body_timeout: Option<String>,
     pub max_header_bytes: Option<i64>,
     pub max_connections: Option<i64>,
     pub shutdown_grace: Option<String>,
     pub worker_threads: Option<i64>,
+    pub trusted_proxies: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]

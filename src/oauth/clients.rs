@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use subtle::ConstantTimeEq;
+use zeroize::Zeroizing;
 
 use crate::config::{ClientSettings, GrantType};
 use crate::crypto::sha256;
@@ -15,8 +16,8 @@ use crate::oauth::error::{ErrorCode, OAuthError};
 /// Credentials as presented, before they are checked.
 #[derive(Debug, Default)]
 pub struct Presented<'a> {
-    /// From `Authorization: Basic`.
-    pub basic: Option<(String, String)>,
+    /// From `Authorization: Basic`: the client id and the secret (zeroed when dropped).
+    pub basic: Option<(String, Zeroizing<String>)>,
     /// `client_id` and `client_secret` form parameters.
     pub form_id: Option<&'a str>,
     pub form_secret: Option<&'a str>,
@@ -24,7 +25,7 @@ pub struct Presented<'a> {
 
 /// Parses `Authorization: Basic` per RFC 6749 §2.3.1 (both parts form-urlencoded first).
 /// `Ok(None)`: no Basic header. `Err`: a Basic header that cannot be read.
-pub fn parse_basic(value: Option<&[u8]>) -> Result<Option<(String, String)>, OAuthError> {
+pub fn parse_basic(value: Option<&[u8]>) -> Result<Option<(String, Zeroizing<String>)>, OAuthError> {
     let Some(value) = value else { return Ok(None) };
     if value.len() < 6 || !value[..6].eq_ignore_ascii_case(b"basic ") {
         return Ok(None);
@@ -34,11 +35,12 @@ pub fn parse_basic(value: Option<&[u8]>) -> Result<Option<(String, String)>, OAu
         description: "malformed Basic credentials".into(),
         basic_challenge: true,
     };
-    let decoded = STANDARD.decode(value[6..].trim_ascii()).map_err(|_| bad())?;
-    let text = String::from_utf8(decoded).map_err(|_| bad())?;
+    // Every copy of the secret is zeroed when dropped.
+    let decoded = Zeroizing::new(STANDARD.decode(value[6..].trim_ascii()).map_err(|_| bad())?);
+    let text = std::str::from_utf8(&decoded).map_err(|_| bad())?;
     let (id, secret) = text.split_once(':').ok_or_else(bad)?;
     let unescape = |s: &str| form_unescape(s).ok_or_else(bad);
-    Ok(Some((unescape(id)?, unescape(secret)?)))
+    Ok(Some((unescape(id)?, Zeroizing::new(unescape(secret)?))))
 }
 
 /// Undoes `application/x-www-form-urlencoded` encoding of one value (`+` is a space, `%XX` a
@@ -171,7 +173,7 @@ mod tests {
         };
         assert_eq!(r.authenticate(&p).unwrap().id, "svc");
         let p = Presented {
-            basic: Some(("svc".into(), "s3cret".into())),
+            basic: Some(("svc".into(), String::from("s3cret").into())),
             ..Default::default()
         };
         assert_eq!(r.authenticate(&p).unwrap().id, "svc");
@@ -181,7 +183,7 @@ mod tests {
     fn failures() {
         let r = registry();
         let p = Presented {
-            basic: Some(("svc".into(), "wrong".into())),
+            basic: Some(("svc".into(), String::from("wrong").into())),
             ..Default::default()
         };
         assert_eq!(code(r.authenticate(&p).unwrap_err()), (ErrorCode::InvalidClient, true));
@@ -198,7 +200,7 @@ mod tests {
         let p = Presented::default();
         assert_eq!(code(r.authenticate(&p).unwrap_err()), (ErrorCode::InvalidClient, false));
         let p = Presented {
-            basic: Some(("svc".into(), "s3cret".into())),
+            basic: Some(("svc".into(), String::from("s3cret").into())),
             form_secret: Some("s3cret"),
             ..Default::default()
         };
@@ -221,7 +223,7 @@ mod tests {
         fn basic_credentials_round_trip(id in "[ -~]{1,20}", secret in "[ -~]{0,20}") {
             let enc = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
             let v = format!("Basic {}", STANDARD.encode(format!("{}:{}", enc(&id), enc(&secret))));
-            proptest::prop_assert_eq!(parse_basic(Some(v.as_bytes())).unwrap(), Some((id, secret)));
+            proptest::prop_assert_eq!(parse_basic(Some(v.as_bytes())).unwrap(), Some((id, secret.into())));
         }
     }
 
@@ -230,13 +232,13 @@ mod tests {
         let v = format!("Basic {}", STANDARD.encode("my%20id:p%3Ass"));
         assert_eq!(
             parse_basic(Some(v.as_bytes())).unwrap(),
-            Some(("my id".into(), "p:ss".into()))
+            Some(("my id".into(), String::from("p:ss").into()))
         );
         assert_eq!(parse_basic(Some(b"Bearer x")).unwrap(), None);
         let raw_amp = format!("Basic {}", STANDARD.encode("svc:a&b=c+d"));
         assert_eq!(
             parse_basic(Some(raw_amp.as_bytes())).unwrap(),
-            Some(("svc".into(), "a&b=c d".into()))
+            Some(("svc".into(), String::from("a&b=c d").into()))
         );
         let bad_escape = format!("Basic {}", STANDARD.encode("svc:%zz"));
         assert!(parse_basic(Some(bad_escape.as_bytes())).is_err());

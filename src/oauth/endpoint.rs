@@ -46,8 +46,8 @@ pub struct OAuthServer<'a> {
 }
 
 /// A parsed form: each parameter at most once (RFC 6749 §3.2), empty values treated as absent
-/// (§3.1).
-struct Form(Vec<(String, String)>);
+/// (§3.1). Values (passwords, client secrets, refresh tokens) are zeroed when it is dropped.
+struct Form(Vec<(String, zeroize::Zeroizing<String>)>);
 
 impl Form {
     fn get(&self, name: &str) -> Option<&str> {
@@ -522,8 +522,11 @@ impl<'a> OAuthServer<'a> {
             refresh_expires_in: refresh.map(|r| r.1),
             scope,
         };
-        // Serializing plain strings and integers cannot fail.
-        serde_json::to_vec(&body).unwrap_or_default()
+        // Serializing plain strings and integers cannot fail. The final newline is part of the
+        // body, so a replay within the grace (sealed from these bytes) is byte-identical too.
+        let mut json = serde_json::to_vec(&body).unwrap_or_default();
+        json.push(b'\n');
+        json
     }
 
     /// The audit record of a session revocation: who, which client, why; never a token.
@@ -620,7 +623,7 @@ fn parse_form(bytes: &[u8]) -> Result<Form, OAuthError> {
     if std::str::from_utf8(bytes).is_err() {
         return Err(OAuthError::invalid_request("the body is not UTF-8"));
     }
-    let mut pairs: Vec<(String, String)> = Vec::new();
+    let mut pairs: Vec<(String, zeroize::Zeroizing<String>)> = Vec::new();
     for (k, v) in form_urlencoded::parse(bytes) {
         let Some(name) = KNOWN_PARAMETERS.iter().find(|n| **n == k) else {
             continue;
@@ -628,7 +631,7 @@ fn parse_form(bytes: &[u8]) -> Result<Form, OAuthError> {
         if pairs.iter().any(|(seen, _)| seen == name) {
             return Err(OAuthError::invalid_request(format!("{name} is repeated")));
         }
-        pairs.push(((*name).to_owned(), v.into_owned()));
+        pairs.push(((*name).to_owned(), zeroize::Zeroizing::new(v.into_owned())));
     }
     Ok(Form(pairs))
 }

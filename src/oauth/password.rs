@@ -167,7 +167,7 @@ struct Counters {
 
 struct Job {
     hash: Arc<StoredHash>,
-    password: Vec<u8>,
+    password: zeroize::Zeroizing<Vec<u8>>, // zeroed when the job is done
     reply: oneshot::Sender<Result<bool, VerifyError>>,
 }
 
@@ -269,7 +269,7 @@ impl PasswordPool {
         let (reply, rx) = oneshot::channel();
         let job = Job {
             hash,
-            password: password.as_bytes().to_vec(),
+            password: zeroize::Zeroizing::new(password.as_bytes().to_vec()),
             reply,
         };
         {

@@ -27,9 +27,9 @@ pub fn respond(method: &Method, path: &str, query: Option<&str>, headers: &Heade
         "query": query,
         "headers": hs,
     });
-    let mut resp = Response::new(Full::new(Bytes::from(
-        serde_json::to_vec_pretty(&body).unwrap_or_default(),
-    )));
+    let mut json = serde_json::to_vec_pretty(&body).unwrap_or_default();
+    json.push(b'\n');
+    let mut resp = Response::new(Full::new(Bytes::from(json)));
     *resp.status_mut() = StatusCode::OK;
     resp.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -3,8 +3,9 @@
 //! Requests: hop-by-hop headers go (RFC 9110 §7.6.1, including every header the Connection header
 //! names); identity headers are set from the validated token and every copy the client sent is
 //! dropped first, on every route, public ones included (GHSA-7x63-xv5r-3p2x); Authorization goes
-//! unless the route forwards it; X-Forwarded-For is appended to, X-Forwarded-Proto/Host are ours;
-//! header names with underscores, `Forwarded` and `X-Real-IP` are dropped.
+//! unless the route forwards it; X-Forwarded-For, X-Forwarded-Proto/Host are ours (X-Forwarded-For
+//! keeps only the entries trusted proxies vouch for: see [`crate::proxy::forwarded`]); header names
+//! with underscores, `Forwarded` and `X-Real-IP` are dropped.
 //! The client's map is edited in place: one scan over its names finds what must go (usually just
 //! Host and Authorization), only those are removed, then the gateway's own headers are set.
 
@@ -101,8 +102,8 @@ pub fn upgrade_allowed(headers: &HeaderMap, allowed: &[String]) -> bool {
 }
 
 pub struct RequestContext<'a> {
-    /// The client's address, as a header value (formatted once per connection).
-    pub peer_ip: &'a HeaderValue,
+    /// The X-Forwarded-For to send: the client's address, then the trusted proxies after it.
+    pub forwarded_for: &'a HeaderValue,
     pub proto: &'static str,
     /// The Host (or :authority) the client addressed.
     pub original_host: Option<HeaderValue>,
@@ -130,12 +131,12 @@ pub fn upstream_request_headers(mut headers: HeaderMap, ctx: &RequestContext<'_>
         None
     };
     let mut doomed: Vec<HeaderName> = Vec::new();
-    let mut has_forwarded_for = false;
     for name in headers.keys() {
         if is_hop_by_hop(name)
             || is_identity(name)
             || is_refused(name)
             || name == header::HOST
+            || name == X_FORWARDED_FOR
             || name == X_FORWARDED_PROTO
             || name == X_FORWARDED_HOST
             || name == X_REQUEST_ID
@@ -143,8 +144,6 @@ pub fn upstream_request_headers(mut headers: HeaderMap, ctx: &RequestContext<'_>
             || named.contains(name)
         {
             doomed.push(name.clone());
-        } else if name == X_FORWARDED_FOR {
-            has_forwarded_for = true;
         }
     }
     for name in &doomed {
@@ -152,18 +151,7 @@ pub fn upstream_request_headers(mut headers: HeaderMap, ctx: &RequestContext<'_>
     }
     headers.reserve(12);
 
-    let xff = if has_forwarded_for {
-        let mut joined: Vec<u8> = Vec::new();
-        for v in headers.get_all(&X_FORWARDED_FOR) {
-            joined.extend_from_slice(v.as_bytes());
-            joined.extend_from_slice(b", ");
-        }
-        joined.extend_from_slice(ctx.peer_ip.as_bytes());
-        HeaderValue::from_bytes(&joined).unwrap_or_else(|_| ctx.peer_ip.clone())
-    } else {
-        ctx.peer_ip.clone()
-    };
-    headers.insert(X_FORWARDED_FOR.clone(), xff);
+    headers.insert(X_FORWARDED_FOR.clone(), ctx.forwarded_for.clone());
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(ctx.proto));
     if let Some(host) = &ctx.original_host {
         headers.insert(X_FORWARDED_HOST.clone(), host.clone());
@@ -240,7 +228,7 @@ mod tests {
         upstream_host: Option<&'a HeaderValue>,
     ) -> RequestContext<'a> {
         RequestContext {
-            peer_ip: Box::leak(Box::new(HeaderValue::from_static("192.0.2.7"))),
+            forwarded_for: Box::leak(Box::new(HeaderValue::from_static("198.51.100.2, 192.0.2.7"))),
             proto: "https",
             original_host: Some(HeaderValue::from_static("gw.example")),
             upstream_host,
@@ -311,7 +299,9 @@ mod tests {
         let rid = hv("rid-1");
         let up = hv("127.0.0.1:9000");
         let out = upstream_request_headers(h, &ctx(None, &rid, Some(&up)));
-        assert_eq!(out["x-forwarded-for"], "198.51.100.1, 198.51.100.2, 192.0.2.7");
+        // The client's own entries are replaced by the chain the gateway vouches for.
+        assert_eq!(out.get_all("x-forwarded-for").iter().count(), 1);
+        assert_eq!(out["x-forwarded-for"], "198.51.100.2, 192.0.2.7");
         assert_eq!(out["x-forwarded-proto"], "https");
         assert_eq!(out["x-forwarded-host"], "gw.example");
         assert_eq!(out[header::HOST], "127.0.0.1:9000");

@@ -76,7 +76,8 @@ fn several_errors_are_reported_together() {
         .replace("upstream = \"echo\"", "upstream = \"htp://x\"")
         .replace("\"300ms\"", "\"soon\"");
     let p = problems(&toml);
-    assert!(p.contains("3 errors in config"), "{p}");
+    // The upstream, and handshake_timeout, header_read_timeout and idle_timeout.
+    assert!(p.contains("4 errors in config"), "{p}");
 }
 
 fn tokengate() -> Command {

@@ -102,7 +102,8 @@ async fn identity_headers_are_set_from_the_token_and_spoofed_copies_never_arrive
         "Connection-named headers are hop-by-hop"
     );
     assert_eq!(seen.headers["x-forwarded-proto"], "https");
-    assert_eq!(seen.headers["x-forwarded-for"], "198.51.100.9, 127.0.0.1");
+    // The client is not a trusted proxy: its X-Forwarded-For is not believed, and not passed on.
+    assert_eq!(seen.headers["x-forwarded-for"], "127.0.0.1");
     assert_eq!(
         seen.headers["x-forwarded-host"],
         format!("localhost:{}", gw.addr.port())
@@ -117,6 +118,81 @@ async fn identity_headers_are_set_from_the_token_and_spoofed_copies_never_arrive
         !seen.headers.keys().any(|k| k.as_str().starts_with("x-auth-")),
         "{:?}",
         seen.headers
+    );
+}
+
+/// The access line of the request with this id, from the captured logs.
+fn access_line(request_id: &str) -> String {
+    support::logs::captured()
+        .lines()
+        .find(|l| l.contains("tokengate::access") && l.contains(&format!("request_id=\"{request_id}\"")))
+        .unwrap_or_else(|| panic!("no access line for {request_id}"))
+        .to_owned()
+}
+
+#[tokio::test]
+async fn behind_a_trusted_proxy_the_forwarded_client_is_used_for_xff_the_log_and_the_login_limiter() {
+    let up = Upstream::recording().await;
+    let toml = support::with_server_keys(
+        &support::config_toml(
+            "",
+            &format!(
+                "[[routes]]\npath_prefix = \"/pub\"\nupstream = \"{}\"\nauth = \"none\"\n",
+                up.url()
+            ),
+        ),
+        // The test client connects from 127.0.0.1: it plays the load balancer.
+        "trusted_proxies = [\"127.0.0.0/8\"]",
+    );
+    let gw = support::start(&toml).await;
+    let c = Client::new(Proto::Http1);
+    let r = c
+        .get(
+            &gw.url("/pub/x"),
+            &[
+                ("x-forwarded-for", "203.0.113.50, 198.51.100.9"),
+                ("x-request-id", "behind-lb-1"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    // 203.0.113.50 was written by the client itself (198.51.100.9 is not a trusted proxy).
+    assert_eq!(up.last().headers["x-forwarded-for"], "198.51.100.9, 127.0.0.1");
+    let line = access_line("behind-lb-1");
+    assert!(line.contains("client=\"198.51.100.9\""), "{line}");
+
+    // The per-address login limit counts the forwarded client, not the balancer: 20 failures
+    // from one client address (each with another username, so the per-user limit stays out of
+    // it) slow that address down, and another client behind the same balancer is unaffected.
+    let login = |xff: &'static str, user: String| {
+        let (c, url) = (c.clone(), gw.url("/api/oauth2/token"));
+        async move {
+            c.form(
+                &url,
+                &[
+                    ("grant_type", "password"),
+                    ("client_id", "web"),
+                    ("username", &user),
+                    ("password", "wrong"),
+                ],
+                &[("x-forwarded-for", xff)],
+            )
+            .await
+            .status
+        }
+    };
+    for i in 0..20 {
+        assert_eq!(login("198.51.100.9", format!("nobody-{i}")).await, 400);
+    }
+    assert_eq!(
+        login("198.51.100.9", "nobody-20".into()).await,
+        429,
+        "the address is slowed down"
+    );
+    assert_eq!(
+        login("198.51.100.10", "nobody-21".into()).await,
+        400,
+        "another client is not"
     );
 }
 
@@ -490,6 +566,109 @@ async fn a_websocket_passes_through_after_the_token_check() {
     ws.send(Message::text("hello through the gateway")).await.unwrap();
     let echoed = within("websocket echo", ws.next()).await.unwrap().unwrap();
     assert_eq!(echoed.into_text().unwrap().as_str(), "hello through the gateway");
+}
+
+/// Opens a WebSocket through the gateway's `/ws` route with `token`.
+async fn open_ws(
+    gw: &support::TestGateway,
+    token: &str,
+) -> tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>> {
+    let mut req = format!("wss://localhost:{}/ws", gw.addr.port())
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let (ws, resp) = within(
+        "websocket handshake",
+        tokio_tungstenite::client_async(req, tls_http11(gw.addr).await),
+    )
+    .await
+    .unwrap();
+    assert_eq!(resp.status(), 101);
+    ws
+}
+
+/// Sends a text message and expects it back.
+async fn echo(ws: &mut tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>>, text: &str) {
+    ws.send(Message::text(text)).await.unwrap();
+    let back = within("websocket echo", ws.next()).await.unwrap().unwrap();
+    assert_eq!(back.into_text().unwrap().as_str(), text);
+}
+
+/// Reads until the tunnel ends (close, EOF or an error); panics if it is still open after the
+/// hang guard.
+async fn assert_ws_ends(ws: &mut tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>>) {
+    within("the tunnel to be closed by the gateway", async {
+        loop {
+            match ws.next().await {
+                None | Some(Err(_)) => return,
+                Some(Ok(Message::Close(_))) => return,
+                Some(Ok(_)) => continue,
+            }
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_websocket_tunnel_is_closed_when_its_session_is_revoked() {
+    let ws_addr = websocket_echo().await;
+    let gw = support::start_with_routes("", &[("/ws", &format!("http://{ws_addr}"), "")]).await;
+    let c = Client::new(Proto::Http1);
+    let revoked = login(&c, &gw, None).await;
+    let kept = login(&c, &gw, None).await;
+    let mut doomed = open_ws(&gw, str_of(&revoked, "access_token")).await;
+    let mut other = open_ws(&gw, str_of(&kept, "access_token")).await;
+    echo(&mut doomed, "before").await;
+
+    let r = c
+        .form(
+            &gw.url("/api/oauth2/revoke"),
+            &[("client_id", "web"), ("token", str_of(&revoked, "refresh_token"))],
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_ws_ends(&mut doomed).await;
+    // Another session's tunnel is untouched.
+    echo(&mut other, "still here").await;
+}
+
+#[tokio::test]
+async fn shutdown_waits_for_an_open_tunnel() {
+    let ws_addr = websocket_echo().await;
+    let mut gw = support::start_with_routes("", &[("/ws", &format!("http://{ws_addr}"), "auth = \"none\"")]).await;
+    let mut ws = open_ws(&gw, "unused").await;
+    let mut running = gw.running.take().unwrap();
+    running.stop_accepting().await;
+    let finish = tokio::spawn(running.finish());
+    // The drain has begun; the tunnel is a request still in flight: it keeps working...
+    echo(&mut ws, "during the drain").await;
+    assert!(!finish.is_finished(), "shutdown finished while a tunnel was open");
+    // ...and once it ends, the shutdown is clean.
+    ws.close(None).await.unwrap();
+    drop(ws);
+    assert_eq!(within("shutdown", finish).await.unwrap(), tokengate::Drained::Cleanly);
+}
+
+#[tokio::test]
+async fn a_tunnel_still_open_when_the_grace_runs_out_is_closed() {
+    let ws_addr = websocket_echo().await;
+    let toml = support::config_toml(
+        "",
+        &format!("[[routes]]\npath_prefix = \"/ws\"\nupstream = \"http://{ws_addr}\"\nauth = \"none\"\n"),
+    )
+    .replace("shutdown_grace = \"10s\"", "shutdown_grace = \"500ms\"");
+    let mut gw = support::start(&toml).await;
+    let mut ws = open_ws(&gw, "unused").await;
+    echo(&mut ws, "hello").await;
+    let drained = within("shutdown", gw.running.take().unwrap().shutdown()).await;
+    assert_eq!(
+        drained,
+        tokengate::Drained::GraceExpired,
+        "the open tunnel was not waited for"
+    );
+    assert_ws_ends(&mut ws).await;
 }
 
 #[tokio::test]

@@ -139,7 +139,7 @@ async fn an_http2_stream_waiting_for_its_body_is_ended_and_the_connection_can_go
     let resp = tokio::time::timeout(BOUND, resp).await.expect("no answer").unwrap();
     assert_eq!(resp.status(), 408);
     drop((send, body, resp));
-    // Nothing in flight any more: the idle timeout (header_read_timeout) ends the connection.
+    // Nothing in flight any more: the idle timeout ends the connection.
     tokio::time::timeout(BOUND, conn)
         .await
         .expect("the idle HTTP/2 connection was not closed")

@@ -7,6 +7,7 @@
 
 mod support;
 
+mod cli;
 mod config_errors;
 mod crash;
 mod enforcement;
@@ -16,5 +17,6 @@ mod metrics;
 mod process;
 mod reload;
 mod server;
+mod systemd;
 mod token_endpoint;
 mod upstream_pool;

@@ -68,6 +68,84 @@ async fn half_a_request_head_is_disconnected_after_the_header_read_timeout() {
     assert_closed_by_peer(&mut tls, Duration::from_secs(20)).await;
 }
 
+/// A TLS HTTP/1.1 connection to the gateway.
+async fn tls_http11(addr: std::net::SocketAddr) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(support::client::tls_config(&[b"http/1.1"])));
+    connector.connect("localhost".try_into().unwrap(), tcp).await.unwrap()
+}
+
+/// Sends one GET on a keep-alive connection and reads its whole response (the gateway's 404s
+/// carry a Content-Length).
+async fn keep_alive_get(tls: &mut tokio_rustls::client::TlsStream<TcpStream>) -> u16 {
+    tls.write_all(b"GET /nothing-here HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let within = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let n = tls.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed mid-response: {}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&got);
+            if let Some(end) = text.find("\r\n\r\n") {
+                let length: usize = text[..end]
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|v| v.trim().parse().unwrap())
+                    })
+                    .unwrap();
+                if got.len() >= end + 4 + length {
+                    return text[9..12].parse().unwrap();
+                }
+            }
+        }
+    });
+    within.await.expect("no response")
+}
+
+/// A config whose header_read_timeout and idle_timeout are `head` and `idle`.
+fn timeouts(head: &str, idle: &str) -> String {
+    support::config_toml("", "")
+        .replace(
+            "header_read_timeout = \"300ms\"",
+            &format!("header_read_timeout = \"{head}\""),
+        )
+        .replace("idle_timeout = \"300ms\"", &format!("idle_timeout = \"{idle}\""))
+}
+
+#[tokio::test]
+async fn an_idle_keep_alive_connection_is_closed_after_idle_timeout_not_header_read_timeout() {
+    // header_read_timeout far beyond the hang guard: only idle_timeout can close the connection.
+    let gw = support::start(&timeouts("10m", "300ms")).await;
+    let mut tls = tls_http11(gw.addr).await;
+    assert_eq!(keep_alive_get(&mut tls).await, 404);
+    assert_closed_by_peer(&mut tls, Duration::from_secs(20)).await;
+}
+
+#[tokio::test]
+async fn a_slow_request_head_on_a_kept_alive_connection_is_bounded_by_header_read_timeout() {
+    // idle_timeout far beyond the hang guard: only header_read_timeout can close the connection.
+    let gw = support::start(&timeouts("300ms", "10m")).await;
+    let mut tls = tls_http11(gw.addr).await;
+    assert_eq!(keep_alive_get(&mut tls).await, 404);
+    // Idle for several header_read_timeouts: the keep-alive wait is not a request head...
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(keep_alive_get(&mut tls).await, 404, "the idle connection was closed");
+    // ...but a head that has begun must be finished within header_read_timeout.
+    tls.write_all(b"GET /slow HTTP/1.1\r\nHost: localhost\r\nX-Slow: ")
+        .await
+        .unwrap();
+    assert_closed_by_peer(&mut tls, Duration::from_secs(20)).await;
+
+    // A new connection's first request is bounded the same way.
+    let mut silent = tls_http11(gw.addr).await;
+    assert_closed_by_peer(&mut silent, Duration::from_secs(20)).await;
+}
+
 #[tokio::test]
 async fn health_and_readiness() {
     let mut gw = support::start_with_routes("", &[]).await;

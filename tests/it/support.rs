@@ -45,6 +45,7 @@ listen = "127.0.0.1:0"
 tls = {{ cert = "{cert}", key = "{key}" }}
 handshake_timeout = "300ms"
 header_read_timeout = "300ms"
+idle_timeout = "300ms"
 shutdown_grace = "10s"
 
 [admin]

@@ -749,3 +749,69 @@ async fn tokens_and_passwords_never_reach_the_logs() {
         assert!(!logs.contains(secret), "a secret reached the logs");
     }
 }
+
+#[tokio::test]
+async fn every_json_body_ends_with_a_newline_and_a_replay_is_byte_identical() {
+    let gw = support::start_with_routes("", &[ORDERS]).await;
+    let c = Client::new(Proto::Http1);
+    let token_url = gw.url("/api/oauth2/token");
+    let ends_with_newline = |what: &str, r: &support::Resp| {
+        assert_eq!(r.header("content-type"), "application/json", "{what}");
+        assert_eq!(r.body.last(), Some(&b'\n'), "{what}: {:?}", r.text());
+        json(&r.body);
+    };
+    let form = [
+        ("grant_type", "password"),
+        ("client_id", "web"),
+        ("username", USER),
+        ("password", PASSWORD),
+    ];
+    let login = c.form(&token_url, &form, &[]).await;
+    assert_eq!(login.status, 200);
+    ends_with_newline("password grant", &login);
+    let first = json(&login.body);
+
+    let rotated = refresh(&c, &gw, str_of(&first, "refresh_token"), "web").await;
+    assert_eq!(rotated.status, 200);
+    ends_with_newline("refresh grant", &rotated);
+    let replayed = refresh(&c, &gw, str_of(&first, "refresh_token"), "web").await;
+    assert_eq!(replayed.status, 200);
+    assert_eq!(
+        replayed.body, rotated.body,
+        "the replay within the grace is the first response, byte for byte"
+    );
+
+    let basic = format!("Basic {}", STANDARD.encode(format!("svc:{SERVICE_SECRET}")));
+    let r = c
+        .form(
+            &token_url,
+            &[("grant_type", "client_credentials")],
+            &[("authorization", &basic)],
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    ends_with_newline("client_credentials grant", &r);
+
+    let r = c
+        .form(&token_url, &[("grant_type", "password"), ("client_id", "web")], &[])
+        .await;
+    assert_eq!(r.status, 400);
+    ends_with_newline("an error", &r);
+
+    let r = c
+        .form(
+            &gw.url("/api/oauth2/revoke"),
+            &[("client_id", "web"), ("token", str_of(&first, "access_token"))],
+            &[],
+        )
+        .await;
+    assert_eq!((r.status, r.text().as_str()), (200, "{}\n"));
+    ends_with_newline("revoke", &r);
+
+    let fresh = json(&c.form(&token_url, &form, &[]).await.body);
+    let r = c
+        .get_with_token(&gw.url("/api/orders"), str_of(&fresh, "access_token"))
+        .await;
+    assert_eq!(r.status, 200);
+    ends_with_newline("the echo upstream", &r);
+}

@@ -133,6 +133,8 @@ pub struct Options {
     pub args: Vec<String>,
     /// Environment for the child on top of this process's (RUST_LOG is removed unless set here).
     pub env: Vec<(String, String)>,
+    /// Name the config file in `TOKENGATE_CONFIG` instead of with `--config` (as a container would).
+    pub config_in_env: bool,
     /// Where the config is written (and the child runs); a fresh [`TempDir`] when `None`. Pass the
     /// same folder to a second spawn to restart on the first one's files.
     pub dir: Option<PathBuf>,
@@ -173,9 +175,12 @@ impl Process {
         let config_path = dir.join("tokengate.toml");
         std::fs::write(&config_path, config).unwrap();
         let mut command = Command::new(env!("CARGO_BIN_EXE_tokengate"));
+        if options.config_in_env {
+            command.env("TOKENGATE_CONFIG", &config_path);
+        } else {
+            command.arg("--config").arg(&config_path);
+        }
         command
-            .arg("--config")
-            .arg(&config_path)
             .args(&options.args)
             .current_dir(&dir)
             .env_remove("RUST_LOG")
