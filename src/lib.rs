@@ -44,12 +44,13 @@ pub use clock::{Clock, ManualClock, SharedClock, SystemClock};
 pub use config::Config;
 
 use crate::auth::RevokedSessions;
-use crate::oauth::limiter::LoginLimiter;
+use crate::oauth::limiter::redis::RedisLimiter;
+use crate::oauth::limiter::{Limiter, LoginLimiter};
 use crate::server::Phase;
 use crate::service::App;
 use crate::snapshot::Snapshot;
 use crate::state::State;
-use crate::store::Store;
+use crate::store::{RedisStore, Store};
 
 /// A gateway built from a validated config, not yet listening.
 pub struct Gateway {
@@ -59,22 +60,28 @@ pub struct Gateway {
 impl Gateway {
     pub fn new(config: Config, clock: SharedClock) -> anyhow::Result<Gateway> {
         let revoked = Arc::new(RevokedSessions::with_leeway(config.tokens.leeway.as_secs()));
-        let store = match &config.state {
+        let grace_ms = config.tokens.reuse_grace.as_millis() as u64;
+        let (store, limiter) = match &config.state {
             config::StateSettings::Memory => {
                 tracing::warn!(
                     "no [state] in the config: sessions are kept in memory and will not survive a restart \
                      (every refresh token and every revocation is forgotten)"
                 );
-                Store::memory(revoked.clone(), config.tokens.reuse_grace.as_millis() as u64)
+                (Store::memory(revoked.clone(), grace_ms), LoginLimiter::default().into())
             }
-            config::StateSettings::Durable { .. } | config::StateSettings::Redis(_) => {
+            config::StateSettings::Redis(settings) => {
+                let store = RedisStore::new(settings, revoked.clone(), grace_ms)?;
+                let limiter = Limiter::Redis(RedisLimiter::new(&store));
+                (Store::Redis(store), limiter)
+            }
+            config::StateSettings::Durable { .. } => {
                 anyhow::bail!("state: this store is not available in this build yet")
             }
         };
         let state = Arc::new(State {
             store,
             revoked: revoked.clone(),
-            limiter: LoginLimiter::default(),
+            limiter,
             clock: clock.clone(),
         });
         let argon2_concurrency = std::thread::available_parallelism().map_or(2, |n| n.get());
@@ -91,6 +98,8 @@ impl Gateway {
 
     /// Binds the listeners and starts serving.
     pub async fn start(self) -> anyhow::Result<RunningGateway> {
+        // Serving API requests without the revoked-session set would accept revoked sessions.
+        self.app.state().store.ready().await.context("state")?;
         let snapshot = self.app.snapshot();
         let server = &snapshot.config.server;
         let resolver = server
@@ -125,7 +134,12 @@ impl Gateway {
             phase_rx.clone(),
             alive_tx,
         ));
-        let admin = tokio::spawn(server::admin_loop(admin_listener, ready.clone(), phase_rx.clone()));
+        let admin = tokio::spawn(server::admin_loop(
+            admin_listener,
+            ready.clone(),
+            self.app.state().clone(),
+            phase_rx.clone(),
+        ));
         let maintenance = tokio::spawn(maintain(self.app.clone(), phase_rx));
         ready.store(true, Ordering::Release);
         let scheme = if server.tls.is_some() { "https" } else { "http" };
@@ -161,7 +175,7 @@ async fn maintain(app: Arc<App>, mut phase: watch::Receiver<Phase>) {
         app.snapshot().sweep_upstreams();
         n += 1;
         if n.is_multiple_of(30) {
-            app.state().sweep();
+            app.state().sweep().await;
         }
     }
 }

@@ -31,6 +31,8 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 
 use crate::service::{App, ConnInfo};
+use crate::state::State;
+use crate::store::SessionStore;
 
 /// Where the process is in its life; connection tasks watch it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -346,8 +348,14 @@ fn log_conn_end(r: Result<(), hyper::Error>) {
 }
 
 /// The admin listener: `GET /healthz` (200 while the process runs) and `GET /readyz` (200 once
-/// every listener is bound, 503 once shutdown has begun). Plain HTTP/1.1.
-pub async fn admin_loop(listener: TcpListener, ready: Arc<AtomicBool>, mut phase: watch::Receiver<Phase>) {
+/// every listener is bound, 503 once shutdown has begun or while the session store is
+/// unavailable). Plain HTTP/1.1.
+pub async fn admin_loop(
+    listener: TcpListener,
+    ready: Arc<AtomicBool>,
+    state: Arc<State>,
+    mut phase: watch::Receiver<Phase>,
+) {
     loop {
         let stream = tokio::select! {
             r = listener.accept() => match r {
@@ -361,9 +369,11 @@ pub async fn admin_loop(listener: TcpListener, ready: Arc<AtomicBool>, mut phase
             _ = reached(&mut phase, Phase::Closing) => return,
         };
         let ready = ready.clone();
+        let state = state.clone();
         let service = service_fn(move |req: Request<Incoming>| {
             let ready = ready.load(Ordering::Acquire);
-            async move { Ok::<_, Infallible>(admin_response(&req, ready)) }
+            let store_available = state.store.available();
+            async move { Ok::<_, Infallible>(admin_response(&req, ready, store_available)) }
         });
         let mut phase = phase.clone();
         tokio::spawn(async move {
@@ -379,11 +389,14 @@ pub async fn admin_loop(listener: TcpListener, ready: Arc<AtomicBool>, mut phase
     }
 }
 
-fn admin_response(req: &Request<Incoming>, ready: bool) -> Response<Full<Bytes>> {
+fn admin_response(req: &Request<Incoming>, ready: bool, store_available: bool) -> Response<Full<Bytes>> {
     let (status, body) = match (req.method(), req.uri().path()) {
         (&http::Method::GET, "/healthz") => (StatusCode::OK, "ok\n"),
-        (&http::Method::GET, "/readyz") if ready => (StatusCode::OK, "ready\n"),
-        (&http::Method::GET, "/readyz") => (StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+        (&http::Method::GET, "/readyz") if !ready => (StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+        (&http::Method::GET, "/readyz") if !store_available => {
+            (StatusCode::SERVICE_UNAVAILABLE, "degraded: session store unavailable\n")
+        }
+        (&http::Method::GET, "/readyz") => (StatusCode::OK, "ready\n"),
         _ => (StatusCode::NOT_FOUND, "not found\n"),
     };
     let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));

@@ -7,22 +7,22 @@ use std::sync::Arc;
 
 use crate::auth::RevokedSessions;
 use crate::clock::SharedClock;
-use crate::oauth::limiter::LoginLimiter;
+use crate::oauth::limiter::Limiter;
 use crate::store::{SessionStore, Store};
 
 pub struct State {
     pub store: Store,
     /// Shared with the store (which writes it) and every Snapshot's validator (which reads it).
     pub revoked: Arc<RevokedSessions>,
-    pub limiter: LoginLimiter,
+    pub limiter: Limiter,
     pub clock: SharedClock,
 }
 
 impl State {
     /// Periodic housekeeping: expired sessions, idle login counters, lapsed revocations.
-    pub fn sweep(&self) {
+    pub async fn sweep(&self) {
         let now = self.clock.now_millis();
-        self.store.sweep(now);
+        self.store.sweep(now).await;
         self.limiter.sweep(now);
         self.revoked.sweep(now / 1000);
     }

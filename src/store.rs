@@ -3,7 +3,7 @@
 //! ```text
 //!   oauth (grants, rotation, reuse, revocation) ──▶ SessionStore ─┬─ MemoryStore   (process memory)
 //!                                                                 ├─ DurableStore  (memory + journal on disk)
-//!                                                                 └─ (Redis, later)
+//!                                                                 └─ RedisStore    (shared by every instance)
 //!   validator (every request) ──▶ RevokedSessions (always in memory: the hot path makes no I/O)
 //! ```
 //!
@@ -17,6 +17,7 @@
 
 pub mod journal;
 pub mod memory;
+pub mod redis;
 pub mod registry;
 
 use std::sync::Arc;
@@ -26,6 +27,7 @@ use crate::crypto::{Digest, Sealed};
 use crate::ids::SessionId;
 
 pub use memory::MemoryStore;
+pub use redis::RedisStore;
 
 /// A session about to be created at login.
 #[derive(Debug, Clone)]
@@ -170,16 +172,24 @@ pub trait SessionStore: Send + Sync {
     /// client-credentials grant have a sid but no refresh-token family).
     fn revoke_sid(&self, sid: SessionId, until_secs: u64) -> impl Future<Output = Result<(), StoreError>> + Send;
 
-    /// Forgets expired state (and response copies past the grace).
-    fn sweep(&self, now_ms: u64);
+    /// Forgets expired state (and response copies past the grace). Async because a shared store
+    /// sweeps its indexes over the network.
+    fn sweep(&self, now_ms: u64) -> impl Future<Output = ()> + Send;
 
-    /// Live sessions.
-    fn session_count(&self) -> usize;
+    /// Sessions the store holds (revoked ones included, until they expire and are swept).
+    fn session_count(&self) -> impl Future<Output = Result<usize, StoreError>> + Send;
+
+    /// Whether the store can take operations now (false while Redis is unreachable); read by
+    /// `/readyz`. Never blocks.
+    fn available(&self) -> bool {
+        true
+    }
 }
 
 /// The configured store.
 pub enum Store {
     Memory(MemoryStore),
+    Redis(RedisStore),
 }
 
 impl Store {
@@ -190,6 +200,16 @@ impl Store {
     pub fn kind(&self) -> &'static str {
         match self {
             Store::Memory(_) => "memory",
+            Store::Redis(_) => "redis",
+        }
+    }
+
+    /// Waits until the store may serve: the Redis store has loaded the revoked-session set (an
+    /// instance that started without it would accept revoked sessions' access tokens).
+    pub async fn ready(&self) -> Result<(), StoreError> {
+        match self {
+            Store::Memory(_) => Ok(()),
+            Store::Redis(s) => s.synced(redis::STARTUP_SYNC_BOUND).await,
         }
     }
 }
@@ -198,6 +218,7 @@ macro_rules! dispatch {
     ($self:ident, $s:ident => $e:expr) => {
         match $self {
             Store::Memory($s) => $e,
+            Store::Redis($s) => $e,
         }
     };
 }
@@ -223,10 +244,13 @@ impl SessionStore for Store {
     async fn revoke_sid(&self, sid: SessionId, until_secs: u64) -> Result<(), StoreError> {
         dispatch!(self, st => st.revoke_sid(sid, until_secs).await)
     }
-    fn sweep(&self, now_ms: u64) {
-        dispatch!(self, st => st.sweep(now_ms))
+    async fn sweep(&self, now_ms: u64) {
+        dispatch!(self, st => st.sweep(now_ms).await)
     }
-    fn session_count(&self) -> usize {
-        dispatch!(self, st => st.session_count())
+    async fn session_count(&self) -> Result<usize, StoreError> {
+        dispatch!(self, st => st.session_count().await)
+    }
+    fn available(&self) -> bool {
+        dispatch!(self, st => st.available())
     }
 }

@@ -21,6 +21,7 @@ use crate::crypto::{self, Sealed};
 use crate::ids::{SessionId, mint_refresh_token, parse_refresh_token};
 use crate::oauth::clients::{Presented, parse_basic};
 use crate::oauth::error::{ErrorCode, INVALID_REFRESH_TOKEN, OAuthError};
+use crate::oauth::limiter::Refused;
 use crate::oauth::users::VerifyError;
 use crate::proxy::body::ClientBodyError;
 use crate::scope::ScopeSet;
@@ -218,13 +219,17 @@ impl OAuthServer<'_> {
             .state
             .limiter
             .admit(username, peer, clock.now_millis())
-            .map_err(|retry_after_secs| OAuthError::SlowDown { retry_after_secs })?;
+            .await
+            .map_err(|refused| match refused {
+                Refused::Wait(retry_after_secs) => OAuthError::SlowDown { retry_after_secs },
+                Refused::Unavailable(detail) => OAuthError::Unavailable(detail),
+            })?;
         let verified = self.snap.users.verify(username, password).await.map_err(|e| match e {
             VerifyError::Busy => OAuthError::SlowDown { retry_after_secs: 1 },
             VerifyError::TaskFailed => OAuthError::Internal("password verification failed to run".into()),
         })?;
         let Some(user) = verified else {
-            attempt.failed(clock.now_millis());
+            attempt.failed(clock.now_millis()).await;
             // Only known usernames are logged: people type passwords into the username field.
             let username = if self.snap.users.exists(username) {
                 username
@@ -237,7 +242,7 @@ impl OAuthServer<'_> {
                 "the username or password is incorrect",
             ));
         };
-        attempt.succeeded();
+        attempt.succeeded().await;
         let allowed = user.scopes.intersect(client.scopes);
         let granted = requested.map_or(allowed, |r| r.intersect(allowed));
         if granted.is_empty() {
