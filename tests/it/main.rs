@@ -11,6 +11,7 @@ mod config_errors;
 mod enforcement;
 mod forwarding;
 mod hardening;
+mod multi_instance;
 mod process;
 mod reload;
 mod server;
