@@ -1,13 +1,19 @@
 //! End-to-end load: what throughput, latency and CPU per request does the gateway deliver over
 //! real TLS on loopback, for the requests that matter (a proxied GET on a cached token, on a
-//! distinct token each time, the refresh grant, a login)?
+//! distinct token each time, the refresh grant, a login)? And with the Redis store: what does a
+//! rotation cost when every instance shares it (`refresh-redis`, same run as `refresh` on the
+//! memory store), and how long does a revocation on one instance take to be enforced on another
+//! (`revocation-lag`)?
 //!
 //!     cargo bench --bench load                                   # all scenarios, in-process
 //!     cargo bench --bench load -- --scenario refresh --connections 64 --duration 20
+//!     cargo bench --bench load -- --scenario refresh --scenario refresh-redis --scenario revocation-lag
 //!
 //! In-process, the gateway runs on its own runtime (threads named `gw`, `--gw-threads`, default 1)
 //! and the load generator and upstream on another, so the gateway's own CPU per request is read
 //! from its threads' schedstat. `memory` measures the refresh registry's bytes per live session.
+//! The Redis scenarios start a throwaway `redis-server` (free port, temporary folder, AOF with
+//! `appendfsync always`, as the tests do); its CPU is reported apart, since it is another process.
 //!
 //! Against a running deployment (the real token lifecycle: each connection logs in, calls the API
 //! with its access token, and refreshes when the token nears expiry):
@@ -75,9 +81,9 @@ fn parse_opts() -> Opts {
             "--bench" => {} // passed by `cargo bench`
             "-h" | "--help" => {
                 println!(
-                    "options: --connections N (32) --duration S (8) --scenario get-cached|get-distinct|refresh|login|memory \
-                     (repeatable; default all) --gw-threads N (1) | --target URL --ca FILE --client-id ID --username U \
-                     --password P --path /api/..."
+                    "options: --connections N (32) --duration S (8) --scenario get-cached|get-distinct|refresh|\
+                     refresh-redis|login|revocation-lag|memory (repeatable; default all) --gw-threads N (1) \
+                     | --target URL --ca FILE --client-id ID --username U --password P --path /api/..."
                 );
                 std::process::exit(0);
             }
@@ -85,9 +91,17 @@ fn parse_opts() -> Opts {
         }
     }
     if o.scenarios.is_empty() {
-        o.scenarios = ["get-cached", "get-distinct", "refresh", "login", "memory"]
-            .map(String::from)
-            .to_vec();
+        o.scenarios = [
+            "get-cached",
+            "get-distinct",
+            "refresh",
+            "refresh-redis",
+            "login",
+            "revocation-lag",
+            "memory",
+        ]
+        .map(String::from)
+        .to_vec();
     }
     o
 }
@@ -442,36 +456,7 @@ fn main() {
     let upstream = load_rt.block_on(start_upstream());
     let hash = tokengate::oauth::users::hash_password(&o.password).unwrap();
     let secret_path = repo.join("certs/dev-jwt-secret");
-    let toml = format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-tls = {{ cert = "{certs}/localhost.pem", key = "{certs}/localhost-key.pem" }}
-[admin]
-listen = "127.0.0.1:0"
-[tokens]
-issuer = "https://localhost"
-audience = "api"
-signing = {{ secret = "file:{secret}" }}
-[[clients]]
-id = "web"
-grants = ["password", "refresh_token"]
-scopes = ["orders:read"]
-{users}
-[[routes]]
-path_prefix = "/api/orders"
-upstream = "http://{upstream}"
-scopes = ["orders:read"]
-"#,
-        certs = repo.join("certs").display(),
-        secret = secret_path.display(),
-        users = (0..o.connections)
-            .map(|i| format!(
-                "[[users]]\nusername = \"{}-{i}\"\npassword_hash = \"{hash}\"\nscopes = [\"orders:read\"]\n",
-                o.username
-            ))
-            .collect::<String>(),
-    );
+    let toml = gateway_toml(&repo, &o, &hash, upstream);
     let config = tokengate::Config::from_toml(&toml, &repo, "load.toml").unwrap_or_else(|e| panic!("{e}"));
     let _log = tokengate::logging::init_to(
         tokengate::config::LogFormat::Text,
@@ -506,8 +491,43 @@ scopes = ["orders:read"]
         o.duration.as_secs()
     );
     header();
+    let mut redis_side: Option<RedisSide> = None;
+    let mut redis_target: Option<Target> = None;
+    let wants_redis = scenarios.iter().any(|s| s == "refresh-redis" || s == "revocation-lag");
+    if wants_redis {
+        redis_side = RedisSide::start();
+    }
     load_rt.block_on(async {
         for s in &scenarios {
+            if s == "refresh-redis" {
+                let Some(side) = redis_side.as_mut() else { continue };
+                if redis_target.is_none() {
+                    redis_target = Some(side.gateway(gw_rt.handle(), &toml, &repo, "bench:").await);
+                }
+                let pid = side.server.pid().unwrap();
+                let before = process_cpu_us(pid);
+                let started = Instant::now();
+                run(s, redis_target.as_ref().unwrap(), Work::Refresh, &creds, &o, true).await;
+                let redis_cpu = process_cpu_us(pid) - before;
+                println!(
+                    "  (redis-server CPU during refresh-redis: {:.0} ms over {:.1} s)",
+                    redis_cpu as f64 / 1e3,
+                    started.elapsed().as_secs_f64()
+                );
+                continue;
+            }
+            if s == "revocation-lag" {
+                let Some(side) = redis_side.as_mut() else { continue };
+                let a = side.gateway(gw_rt.handle(), &toml, &repo, "lag:").await;
+                side.gateway(gw_rt.handle(), &toml, &repo, "lag:").await;
+                let b = side.gateways.last().unwrap();
+                let lags = Arc::new(StreamLags::default());
+                if let tokengate::store::Store::Redis(st) = &b.app().state().store {
+                    st.observe(lags.clone());
+                }
+                revocation_lag(&a, b, &lags, 200).await;
+                continue;
+            }
             let work = match s.as_str() {
                 "get-cached" => {
                     let mut c = connect(&target).await;
@@ -529,6 +549,198 @@ scopes = ["orders:read"]
         }
     });
     gw_rt.block_on(running.shutdown());
+    if let Some(side) = redis_side {
+        for g in side.gateways {
+            gw_rt.block_on(g.shutdown());
+        }
+    }
+}
+
+/// The in-process gateways' config; `[state]` is appended for the Redis ones.
+fn gateway_toml(repo: &std::path::Path, o: &Opts, hash: &str, upstream: SocketAddr) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+tls = {{ cert = "{certs}/localhost.pem", key = "{certs}/localhost-key.pem" }}
+[admin]
+listen = "127.0.0.1:0"
+[tokens]
+issuer = "https://localhost"
+audience = "api"
+signing = {{ secret = "file:{secret}" }}
+[[clients]]
+id = "web"
+grants = ["password", "refresh_token"]
+scopes = ["orders:read"]
+[[clients]]
+id = "svc"
+secret_sha256 = "{svc}"
+grants = ["client_credentials"]
+scopes = ["orders:read"]
+{users}
+[[routes]]
+path_prefix = "/api/orders"
+upstream = "http://{upstream}"
+scopes = ["orders:read"]
+"#,
+        certs = repo.join("certs").display(),
+        secret = repo.join("certs/dev-jwt-secret").display(),
+        svc = tokengate::crypto::sha256(SVC_SECRET.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>(),
+        users = (0..o.connections)
+            .map(|i| format!(
+                "[[users]]\nusername = \"{}-{i}\"\npassword_hash = \"{hash}\"\nscopes = [\"orders:read\"]\n",
+                o.username
+            ))
+            .collect::<String>(),
+    )
+}
+
+const SVC_SECRET: &str = "bench-svc-secret-0123456789";
+
+/// On-CPU microseconds of another process (utime + stime, in clock ticks of 10 ms).
+fn process_cpu_us(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest.split_whitespace().map(|x| x.parse().unwrap_or(0)).collect();
+    (f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)) * 10_000
+}
+
+/// A throwaway Redis and the gateways started on it (on the gateway runtime).
+struct RedisSide {
+    server: tokengate::store::redis::testing::RedisServer,
+    gateways: Vec<tokengate::RunningGateway>,
+}
+
+impl RedisSide {
+    fn start() -> Option<RedisSide> {
+        match tokengate::store::redis::testing::RedisServer::start() {
+            Ok(server) => Some(RedisSide {
+                server,
+                gateways: Vec::new(),
+            }),
+            Err(e) => {
+                println!("(Redis scenarios skipped: {e})");
+                None
+            }
+        }
+    }
+
+    /// Starts a gateway with the Redis store under `prefix`.
+    async fn gateway(
+        &mut self,
+        gw: &tokio::runtime::Handle,
+        base_toml: &str,
+        repo: &std::path::Path,
+        prefix: &str,
+    ) -> Target {
+        let toml = format!(
+            "{base_toml}\n[state]\nredis_url = \"{}\"\nkey_prefix = \"{prefix}\"\n",
+            self.server.url()
+        );
+        let config = tokengate::Config::from_toml(&toml, repo, "load.toml").unwrap_or_else(|e| panic!("{e}"));
+        let running = gw
+            .spawn(async move {
+                tokengate::Gateway::new(config, Arc::new(tokengate::SystemClock))
+                    .unwrap()
+                    .start()
+                    .await
+                    .unwrap()
+            })
+            .await
+            .unwrap();
+        let target = Target {
+            addr: running.addr,
+            host: "localhost".into(),
+            authority: format!("localhost:{}", running.addr.port()),
+            tls: tls_connector(&repo.join("certs/ca.pem")),
+        };
+        self.gateways.push(running);
+        target
+    }
+}
+
+/// Samples of the stream lag (Redis append → applied on the other instance).
+#[derive(Default)]
+struct StreamLags(std::sync::Mutex<Vec<Duration>>);
+
+impl tokengate::store::redis::StoreObserver for StreamLags {
+    fn revocation_propagated(&self, lag: Duration) {
+        self.0.lock().unwrap().push(lag);
+    }
+}
+
+fn pcts(mut v: Vec<Duration>) -> String {
+    v.sort_unstable();
+    let at = |p: f64| {
+        v.get(((v.len() as f64 * p) as usize).min(v.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or_default()
+    };
+    format!(
+        "p50 {:>8.3} ms  p99 {:>8.3} ms  max {:>8.3} ms",
+        at(0.5).as_secs_f64() * 1e3,
+        at(0.99).as_secs_f64() * 1e3,
+        v.last().copied().unwrap_or_default().as_secs_f64() * 1e3
+    )
+}
+
+/// Revokes `n` client-credentials tokens on A, one at a time, and watches B's in-memory revoked
+/// set (what B's request path reads) until each is there.
+async fn revocation_lag(a: &Target, b: &tokengate::RunningGateway, lags: &StreamLags, n: usize) {
+    use base64::Engine;
+    let mut s = connect(a).await;
+    let revoked = b.app().state().revoked.clone();
+    let (mut sent_to_seen, mut answered_to_seen) = (Vec::new(), Vec::new());
+    for _ in 0..n {
+        let form = [
+            ("grant_type", "client_credentials"),
+            ("client_id", "svc"),
+            ("client_secret", SVC_SECRET),
+        ];
+        let r = send(&mut s, post_form(a, "/api/oauth2/token", &form))
+            .await
+            .expect("token");
+        let at = field(r.body(), "access_token").expect("access_token");
+        let claims: serde_json::Value = serde_json::from_slice(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(at.split('.').nth(1).unwrap())
+                .unwrap(),
+        )
+        .unwrap();
+        let sid = tokengate::ids::SessionId::parse(claims["sid"].as_str().unwrap()).unwrap();
+        let now = claims["iat"].as_u64().unwrap();
+        let form = [
+            ("token", at.as_str()),
+            ("client_id", "svc"),
+            ("client_secret", SVC_SECRET),
+        ];
+        let sent = Instant::now();
+        let r = send(&mut s, post_form(a, "/api/oauth2/revoke", &form))
+            .await
+            .expect("revoke");
+        assert_eq!(r.status(), 200);
+        let answered = Instant::now();
+        let deadline = answered + Duration::from_secs(10);
+        while !revoked.is_revoked(sid, now) {
+            assert!(Instant::now() < deadline, "B never saw a revocation");
+            tokio::task::yield_now().await;
+        }
+        let seen = Instant::now();
+        sent_to_seen.push(seen - sent);
+        answered_to_seen.push(seen.saturating_duration_since(answered));
+    }
+    println!("revocation-lag: {n} revocations on A, each awaited in B's revoked set (what B's requests read)");
+    println!("  revoke sent to A → enforced on B:        {}", pcts(sent_to_seen));
+    println!("  A's answer → enforced on B:              {}", pcts(answered_to_seen));
+    println!(
+        "  stream lag (Redis append → applied on B): {}",
+        pcts(lags.0.lock().unwrap().clone())
+    );
 }
 
 fn mint_tokens(secret: &[u8], n: usize) -> Vec<String> {

@@ -134,6 +134,11 @@ impl RedisServer {
         self.port
     }
 
+    /// The server's process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// `redis://127.0.0.1:PORT/0` (or `rediss://localhost:PORT/0` for TLS).
     pub fn url(&self) -> String {
         match self.tls {
