@@ -128,6 +128,9 @@ fn hex(bytes: &[u8]) -> String {
 /// Whether Redis answers: the operations' connection and the revocation follower's each report,
 /// and the store is available when both do. Transitions are logged once each.
 struct Health {
+    /// Which store, for the log: the URL (never with credentials: the config refuses them) and
+    /// the key prefix.
+    label: String,
     ops_down: AtomicBool,
     stream_down: AtomicBool,
     /// What was last reported (and whether anything has been yet), under the lock that orders
@@ -143,8 +146,9 @@ enum Part {
 }
 
 impl Health {
-    fn new() -> Health {
+    fn new(label: String) -> Health {
         Health {
+            label,
             ops_down: AtomicBool::new(false),
             // Unavailable until the follower has loaded the revoked set.
             stream_down: AtomicBool::new(true),
@@ -173,10 +177,12 @@ impl Health {
         if *reported == Some(available) {
             return;
         }
+        let redis = &self.label;
         match (*reported, available) {
-            (None, true) => tracing::info!("session store: connected to Redis, revoked sessions loaded"),
-            (_, true) => tracing::info!("session store: Redis is available again"),
+            (None, true) => tracing::info!(redis, "session store: connected to Redis, revoked sessions loaded"),
+            (_, true) => tracing::info!(redis, "session store: Redis is available again"),
             (_, false) => tracing::warn!(
+                redis,
                 error = %why,
                 "session store: Redis is unavailable; the token and revoke endpoints answer 503 and \
                  API requests are checked against the revocations known so far"
@@ -306,7 +312,7 @@ impl RedisStore {
             keys: Keys {
                 prefix: settings.key_prefix.clone(),
             },
-            health: Health::new(),
+            health: Health::new(format!("{} prefix {}", settings.url, settings.key_prefix)),
         });
         let follower = Arc::new(FollowerStats::default());
         let (stop_tx, stop_rx) = watch::channel(());

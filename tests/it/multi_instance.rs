@@ -47,14 +47,22 @@ struct Pair {
     b: TestGateway,
     clock: Arc<ManualClock>,
     toml: String,
+    prefix: String,
 }
 
 async fn pair(redis: &RedisServer, grace: &str) -> Pair {
-    let toml = toml(redis, &prefix(), grace);
+    let prefix = prefix();
+    let toml = toml(redis, &prefix, grace);
     let clock = Arc::new(ManualClock::new());
     let a = support::start_with_clock(&toml, clock.clone()).await;
     let b = support::start_with_clock(&toml, clock.clone()).await;
-    Pair { a, b, clock, toml }
+    Pair {
+        a,
+        b,
+        clock,
+        toml,
+        prefix,
+    }
 }
 
 fn sid(refresh_token: &str) -> SessionId {
@@ -321,6 +329,20 @@ async fn redis_down_means_503_at_the_token_endpoint_api_still_served_then_recove
     for gw in [&p.a, &p.b] {
         eventually("/readyz ready again", || admin(gw, "/readyz").map(|(s, _)| s == 200)).await;
     }
+    let logs = support::logs::captured();
+    let ours = |line: &&str| line.contains(&p.prefix);
+    assert!(
+        logs.lines()
+            .filter(ours)
+            .any(|l| l.contains("WARN") && l.contains("Redis is unavailable")),
+        "a WARN when it went down"
+    );
+    assert!(
+        logs.lines()
+            .filter(ours)
+            .any(|l| l.contains("INFO") && l.contains("Redis is available again")),
+        "an INFO when it came back"
+    );
     let next = support::json(&rotated.body);
     assert_eq!(revoke(&c, &p.b, str_of(&next, "access_token")).await.status, 200);
 }
