@@ -44,6 +44,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, OnceLock};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, FromRedisValue, IntoConnectionInfo, RedisError, RedisResult, Script, ScriptInvocation, Value};
 use tokio::sync::watch;
@@ -198,21 +199,48 @@ impl Health {
 /// The connection every operation shares (redis-rs reconnects it by itself), the key names and
 /// the health they report to. The login limiter uses it too.
 pub(crate) struct Conn {
-    manager: ConnectionManager,
+    /// Replaced whole by [`Conn::renew`]: redis-rs reconnects by itself only after an I/O error,
+    /// so a connection attempt that failed otherwise (AUTH refused, LOADING after a restart)
+    /// would stay failed for ever.
+    manager: ArcSwap<ConnectionManager>,
+    client: Client,
     pub(crate) keys: Keys,
     health: Health,
 }
 
+fn manager_config() -> ConnectionManagerConfig {
+    ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(OP_TIMEOUT))
+        .set_response_timeout(Some(OP_TIMEOUT))
+        // Callers are bounded by OP_TIMEOUT anyway; reconnection is retried on the next call and
+        // by the prober every second, so a long retry schedule would only queue callers.
+        .set_number_of_retries(1)
+        .set_min_delay(Duration::from_millis(50))
+        .set_max_delay(Duration::from_millis(500))
+}
+
 impl Conn {
+    fn manager(&self) -> ConnectionManager {
+        ConnectionManager::clone(&self.manager.load())
+    }
+
+    /// A fresh connection manager (connects lazily).
+    fn renew(&self) -> Result<(), StoreError> {
+        let fresh = ConnectionManager::new_lazy_with_config(self.client.clone(), manager_config())
+            .map_err(|e| StoreError::Failed(format!("state.redis_url: {e}")))?;
+        self.manager.store(Arc::new(fresh));
+        Ok(())
+    }
+
     /// Runs a script within [`OP_TIMEOUT`].
     pub(crate) async fn run<T: FromRedisValue>(&self, inv: &ScriptInvocation<'_>) -> Result<T, StoreError> {
-        let mut c = self.manager.clone();
+        let mut c = self.manager();
         self.bounded(inv.invoke_async(&mut c)).await
     }
 
     /// Runs a command within [`OP_TIMEOUT`].
     pub(crate) async fn query<T: FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, StoreError> {
-        let mut c = self.manager.clone();
+        let mut c = self.manager();
         self.bounded(cmd.query_async(&mut c)).await
     }
 
@@ -297,18 +325,11 @@ impl RedisStore {
         let runtime = tokio::runtime::Handle::try_current()
             .map_err(|_| StoreError::Failed("the Redis store needs a tokio runtime".into()))?;
         let client = client(settings)?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(OP_TIMEOUT))
-            .set_response_timeout(Some(OP_TIMEOUT))
-            // Callers are bounded by OP_TIMEOUT anyway; reconnection is retried on the next call
-            // and by the prober every second, so a long retry schedule would only queue callers.
-            .set_number_of_retries(1)
-            .set_min_delay(Duration::from_millis(50))
-            .set_max_delay(Duration::from_millis(500));
-        let manager = ConnectionManager::new_lazy_with_config(client.clone(), config)
+        let manager = ConnectionManager::new_lazy_with_config(client.clone(), manager_config())
             .map_err(|e| StoreError::Failed(format!("state.redis_url: {e}")))?;
         let conn = Arc::new(Conn {
-            manager,
+            manager: ArcSwap::from_pointee(manager),
+            client: client.clone(),
             keys: Keys {
                 prefix: settings.key_prefix.clone(),
             },
@@ -528,7 +549,7 @@ impl SessionStore for RedisStore {
             .arg("-inf")
             .arg(format!("({lapsed}"))
             .ignore();
-        let mut c = self.conn.manager.clone();
+        let mut c = self.conn.manager();
         if let Err(e) = self.conn.bounded(pipe.query_async::<()>(&mut c)).await {
             tracing::debug!(error = %e, "session store: sweep skipped");
         }

@@ -121,16 +121,27 @@ pub(super) async fn follow(
 }
 
 /// Checks the operations' connection every second (and so reconnects it after an outage before a
-/// request finds it broken).
+/// request finds it broken). Two failed checks in a row and the connection manager is replaced:
+/// redis-rs retries by itself only after I/O errors.
 pub(super) async fn probe(conn: Arc<Conn>, mut stop: watch::Receiver<()>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failed = 0u32;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = stop.changed() => return,
         }
-        let _ = conn.query::<String>(&redis::cmd("PING")).await;
+        match conn.query::<String>(&redis::cmd("PING")).await {
+            Ok(_) => failed = 0,
+            Err(_) => failed += 1,
+        }
+        if failed >= 2 {
+            failed = 0;
+            if let Err(e) = conn.renew() {
+                tracing::warn!(error = %e, "session store: cannot renew the Redis connection");
+            }
+        }
     }
 }
 

@@ -294,6 +294,35 @@ async fn a_wrong_password_fails_the_start_with_a_reason() {
 }
 
 #[tokio::test]
+async fn a_connection_refused_for_another_reason_than_io_is_renewed() {
+    let server = RedisServer::start_with(Some("old-password"), None).unwrap();
+    let s = settings(&server.url());
+    let store = store_on(&wrong_password(&s), Arc::new(RevokedSessions::new()), 0);
+    assert!(matches!(
+        store.revoke_sid(SessionId(1), 1).await,
+        Err(StoreError::Unavailable(_))
+    ));
+    // The operator fixes the server's side: the store gets there without a restart.
+    let client = redis::Client::open(
+        redis::IntoConnectionInfo::into_connection_info(server.url().as_str())
+            .unwrap()
+            .set_redis_settings(redis::RedisConnectionInfo::default().set_password("old-password")),
+    )
+    .unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("requirepass")
+        .arg("not-the-password")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    store.synced(HANG_GUARD).await.unwrap();
+    wait_until("available", || store.available()).await;
+    store.revoke_sid(SessionId(1), 1).await.unwrap();
+}
+
+#[tokio::test]
 async fn rediss_with_a_ca_file() {
     let certs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("certs");
     let tls = super::testing::Tls {
