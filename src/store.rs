@@ -27,7 +27,7 @@ use crate::crypto::{Digest, Sealed};
 use crate::ids::SessionId;
 
 pub use memory::MemoryStore;
-pub use redis::RedisStore;
+pub use redis::{RedisStore, StoreObserver};
 
 /// A session about to be created at login.
 #[derive(Debug, Clone)]
@@ -201,6 +201,15 @@ impl Store {
         match self {
             Store::Memory(_) => "memory",
             Store::Redis(_) => "redis",
+        }
+    }
+
+    /// Reports availability changes and revocation propagation lags to `observer` (metrics). Only
+    /// the Redis store has either; the others report nothing.
+    pub fn observe(&self, observer: Arc<dyn StoreObserver>) {
+        match self {
+            Store::Memory(_) => {}
+            Store::Redis(s) => s.observe(observer),
         }
     }
 
