@@ -7,13 +7,15 @@
 //!
 //!     cargo bench --bench load                                   # all scenarios, in-process
 //!     cargo bench --bench load -- --scenario refresh --connections 64 --duration 20
-//!     cargo bench --bench load -- --scenario refresh --scenario refresh-redis --scenario revocation-lag
+//!     cargo bench --bench load -- --scenario refresh --scenario refresh-redis \
+//!         --scenario refresh-redis-everysec --scenario revocation-lag
 //!
 //! In-process, the gateway runs on its own runtime (threads named `gw`, `--gw-threads`, default 1)
 //! and the load generator and upstream on another, so the gateway's own CPU per request is read
 //! from its threads' schedstat. `memory` measures the refresh registry's bytes per live session.
 //! The Redis scenarios start a throwaway `redis-server` (free port, temporary folder, AOF with
-//! `appendfsync always`, as the tests do); its CPU is reported apart, since it is another process.
+//! `appendfsync always`, as the tests do; `refresh-redis-everysec` switches it to `everysec`); its
+//! CPU is reported apart, since it is another process.
 //!
 //! Against a running deployment (the real token lifecycle: each connection logs in, calls the API
 //! with its access token, and refreshes when the token nears expiry):
@@ -82,7 +84,8 @@ fn parse_opts() -> Opts {
             "-h" | "--help" => {
                 println!(
                     "options: --connections N (32) --duration S (8) --scenario get-cached|get-distinct|refresh|\
-                     refresh-redis|login|revocation-lag|memory (repeatable; default all) --gw-threads N (1) \
+                     refresh-redis|refresh-redis-everysec|login|revocation-lag|memory (repeatable; default all) \
+                     --gw-threads N (1) \
                      | --target URL --ca FILE --client-id ID --username U --password P --path /api/..."
                 );
                 std::process::exit(0);
@@ -96,6 +99,7 @@ fn parse_opts() -> Opts {
             "get-distinct",
             "refresh",
             "refresh-redis",
+            "refresh-redis-everysec",
             "login",
             "revocation-lag",
             "memory",
@@ -493,17 +497,30 @@ fn main() {
     header();
     let mut redis_side: Option<RedisSide> = None;
     let mut redis_target: Option<Target> = None;
-    let wants_redis = scenarios.iter().any(|s| s == "refresh-redis" || s == "revocation-lag");
+    let wants_redis = scenarios
+        .iter()
+        .any(|s| s.starts_with("refresh-redis") || s == "revocation-lag");
     if wants_redis {
         redis_side = RedisSide::start();
     }
     load_rt.block_on(async {
         for s in &scenarios {
-            if s == "refresh-redis" {
+            if s == "refresh-redis" || s == "refresh-redis-everysec" {
                 let Some(side) = redis_side.as_mut() else { continue };
                 if redis_target.is_none() {
                     redis_target = Some(side.gateway(gw_rt.handle(), &toml, &repo, "bench:").await);
                 }
+                // The same server, its fsync policy switched at run time.
+                let fsync = if s == "refresh-redis" { "always" } else { "everysec" };
+                let client = redis::Client::open(side.server.url()).unwrap();
+                let mut c = client.get_multiplexed_async_connection().await.unwrap();
+                let () = redis::cmd("CONFIG")
+                    .arg("SET")
+                    .arg("appendfsync")
+                    .arg(fsync)
+                    .query_async(&mut c)
+                    .await
+                    .unwrap();
                 let pid = side.server.pid().unwrap();
                 let before = process_cpu_us(pid);
                 let started = Instant::now();
