@@ -371,7 +371,7 @@ async fn run(name: &str, t: &Target, work: Work, creds: &Creds, o: &Opts, in_pro
         "-".into()
     };
     println!(
-        "{name:<13} {:>5} {:>10.0} {:>8} {:>8} {:>8} {:>12} {:>12.1} {:>7}{}",
+        "{name:<22} {:>5} {:>10.0} {:>8} {:>8} {:>8} {:>12} {:>12.1} {:>7}{}",
         o.connections,
         n / elapsed,
         percentile(&all.latencies_us, 0.50),
@@ -390,7 +390,7 @@ async fn run(name: &str, t: &Target, work: Work, creds: &Creds, o: &Opts, in_pro
 
 fn header() {
     println!(
-        "{:<13} {:>5} {:>10} {:>8} {:>8} {:>8} {:>12} {:>12} {:>7}",
+        "{:<22} {:>5} {:>10} {:>8} {:>8} {:>8} {:>12} {:>12} {:>7}",
         "scenario", "conns", "req/s", "p50 µs", "p99 µs", "p99.9 µs", "gw CPU µs/req", "proc CPU µs/req", "errors"
     );
 }
@@ -527,7 +527,7 @@ fn main() {
                 run(s, redis_target.as_ref().unwrap(), Work::Refresh, &creds, &o, true).await;
                 let redis_cpu = process_cpu_us(pid) - before;
                 println!(
-                    "  (redis-server CPU during refresh-redis: {:.0} ms over {:.1} s)",
+                    "  (redis-server CPU during {s}: {:.0} ms over {:.1} s)",
                     redis_cpu as f64 / 1e3,
                     started.elapsed().as_secs_f64()
                 );
