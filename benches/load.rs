@@ -1,13 +1,21 @@
 //! End-to-end load: what throughput, latency and CPU per request does the gateway deliver over
 //! real TLS on loopback, for the requests that matter (a proxied GET on a cached token, on a
-//! distinct token each time, the refresh grant, a login)?
+//! distinct token each time, the refresh grant, a login)? And with the Redis store: what does a
+//! rotation cost when every instance shares it (`refresh-redis`, same run as `refresh` on the
+//! memory store), and how long does a revocation on one instance take to be enforced on another
+//! (`revocation-lag`)?
 //!
 //!     cargo bench --bench load                                   # all scenarios, in-process
 //!     cargo bench --bench load -- --scenario refresh --connections 64 --duration 20
+//!     cargo bench --bench load -- --scenario refresh --scenario refresh-redis \
+//!         --scenario refresh-redis-everysec --scenario revocation-lag
 //!
 //! In-process, the gateway runs on its own runtime (threads named `gw`, `--gw-threads`, default 1)
 //! and the load generator and upstream on another, so the gateway's own CPU per request is read
 //! from its threads' schedstat. `memory` measures the refresh registry's bytes per live session.
+//! The Redis scenarios start a throwaway `redis-server` (free port, temporary folder, AOF with
+//! `appendfsync always`, as the tests do; `refresh-redis-everysec` switches it to `everysec`); its
+//! CPU is reported apart, since it is another process.
 //!
 //! `refresh-durable` runs the refresh load against a second gateway whose sessions live in the
 //! durable store (a fresh folder), and prints fsyncs per second and rotations per fsync;
@@ -108,9 +116,11 @@ fn parse_opts() -> Opts {
             "--bench" => {} // passed by `cargo bench`
             "-h" | "--help" => {
                 println!(
-                    "options: --connections N (32) --duration S (8) --scenario get-cached|get-distinct|refresh|refresh-durable|login|memory|durable-1m|login-rss|soak \
-                     (repeatable; default all of these) | login-rss | soak (60 s unless --duration) --gw-threads N (1) | --target URL --ca FILE --client-id ID --username U \
-                     --password P --path /api/... --refresh-every S (default: 60 s before the token expires, or at 3/4 of a shorter lifetime)"
+                    "options: --connections N (32) --duration S (8) --scenario get-cached|get-distinct|refresh|refresh-durable|\
+                     refresh-redis|refresh-redis-everysec|login|revocation-lag|memory|durable-1m \
+                     (repeatable; default all of these) | login-rss | soak (60 s unless --duration) --gw-threads N (1) \
+                     | --target URL --ca FILE --client-id ID --username U --password P --path /api/... \
+                     --refresh-every S (default: 60 s before the token expires, or at 3/4 of a shorter lifetime)"
                 );
                 std::process::exit(0);
             }
@@ -123,7 +133,10 @@ fn parse_opts() -> Opts {
             "get-distinct",
             "refresh",
             "refresh-durable",
+            "refresh-redis",
+            "refresh-redis-everysec",
             "login",
+            "revocation-lag",
             "memory",
             "durable-1m",
         ]
@@ -497,7 +510,7 @@ async fn run(name: &str, t: &Target, work: Work, creds: &Creds, o: &Opts, in_pro
     };
     let errors = Counters::get(&counters.errors);
     println!(
-        "{name:<13} {:>5} {:>10.0} {:>8} {:>8} {:>8} {cpu} {errors:>7}",
+        "{name:<22} {:>5} {:>10.0} {:>8} {:>8} {:>8} {cpu} {errors:>7}",
         o.connections,
         n / elapsed,
         percentile(&all.latencies_us, 0.50),
@@ -561,7 +574,7 @@ async fn progress(counters: Arc<Counters>, started: Instant, duration: Duration)
 fn header(in_process: bool) {
     if in_process {
         println!(
-            "{:<13} {:>5} {:>10} {:>8} {:>8} {:>8} {:>13} {:>15} {:>7}",
+            "{:<22} {:>5} {:>10} {:>8} {:>8} {:>8} {:>13} {:>15} {:>7}",
             "scenario", "conns", "req/s", "p50 µs", "p99 µs", "p99.9 µs", "gw CPU µs/req", "bench CPU µs/req", "errors"
         );
         println!(
@@ -569,7 +582,7 @@ fn header(in_process: bool) {
         );
     } else {
         println!(
-            "{:<13} {:>5} {:>10} {:>8} {:>8} {:>8} {:>13} {:>7}",
+            "{:<22} {:>5} {:>10} {:>8} {:>8} {:>8} {:>13} {:>7}",
             "scenario", "conns", "req/s", "p50 µs", "p99 µs", "p99.9 µs", "loadgen CPU", "errors"
         );
         println!("  (loadgen CPU: µs per request of this load generator, not of the gateway)");
@@ -728,39 +741,10 @@ fn main() {
     let upstream = load_rt.block_on(start_upstream());
     let hash = tokengate::oauth::users::hash_password(&o.password).unwrap();
     let secret_path = repo.join("certs/dev-jwt-secret");
+    let toml = gateway_toml(&repo, &o, &hash, upstream);
     let config_with = |extra: &str| -> tokengate::Config {
-        let toml = format!(
-            r#"
-[server]
-listen = "127.0.0.1:0"
-tls = {{ cert = "{certs}/localhost.pem", key = "{certs}/localhost-key.pem" }}
-[admin]
-listen = "127.0.0.1:0"
-[tokens]
-issuer = "https://localhost"
-audience = "api"
-signing = {{ secret = "file:{secret}" }}
-[[clients]]
-id = "web"
-grants = ["password", "refresh_token"]
-scopes = ["orders:read"]
-{users}
-[[routes]]
-path_prefix = "/api/orders"
-upstream = "http://{upstream}"
-scopes = ["orders:read"]
-{extra}
-"#,
-            certs = repo.join("certs").display(),
-            secret = secret_path.display(),
-            users = (0..o.connections.max(LOGIN_RSS_USERS))
-                .map(|i| format!(
-                    "[[users]]\nusername = \"{}-{i}\"\npassword_hash = \"{hash}\"\nscopes = [\"orders:read\"]\n",
-                    o.username
-                ))
-                .collect::<String>(),
-        );
-        tokengate::Config::from_toml(&toml, &repo, "load.toml").unwrap_or_else(|e| panic!("{e}"))
+        tokengate::Config::from_toml(&format!("{toml}\n{extra}\n"), &repo, "load.toml")
+            .unwrap_or_else(|e| panic!("{e}"))
     };
     let config = config_with("");
     let _log = tokengate::logging::init_to(
@@ -796,6 +780,14 @@ scopes = ["orders:read"]
         running.password_pool().stats().threads,
     );
     let mut table = false;
+    let mut redis_side: Option<RedisSide> = None;
+    let mut redis_target: Option<Target> = None;
+    let wants_redis = scenarios
+        .iter()
+        .any(|s| s.starts_with("refresh-redis") || s == "revocation-lag");
+    if wants_redis {
+        redis_side = RedisSide::start();
+    }
     load_rt.block_on(async {
         for s in &scenarios {
             match s.as_str() {
@@ -813,6 +805,46 @@ scopes = ["orders:read"]
                     table = true;
                 }
                 _ => {}
+            }
+            if s == "refresh-redis" || s == "refresh-redis-everysec" {
+                let Some(side) = redis_side.as_mut() else { continue };
+                if redis_target.is_none() {
+                    redis_target = Some(side.gateway(gw_rt.handle(), &toml, &repo, "bench:").await);
+                }
+                // The same server, its fsync policy switched at run time.
+                let fsync = if s == "refresh-redis" { "always" } else { "everysec" };
+                let client = redis::Client::open(side.server.url()).unwrap();
+                let mut c = client.get_multiplexed_async_connection().await.unwrap();
+                let () = redis::cmd("CONFIG")
+                    .arg("SET")
+                    .arg("appendfsync")
+                    .arg(fsync)
+                    .query_async(&mut c)
+                    .await
+                    .unwrap();
+                let pid = side.server.pid().unwrap();
+                let before = process_cpu_us(pid);
+                let started = Instant::now();
+                run(s, redis_target.as_ref().unwrap(), Work::Refresh, &creds, &o, true).await;
+                let redis_cpu = process_cpu_us(pid) - before;
+                println!(
+                    "  (redis-server CPU during {s}: {:.0} ms over {:.1} s)",
+                    redis_cpu as f64 / 1e3,
+                    started.elapsed().as_secs_f64()
+                );
+                continue;
+            }
+            if s == "revocation-lag" {
+                let Some(side) = redis_side.as_mut() else { continue };
+                let a = side.gateway(gw_rt.handle(), &toml, &repo, "lag:").await;
+                side.gateway(gw_rt.handle(), &toml, &repo, "lag:").await;
+                let b = side.gateways.last().unwrap();
+                let lags = Arc::new(StreamLags::default());
+                if let tokengate::store::Store::Redis(st) = &b.app().state().store {
+                    st.observe(lags.clone());
+                }
+                revocation_lag(&a, b, &lags, 200).await;
+                continue;
             }
             let work = match s.as_str() {
                 "get-cached" => {
@@ -879,6 +911,198 @@ scopes = ["orders:read"]
         }
     });
     gw_rt.block_on(running.shutdown());
+    if let Some(side) = redis_side {
+        for g in side.gateways {
+            gw_rt.block_on(g.shutdown());
+        }
+    }
+}
+
+/// The in-process gateways' config; `[state]` is appended for the Redis ones.
+fn gateway_toml(repo: &std::path::Path, o: &Opts, hash: &str, upstream: SocketAddr) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+tls = {{ cert = "{certs}/localhost.pem", key = "{certs}/localhost-key.pem" }}
+[admin]
+listen = "127.0.0.1:0"
+[tokens]
+issuer = "https://localhost"
+audience = "api"
+signing = {{ secret = "file:{secret}" }}
+[[clients]]
+id = "web"
+grants = ["password", "refresh_token"]
+scopes = ["orders:read"]
+[[clients]]
+id = "svc"
+secret_sha256 = "{svc}"
+grants = ["client_credentials"]
+scopes = ["orders:read"]
+{users}
+[[routes]]
+path_prefix = "/api/orders"
+upstream = "http://{upstream}"
+scopes = ["orders:read"]
+"#,
+        certs = repo.join("certs").display(),
+        secret = repo.join("certs/dev-jwt-secret").display(),
+        svc = tokengate::crypto::sha256(SVC_SECRET.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>(),
+        users = (0..o.connections.max(LOGIN_RSS_USERS))
+            .map(|i| format!(
+                "[[users]]\nusername = \"{}-{i}\"\npassword_hash = \"{hash}\"\nscopes = [\"orders:read\"]\n",
+                o.username
+            ))
+            .collect::<String>(),
+    )
+}
+
+const SVC_SECRET: &str = "bench-svc-secret-0123456789";
+
+/// On-CPU microseconds of another process (utime + stime, in clock ticks of 10 ms).
+fn process_cpu_us(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest.split_whitespace().map(|x| x.parse().unwrap_or(0)).collect();
+    (f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)) * 10_000
+}
+
+/// A throwaway Redis and the gateways started on it (on the gateway runtime).
+struct RedisSide {
+    server: tokengate::store::redis::testing::RedisServer,
+    gateways: Vec<tokengate::RunningGateway>,
+}
+
+impl RedisSide {
+    fn start() -> Option<RedisSide> {
+        match tokengate::store::redis::testing::RedisServer::start() {
+            Ok(server) => Some(RedisSide {
+                server,
+                gateways: Vec::new(),
+            }),
+            Err(e) => {
+                println!("(Redis scenarios skipped: {e})");
+                None
+            }
+        }
+    }
+
+    /// Starts a gateway with the Redis store under `prefix`.
+    async fn gateway(
+        &mut self,
+        gw: &tokio::runtime::Handle,
+        base_toml: &str,
+        repo: &std::path::Path,
+        prefix: &str,
+    ) -> Target {
+        let toml = format!(
+            "{base_toml}\n[state]\nredis_url = \"{}\"\nkey_prefix = \"{prefix}\"\n",
+            self.server.url()
+        );
+        let config = tokengate::Config::from_toml(&toml, repo, "load.toml").unwrap_or_else(|e| panic!("{e}"));
+        let running = gw
+            .spawn(async move {
+                tokengate::Gateway::new(config, Arc::new(tokengate::SystemClock))
+                    .unwrap()
+                    .start()
+                    .await
+                    .unwrap()
+            })
+            .await
+            .unwrap();
+        let target = Target {
+            addr: running.addr,
+            host: "localhost".into(),
+            authority: format!("localhost:{}", running.addr.port()),
+            tls: tls_connector(&repo.join("certs/ca.pem")),
+        };
+        self.gateways.push(running);
+        target
+    }
+}
+
+/// Samples of the stream lag (Redis append → applied on the other instance).
+#[derive(Default)]
+struct StreamLags(std::sync::Mutex<Vec<Duration>>);
+
+impl tokengate::store::redis::StoreObserver for StreamLags {
+    fn revocation_propagated(&self, lag: Duration) {
+        self.0.lock().unwrap().push(lag);
+    }
+}
+
+fn pcts(mut v: Vec<Duration>) -> String {
+    v.sort_unstable();
+    let at = |p: f64| {
+        v.get(((v.len() as f64 * p) as usize).min(v.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or_default()
+    };
+    format!(
+        "p50 {:>8.3} ms  p99 {:>8.3} ms  max {:>8.3} ms",
+        at(0.5).as_secs_f64() * 1e3,
+        at(0.99).as_secs_f64() * 1e3,
+        v.last().copied().unwrap_or_default().as_secs_f64() * 1e3
+    )
+}
+
+/// Revokes `n` client-credentials tokens on A, one at a time, and watches B's in-memory revoked
+/// set (what B's request path reads) until each is there.
+async fn revocation_lag(a: &Target, b: &tokengate::RunningGateway, lags: &StreamLags, n: usize) {
+    use base64::Engine;
+    let mut s = connect(a).await;
+    let revoked = b.app().state().revoked.clone();
+    let (mut sent_to_seen, mut answered_to_seen) = (Vec::new(), Vec::new());
+    for _ in 0..n {
+        let form = [
+            ("grant_type", "client_credentials"),
+            ("client_id", "svc"),
+            ("client_secret", SVC_SECRET),
+        ];
+        let r = send(&mut s, post_form(a, "/api/oauth2/token", &form))
+            .await
+            .expect("token");
+        let at = field(r.body(), "access_token").expect("access_token");
+        let claims: serde_json::Value = serde_json::from_slice(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(at.split('.').nth(1).unwrap())
+                .unwrap(),
+        )
+        .unwrap();
+        let sid = tokengate::ids::SessionId::parse(claims["sid"].as_str().unwrap()).unwrap();
+        let now = claims["iat"].as_u64().unwrap();
+        let form = [
+            ("token", at.as_str()),
+            ("client_id", "svc"),
+            ("client_secret", SVC_SECRET),
+        ];
+        let sent = Instant::now();
+        let r = send(&mut s, post_form(a, "/api/oauth2/revoke", &form))
+            .await
+            .expect("revoke");
+        assert_eq!(r.status(), 200);
+        let answered = Instant::now();
+        let deadline = answered + Duration::from_secs(10);
+        while !revoked.is_revoked(sid, now) {
+            assert!(Instant::now() < deadline, "B never saw a revocation");
+            tokio::task::yield_now().await;
+        }
+        let seen = Instant::now();
+        sent_to_seen.push(seen - sent);
+        answered_to_seen.push(seen.saturating_duration_since(answered));
+    }
+    println!("revocation-lag: {n} revocations on A, each awaited in B's revoked set (what B's requests read)");
+    println!("  revoke sent to A → enforced on B:        {}", pcts(sent_to_seen));
+    println!("  A's answer → enforced on B:              {}", pcts(answered_to_seen));
+    println!(
+        "  stream lag (Redis append → applied on B): {}",
+        pcts(lags.0.lock().unwrap().clone())
+    );
 }
 
 /// Users the `login-rss` scenario spreads its logins over: each gets 4 of the 1,000, so none

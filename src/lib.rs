@@ -45,13 +45,14 @@ pub use clock::{Clock, ManualClock, SharedClock, SystemClock};
 pub use config::Config;
 
 use crate::auth::RevokedSessions;
-use crate::oauth::limiter::LoginLimiter;
+use crate::oauth::limiter::redis::RedisLimiter;
+use crate::oauth::limiter::{Limiter, LoginLimiter};
 use crate::oauth::password::PasswordPool;
 use crate::server::Phase;
 use crate::service::App;
 use crate::snapshot::Snapshot;
 use crate::state::State;
-use crate::store::Store;
+use crate::store::{RedisStore, Store};
 
 /// A gateway built from a validated config, not yet listening.
 pub struct Gateway {
@@ -63,13 +64,14 @@ impl Gateway {
         let revoked = Arc::new(RevokedSessions::with_leeway(config.tokens.leeway.as_secs()));
         let metrics = Arc::new(metrics::Metrics::new());
         metrics.config_applied(clock.now_secs());
-        let store = match &config.state {
+        let grace_ms = config.tokens.reuse_grace.as_millis() as u64;
+        let (store, limiter) = match &config.state {
             config::StateSettings::Memory => {
                 tracing::warn!(
                     "no [state] in the config: sessions are kept in memory and will not survive a restart \
                      (every refresh token and every revocation is forgotten)"
                 );
-                Store::memory(revoked.clone(), config.tokens.reuse_grace.as_millis() as u64)
+                (Store::memory(revoked.clone(), grace_ms), LoginLimiter::default().into())
             }
             config::StateSettings::Durable { path } => {
                 let observed = metrics.clone();
@@ -80,14 +82,8 @@ impl Gateway {
                     })),
                     ..Default::default()
                 };
-                let opened = store::DurableStore::open(
-                    path,
-                    revoked.clone(),
-                    config.tokens.reuse_grace.as_millis() as u64,
-                    clock.clone(),
-                    options,
-                )
-                .with_context(|| format!("state.path: cannot open the session store in {}", path.display()))?;
+                let opened = store::DurableStore::open(path, revoked.clone(), grace_ms, clock.clone(), options)
+                    .with_context(|| format!("state.path: cannot open the session store in {}", path.display()))?;
                 for warning in opened.recovered.warnings() {
                     tracing::warn!(state = %path.display(), "{warning}");
                 }
@@ -99,12 +95,15 @@ impl Gateway {
                     snapshot = opened.recovered.snapshot.as_ref().map_or(0, |s| s.seq.0),
                     "session store opened"
                 );
-                Store::Durable(opened.store)
+                (Store::Durable(opened.store), LoginLimiter::default().into())
             }
-            config::StateSettings::Redis(_) => {
-                anyhow::bail!("state.redis_url: the Redis store is not available in this build yet")
+            config::StateSettings::Redis(settings) => {
+                let store = RedisStore::new(settings, revoked.clone(), grace_ms)?;
+                let limiter = Limiter::Redis(RedisLimiter::new(&store));
+                (Store::Redis(store), limiter)
             }
         };
+        store.observe(metrics.clone());
         let passwords = Arc::new(
             PasswordPool::new(config.tokens.password_hash_concurrency)
                 .context("cannot start the password-hashing threads")?,
@@ -112,7 +111,7 @@ impl Gateway {
         let state = Arc::new(State {
             store,
             revoked: revoked.clone(),
-            limiter: LoginLimiter::default(),
+            limiter,
             passwords,
             metrics,
             clock: clock.clone(),
@@ -130,6 +129,8 @@ impl Gateway {
 
     /// Binds the listeners and starts serving.
     pub async fn start(self) -> anyhow::Result<RunningGateway> {
+        // Serving API requests without the revoked-session set would accept revoked sessions.
+        self.app.state().store.ready().await.context("state")?;
         let snapshot = self.app.snapshot();
         let server = &snapshot.config.server;
         let resolver = server
@@ -216,7 +217,7 @@ async fn maintain(app: Arc<App>, mut phase: watch::Receiver<Phase>) {
         app.snapshot().sweep_upstreams();
         n += 1;
         if n.is_multiple_of(30) {
-            app.state().sweep();
+            app.state().sweep().await;
             compact_if_due(&app).await;
         }
     }

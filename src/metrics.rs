@@ -197,6 +197,8 @@ pub struct Metrics {
     cert_not_after: Gauge,
     pub store_commit_duration: Histogram,
     pub store_batch_size: Histogram,
+    store_available: Gauge,
+    revocation_lag: Histogram,
     log_dropped: Counter,
     log_dropped_seen: AtomicU64,
     /// Resolved handles of the gateway's own endpoints and of unmatched requests.
@@ -305,6 +307,19 @@ impl Metrics {
             "Durable store: records per batch (per fdatasync)",
             store_batch_size.clone(),
         );
+        let store_available = Gauge::default();
+        store_available.set(1);
+        registry.register(
+            "store_available",
+            "1 while the session store takes operations, 0 while it is unreachable (Redis down)",
+            store_available.clone(),
+        );
+        let revocation_lag = Histogram::new([0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0]);
+        registry.register(
+            "revocation_propagation_seconds",
+            "Redis store: from a revocation's append to the stream (by any instance) to its application here",
+            revocation_lag.clone(),
+        );
         let log_dropped = Counter::default();
         registry.register(
             "log_dropped_lines",
@@ -328,6 +343,8 @@ impl Metrics {
             cert_not_after,
             store_commit_duration,
             store_batch_size,
+            store_available,
+            revocation_lag,
             log_dropped,
             log_dropped_seen: AtomicU64::new(0),
             none: Arc::new(RouteMetrics::empty()),
@@ -409,8 +426,12 @@ impl Metrics {
     }
 
     /// The text exposition, with the values read at scrape time brought up to date first.
-    pub fn render(&self, sessions_active: usize) -> String {
-        self.sessions_active.set(sessions_active as i64);
+    /// The exposition text; `sessions_active` is the store's count when it could say (else the
+    /// gauge keeps its last value).
+    pub fn render(&self, sessions_active: Option<usize>) -> String {
+        if let Some(n) = sessions_active {
+            self.sessions_active.set(n as i64);
+        }
         let dropped = crate::logging::dropped_lines();
         let seen = self.log_dropped_seen.swap(dropped, Ordering::Relaxed);
         if dropped > seen {
@@ -420,6 +441,16 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+impl crate::store::StoreObserver for Metrics {
+    fn availability_changed(&self, available: bool) {
+        self.store_available.set(i64::from(available));
+    }
+
+    fn revocation_propagated(&self, lag: std::time::Duration) {
+        self.revocation_lag.observe(lag.as_secs_f64());
     }
 }
 

@@ -538,7 +538,8 @@ fn log_conn_end(r: Result<(), hyper::Error>) {
 }
 
 /// The admin listener: `GET /healthz` (200 while the process runs) and `GET /readyz` (200 once
-/// every listener is bound, 503 once shutdown has begun). Plain HTTP/1.1.
+/// every listener is bound, 503 once shutdown has begun or while the session store is
+/// unavailable) and `GET /metrics`. Plain HTTP/1.1.
 pub async fn admin_loop(
     listener: TcpListener,
     app: Arc<App>,
@@ -561,8 +562,8 @@ pub async fn admin_loop(
         let app = app.clone();
         let service = service_fn(move |req: Request<Incoming>| {
             let ready = ready.load(Ordering::Acquire);
-            let response = admin_response(&req, ready, &app);
-            async move { Ok::<_, Infallible>(response) }
+            let app = app.clone();
+            async move { Ok::<_, Infallible>(admin_response(&req, ready, &app).await) }
         });
         let mut phase = phase.clone();
         tokio::spawn(async move {
@@ -578,10 +579,18 @@ pub async fn admin_loop(
     }
 }
 
-fn admin_response(req: &Request<Incoming>, ready: bool, app: &App) -> Response<Full<Bytes>> {
+/// How long `/metrics` waits for the store's session count (Redis: a round trip) before it
+/// answers with the last known value.
+const METRICS_STORE_WAIT: Duration = Duration::from_secs(1);
+
+async fn admin_response(req: &Request<Incoming>, ready: bool, app: &App) -> Response<Full<Bytes>> {
+    let state = app.state();
     if (req.method(), req.uri().path()) == (&http::Method::GET, "/metrics") {
-        let state = app.state();
-        let text = state.metrics.render(state.store.session_count());
+        let sessions = tokio::time::timeout(METRICS_STORE_WAIT, state.store.session_count())
+            .await
+            .ok()
+            .and_then(Result::ok);
+        let text = state.metrics.render(sessions);
         let mut r = Response::new(Full::new(Bytes::from(text)));
         r.headers_mut().insert(
             http::header::CONTENT_TYPE,
@@ -589,10 +598,14 @@ fn admin_response(req: &Request<Incoming>, ready: bool, app: &App) -> Response<F
         );
         return r;
     }
+    let store_available = state.store.available();
     let (status, body) = match (req.method(), req.uri().path()) {
         (&http::Method::GET, "/healthz") => (StatusCode::OK, "ok\n"),
-        (&http::Method::GET, "/readyz") if ready => (StatusCode::OK, "ready\n"),
-        (&http::Method::GET, "/readyz") => (StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+        (&http::Method::GET, "/readyz") if !ready => (StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+        (&http::Method::GET, "/readyz") if !store_available => {
+            (StatusCode::SERVICE_UNAVAILABLE, "degraded: session store unavailable\n")
+        }
+        (&http::Method::GET, "/readyz") => (StatusCode::OK, "ready\n"),
         _ => (StatusCode::NOT_FOUND, "not found\n"),
     };
     let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use crate::auth::RevokedSessions;
 use crate::clock::SharedClock;
 use crate::metrics::Metrics;
-use crate::oauth::limiter::LoginLimiter;
+use crate::oauth::limiter::Limiter;
 use crate::oauth::password::PasswordPool;
 use crate::store::{SessionStore, Store};
 
@@ -16,7 +16,7 @@ pub struct State {
     pub store: Store,
     /// Shared with the store (which writes it) and every Snapshot's validator (which reads it).
     pub revoked: Arc<RevokedSessions>,
-    pub limiter: LoginLimiter,
+    pub limiter: Limiter,
     /// The Argon2 threads login checks run on (their memory outlives every Snapshot).
     pub passwords: Arc<PasswordPool>,
     pub metrics: Arc<Metrics>,
@@ -25,9 +25,9 @@ pub struct State {
 
 impl State {
     /// Periodic housekeeping: expired sessions, idle login counters, lapsed revocations.
-    pub fn sweep(&self) {
+    pub async fn sweep(&self) {
         let now = self.clock.now_millis();
-        self.store.sweep(now);
+        self.store.sweep(now).await;
         self.limiter.sweep(now);
         self.revoked.sweep(now / 1000);
     }

@@ -3,7 +3,7 @@
 //! ```text
 //!   oauth (grants, rotation, reuse, revocation) ──▶ SessionStore ─┬─ MemoryStore   (process memory)
 //!                                                                 ├─ DurableStore  (memory + journal on disk)
-//!                                                                 └─ (Redis, later)
+//!                                                                 └─ RedisStore    (shared by every instance)
 //!   validator (every request) ──▶ RevokedSessions (always in memory: the hot path makes no I/O)
 //! ```
 //!
@@ -18,6 +18,7 @@
 pub mod durable;
 pub mod journal;
 pub mod memory;
+pub mod redis;
 pub mod registry;
 
 use std::sync::Arc;
@@ -28,6 +29,7 @@ use crate::ids::SessionId;
 
 pub use durable::DurableStore;
 pub use memory::MemoryStore;
+pub use redis::{RedisStore, StoreObserver};
 
 /// A session about to be created at login.
 #[derive(Debug, Clone)]
@@ -172,17 +174,25 @@ pub trait SessionStore: Send + Sync {
     /// client-credentials grant have a sid but no refresh-token family).
     fn revoke_sid(&self, sid: SessionId, until_secs: u64) -> impl Future<Output = Result<(), StoreError>> + Send;
 
-    /// Forgets expired state (and response copies past the grace).
-    fn sweep(&self, now_ms: u64);
+    /// Forgets expired state (and response copies past the grace). Async because a shared store
+    /// sweeps its indexes over the network.
+    fn sweep(&self, now_ms: u64) -> impl Future<Output = ()> + Send;
 
-    /// Live sessions.
-    fn session_count(&self) -> usize;
+    /// Sessions the store holds (revoked ones included, until they expire and are swept).
+    fn session_count(&self) -> impl Future<Output = Result<usize, StoreError>> + Send;
+
+    /// Whether the store can take operations now (false while Redis is unreachable); read by
+    /// `/readyz`. Never blocks.
+    fn available(&self) -> bool {
+        true
+    }
 }
 
 /// The configured store.
 pub enum Store {
     Memory(MemoryStore),
     Durable(DurableStore),
+    Redis(RedisStore),
 }
 
 impl Store {
@@ -194,6 +204,25 @@ impl Store {
         match self {
             Store::Memory(_) => "memory",
             Store::Durable(_) => "durable",
+            Store::Redis(_) => "redis",
+        }
+    }
+
+    /// Reports availability changes and revocation propagation lags to `observer` (metrics). Only
+    /// the Redis store has either; the others report nothing.
+    pub fn observe(&self, observer: Arc<dyn StoreObserver>) {
+        match self {
+            Store::Memory(_) | Store::Durable(_) => {}
+            Store::Redis(s) => s.observe(observer),
+        }
+    }
+
+    /// Waits until the store may serve: the Redis store has loaded the revoked-session set (an
+    /// instance that started without it would accept revoked sessions' access tokens).
+    pub async fn ready(&self) -> Result<(), StoreError> {
+        match self {
+            Store::Memory(_) | Store::Durable(_) => Ok(()),
+            Store::Redis(s) => s.synced(redis::STARTUP_SYNC_BOUND).await,
         }
     }
 }
@@ -203,6 +232,7 @@ macro_rules! dispatch {
         match $self {
             Store::Memory($s) => $e,
             Store::Durable($s) => $e,
+            Store::Redis($s) => $e,
         }
     };
 }
@@ -228,10 +258,13 @@ impl SessionStore for Store {
     async fn revoke_sid(&self, sid: SessionId, until_secs: u64) -> Result<(), StoreError> {
         dispatch!(self, st => st.revoke_sid(sid, until_secs).await)
     }
-    fn sweep(&self, now_ms: u64) {
-        dispatch!(self, st => st.sweep(now_ms))
+    async fn sweep(&self, now_ms: u64) {
+        dispatch!(self, st => st.sweep(now_ms).await)
     }
-    fn session_count(&self) -> usize {
-        dispatch!(self, st => st.session_count())
+    async fn session_count(&self) -> Result<usize, StoreError> {
+        dispatch!(self, st => st.session_count().await)
+    }
+    fn available(&self) -> bool {
+        dispatch!(self, st => st.available())
     }
 }

@@ -21,7 +21,7 @@ use crate::crypto::{self, Sealed};
 use crate::ids::{SessionId, mint_refresh_token, parse_refresh_token};
 use crate::oauth::clients::{Presented, parse_basic};
 use crate::oauth::error::{ErrorCode, INVALID_REFRESH_TOKEN, OAuthError};
-use crate::oauth::limiter::Who;
+use crate::oauth::limiter::{Refused, Who};
 use crate::oauth::users::VerifyError;
 use crate::proxy::body::ClientBodyError;
 use crate::scope::ScopeSet;
@@ -265,11 +265,15 @@ impl<'a> OAuthServer<'a> {
             .state
             .limiter
             .admit(who, clock.now_millis())
-            .map_err(|retry_after_secs| OAuthError::SlowDown { retry_after_secs })?;
+            .await
+            .map_err(|refused| match refused {
+                Refused::Wait(retry_after_secs) => OAuthError::SlowDown { retry_after_secs },
+                Refused::Unavailable(detail) => OAuthError::Unavailable(detail),
+            })?;
         let verified = match self.snap.users.verify(username, password).await {
             Ok(v) => v,
             Err(e) => {
-                attempt.unchecked();
+                attempt.unchecked().await;
                 return Err(match e {
                     VerifyError::Busy => OAuthError::SlowDown { retry_after_secs: 1 },
                     VerifyError::TaskFailed => OAuthError::Internal("password verification failed to run".into()),
@@ -277,7 +281,7 @@ impl<'a> OAuthServer<'a> {
             }
         };
         let Some(user) = verified else {
-            attempt.failed(clock.now_millis());
+            attempt.failed(clock.now_millis()).await;
             let username = who.loggable_username();
             tracing::info!(target: "tokengate::audit", event = "login_failed", username, client = %client.id, %peer);
             return Err(OAuthError::new(
@@ -285,7 +289,7 @@ impl<'a> OAuthServer<'a> {
                 "the username or password is incorrect",
             ));
         };
-        attempt.succeeded();
+        attempt.succeeded().await;
         let allowed = user.scopes.intersect(client.scopes);
         let granted = requested.map_or(allowed, |r| r.intersect(allowed));
         if granted.is_empty() {

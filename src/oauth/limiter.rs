@@ -10,6 +10,12 @@
 //! connection or resets the stream before the answer) counts as a failure, and is audited: its
 //! password check runs to the end all the same, so abandoning must cost a guesser what failing
 //! does. Counters are forgotten once quiet for twice the cap.
+//!
+//! [`Limiter`] is what the token endpoint uses: this process's counters ([`LoginLimiter`], for the
+//! memory and durable stores), or counters shared by every instance through Redis
+//! ([`redis::RedisLimiter`], same policy), so N instances do not allow N times the guesses.
+
+pub mod redis;
 
 use std::hash::{BuildHasher, Hash};
 use std::net::IpAddr;
@@ -238,6 +244,190 @@ impl LoginLimiter {
     pub fn sweep(&self, now_ms: UnixMillis) {
         self.users.sweep(now_ms);
         self.ips.sweep(now_ms);
+    }
+}
+
+/// Why a login attempt was not admitted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refused {
+    /// Too many failures or attempts in flight: retry after this many seconds (429).
+    Wait(u64),
+    /// The shared counters cannot be reached: logins fail closed (503).
+    Unavailable(String),
+}
+
+/// The login limiter the token endpoint uses.
+pub enum Limiter {
+    Local(LoginLimiter),
+    Redis(redis::RedisLimiter),
+}
+
+impl From<LoginLimiter> for Limiter {
+    fn from(l: LoginLimiter) -> Self {
+        Limiter::Local(l)
+    }
+}
+
+/// An admitted login attempt: say how it ended (the shared limiter records it before the answer
+/// goes out, so a client cannot race its next guess past its own failure). Dropped unsaid (the
+/// client went away), it counts as a failure and is audited as `login_abandoned`.
+pub enum LoginAttempt<'a> {
+    Local(Attempt<'a>),
+    Redis(redis::RedisAttempt),
+}
+
+impl LoginAttempt<'_> {
+    pub async fn succeeded(self) {
+        match self {
+            LoginAttempt::Local(a) => a.succeeded(),
+            LoginAttempt::Redis(a) => a.finish(Some(true), 0).await,
+        }
+    }
+
+    pub async fn failed(self, now_ms: UnixMillis) {
+        match self {
+            LoginAttempt::Local(a) => a.failed(now_ms),
+            LoginAttempt::Redis(a) => a.finish(Some(false), now_ms).await,
+        }
+    }
+
+    /// The password was not checked (the gateway was too busy): the attempt is not counted.
+    pub async fn unchecked(self) {
+        match self {
+            LoginAttempt::Local(a) => a.unchecked(),
+            LoginAttempt::Redis(a) => a.finish(None, 0).await,
+        }
+    }
+}
+
+impl Limiter {
+    /// Admits a login attempt, or says why not (nothing counted then).
+    pub async fn admit<'a>(&'a self, who: Who<'a>, now_ms: UnixMillis) -> Result<LoginAttempt<'a>, Refused> {
+        match self {
+            Limiter::Local(l) => l.admit(who, now_ms).map(LoginAttempt::Local).map_err(Refused::Wait),
+            Limiter::Redis(l) => l.admit(who, now_ms).await.map(LoginAttempt::Redis),
+        }
+    }
+
+    /// Forgets idle local counters (shared ones expire in Redis by themselves).
+    pub fn sweep(&self, now_ms: UnixMillis) {
+        match self {
+            Limiter::Local(l) => l.sweep(now_ms),
+            Limiter::Redis(_) => {}
+        }
+    }
+}
+
+/// The limiter's behaviour, run against each implementation (the local one here, the shared one
+/// in the Redis store's tests).
+#[cfg(test)]
+pub(crate) mod scenarios {
+    use super::*;
+
+    pub const T0: u64 = 1_800_000_000_000;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    pub fn who(username: &str, ip: IpAddr) -> Who<'_> {
+        Who {
+            username,
+            known_user: true,
+            client: "web",
+            ip,
+        }
+    }
+
+    async fn fail(l: &Limiter, user: &str, addr: IpAddr, now: u64) -> Result<(), Refused> {
+        l.admit(who(user, addr), now).await?.failed(now).await;
+        Ok(())
+    }
+
+    /// Builds a limiter with `free_per_user` and `free_per_ip` failures before backoff; `settle`
+    /// waits until the outcomes of dropped attempts have been recorded.
+    pub async fn run<S: Future<Output = ()>>(make: impl Fn(u32, u32) -> Limiter, settle: impl Fn() -> S) {
+        // Backoff doubles after the free failures; a success starts the username afresh.
+        let l = make(3, 100);
+        let a = ip("192.0.2.1");
+        for _ in 0..3 {
+            assert_eq!(fail(&l, "ann", a, T0).await, Ok(()));
+        }
+        assert!(matches!(l.admit(who("ann", a), T0).await, Err(Refused::Wait(1))));
+        assert_eq!(fail(&l, "ann", a, T0 + 1_000).await, Ok(()));
+        assert!(matches!(
+            l.admit(who("ann", a), T0 + 1_000).await,
+            Err(Refused::Wait(2))
+        ));
+        assert!(
+            l.admit(who("bob", ip("192.0.2.2")), T0).await.is_ok(),
+            "others are not slowed"
+        );
+        l.admit(who("ann", a), T0 + 3_000).await.unwrap().succeeded().await;
+        for _ in 0..3 {
+            assert_eq!(fail(&l, "ann", a, T0 + 3_000).await, Ok(()));
+        }
+
+        // Parallel guesses for one username get no more checks than sequential ones.
+        let l = make(5, 100);
+        let mut admitted = Vec::new();
+        for _ in 0..50 {
+            if let Ok(at) = l.admit(who("ann", a), T0).await {
+                admitted.push(at);
+            }
+        }
+        assert_eq!(admitted.len(), 5);
+        for attempt in admitted {
+            attempt.succeeded().await;
+        }
+        assert!(
+            l.admit(who("ann", a), T0).await.is_ok(),
+            "finished attempts stop counting as in flight"
+        );
+
+        // An attempt the client abandons (dropped unsaid) counts as a failure; one the gateway
+        // could not check counts as nothing.
+        let l = make(1, 100);
+        l.admit(who("cat", a), T0).await.unwrap().unchecked().await;
+        drop(l.admit(who("cat", a), T0).await.unwrap());
+        settle().await;
+        assert!(
+            matches!(l.admit(who("cat", a), T0).await, Err(Refused::Wait(1))),
+            "an abandoned attempt is a failure"
+        );
+
+        // One address spraying usernames is slowed.
+        let l = make(100, 3);
+        let sprayer = ip("192.0.2.9");
+        for i in 0..3 {
+            assert_eq!(fail(&l, &format!("user{i}"), sprayer, T0).await, Ok(()));
+        }
+        assert!(matches!(
+            l.admit(who("someone-else", sprayer), T0).await,
+            Err(Refused::Wait(1))
+        ));
+
+        // Many users behind one address log in at once, up to the in-flight bound.
+        let l = make(5, 20);
+        let nat = ip("192.0.2.3");
+        let names: Vec<String> = (0..MAX_PENDING_PER_IP).map(|i| format!("u{i}")).collect();
+        let mut inflight = Vec::new();
+        for name in &names {
+            inflight.push(l.admit(who(name, nat), T0).await.unwrap());
+        }
+        assert!(
+            l.admit(who("one-more", nat), T0).await.is_err(),
+            "in-flight attempts per address are bounded"
+        );
+        for attempt in inflight {
+            attempt.succeeded().await;
+        }
+        assert!(l.admit(who("one-more", nat), T0).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn the_local_limiter() {
+        run(|u, i| LoginLimiter::new(u, i).into(), || async {}).await;
     }
 }
 

@@ -20,8 +20,9 @@ use crate::state::State;
 use crate::store::{SessionStore, Store};
 
 /// Builds a store for a test: the revoked set it must keep, the reuse grace in milliseconds, the
-/// clock.
-pub type StoreFactory = fn(Arc<RevokedSessions>, u64, SharedClock) -> Store;
+/// clock. A closure, so a store can be connected to a test's own server (each store it builds must
+/// start empty).
+pub type StoreFactory<'a> = &'a (dyn Fn(Arc<RevokedSessions>, u64, SharedClock) -> Store + Sync);
 
 pub const PASSWORD: &str = "suite-password";
 
@@ -92,7 +93,7 @@ pub struct Harness {
 }
 
 impl Harness {
-    pub fn new(make: StoreFactory, config: Config) -> Harness {
+    pub fn new(make: StoreFactory<'_>, config: Config) -> Harness {
         let clock = Arc::new(ManualClock::new());
         let shared: SharedClock = clock.clone();
         let revoked = Arc::new(RevokedSessions::with_leeway(config.tokens.leeway.as_secs()));
@@ -104,7 +105,7 @@ impl Harness {
         let state = State {
             store,
             revoked,
-            limiter: LoginLimiter::default(),
+            limiter: LoginLimiter::default().into(),
             passwords: Arc::new(crate::oauth::password::PasswordPool::new(2).unwrap()),
             metrics: Arc::default(),
             clock: shared,
@@ -223,7 +224,7 @@ fn is_invalid_grant(r: &Result<Bytes, OAuthError>) -> bool {
 }
 
 /// Runs every lifecycle test against the store `make` builds.
-pub async fn run(make: StoreFactory) {
+pub async fn run(make: StoreFactory<'_>) {
     rotation_issues_a_new_pair_and_retires_the_old(make).await;
     retry_within_grace_gets_the_identical_response(make).await;
     reuse_after_grace_revokes_the_whole_session(make).await;
@@ -239,7 +240,7 @@ pub async fn run(make: StoreFactory) {
     sweep_forgets_expired_sessions_and_sealed_copies(make).await;
 }
 
-async fn rotation_issues_a_new_pair_and_retires_the_old(make: StoreFactory) {
+async fn rotation_issues_a_new_pair_and_retires_the_old(make: StoreFactory<'_>) {
     let h = Harness::new(make, config("10s", false, ""));
     let l = h.login("ann", "web").await;
     let rt = l["refresh_token"].as_str().unwrap();
@@ -253,7 +254,7 @@ async fn rotation_issues_a_new_pair_and_retires_the_old(make: StoreFactory) {
     assert!(h.refresh(&rt2, "web").await.is_ok());
 }
 
-async fn retry_within_grace_gets_the_identical_response(make: StoreFactory) {
+async fn retry_within_grace_gets_the_identical_response(make: StoreFactory<'_>) {
     let h = Harness::new(make, config("10s", false, ""));
     let l = h.login("ann", "web").await;
     let rt = l["refresh_token"].as_str().unwrap();
@@ -266,7 +267,7 @@ async fn retry_within_grace_gets_the_identical_response(make: StoreFactory) {
     assert!(h.refresh(&field(&first, "refresh_token"), "web").await.is_ok());
 }
 
-async fn reuse_after_grace_revokes_the_whole_session(make: StoreFactory) {
+async fn reuse_after_grace_revokes_the_whole_session(make: StoreFactory<'_>) {
     let h = Harness::new(make, config("10s", false, ""));
     let rt1 = h.login("ann", "web").await["refresh_token"]
         .as_str()
@@ -292,7 +293,7 @@ async fn reuse_after_grace_revokes_the_whole_session(make: StoreFactory) {
     assert!(!h.state.revoked.is_revoked(sid, last_exp + 1));
 }
 
-async fn zero_grace_means_any_reuse_revokes(make: StoreFactory) {
+async fn zero_grace_means_any_reuse_revokes(make: StoreFactory<'_>) {
     let h = Harness::new(make, config("0s", false, ""));
     let rt1 = h.login("ann", "web").await["refresh_token"]
         .as_str()
@@ -304,7 +305,7 @@ async fn zero_grace_means_any_reuse_revokes(make: StoreFactory) {
     assert!(h.is_revoked(sid_of(&rt1)));
 }
 
-async fn another_clients_presentation_changes_nothing(make: StoreFactory) {
+async fn another_clients_presentation_changes_nothing(make: StoreFactory<'_>) {
     let h = Harness::new(make, config("10s", false, ""));
     let rt = h.login("ann", "web").await["refresh_token"]
         .as_str()
@@ -315,7 +316,7 @@ async fn another_clients_presentation_changes_nothing(make: StoreFactory) {
     assert!(h.refresh(&rt, "web").await.is_ok());
 }
 
-async fn a_forged_token_naming_a_real_session_changes_nothing(make: StoreFactory) {
+async fn a_forged_token_naming_a_real_session_changes_nothing(make: StoreFactory<'_>) {
     let h = Harness::new(make, config("10s", false, ""));
     let rt = h.login("ann", "web").await["refresh_token"]
         .as_str()
@@ -329,7 +330,7 @@ async fn a_forged_token_naming_a_real_session_changes_nothing(make: StoreFactory
     assert!(h.refresh(&rt, "web").await.is_ok());
 }
 
-async fn refresh_tokens_expire_after_a_day_and_sessions_at_their_cap(make: StoreFactory) {
+async fn refresh_tokens_expire_after_a_day_and_sessions_at_their_cap(make: StoreFactory<'_>) {
     let h = Harness::new(make, config("10s", false, ""));
     let rt = h.login("ann", "web").await["refresh_token"]
         .as_str()
@@ -354,7 +355,7 @@ async fn refresh_tokens_expire_after_a_day_and_sessions_at_their_cap(make: Store
     assert!(is_invalid_grant(&h.refresh(&field(&r, "refresh_token"), "web").await));
 }
 
-async fn a_refused_widening_changes_nothing(make: StoreFactory) {
+async fn a_refused_widening_changes_nothing(make: StoreFactory<'_>) {
     let h = Harness::new(make, config("10s", false, ""));
     let rt = h.login("bob", "web").await["refresh_token"]
         .as_str()
@@ -371,7 +372,7 @@ async fn a_refused_widening_changes_nothing(make: StoreFactory) {
     assert_eq!(field(&r, "scope"), "orders:write");
 }
 
-async fn revocation_checks_the_client_and_ends_the_session(make: StoreFactory) {
+async fn revocation_checks_the_client_and_ends_the_session(make: StoreFactory<'_>) {
     let h = Harness::new(make, config("10s", false, ""));
     let rt = h.login("ann", "web").await["refresh_token"]
         .as_str()
@@ -402,7 +403,7 @@ async fn revocation_checks_the_client_and_ends_the_session(make: StoreFactory) {
     h.revoke("not-a-token", "web").await.unwrap();
 }
 
-async fn sessions_name_their_user_so_a_reordered_config_changes_nothing(make: StoreFactory) {
+async fn sessions_name_their_user_so_a_reordered_config_changes_nothing(make: StoreFactory<'_>) {
     let mut h = Harness::new(make, config("10s", false, ""));
     let rt = h.login("ann", "web").await["refresh_token"]
         .as_str()
@@ -414,7 +415,7 @@ async fn sessions_name_their_user_so_a_reordered_config_changes_nothing(make: St
     assert_eq!(field(&r, "scope"), "orders:read orders:write");
 }
 
-async fn a_user_removed_from_the_config_can_no_longer_refresh(make: StoreFactory) {
+async fn a_user_removed_from_the_config_can_no_longer_refresh(make: StoreFactory<'_>) {
     let mut h = Harness::new(make, config("10s", false, ""));
     let rt = h.login("ann", "web").await["refresh_token"]
         .as_str()
@@ -426,7 +427,7 @@ async fn a_user_removed_from_the_config_can_no_longer_refresh(make: StoreFactory
     assert!(is_invalid_grant(&h.refresh(&rt, "web").await));
 }
 
-async fn the_session_limit_revokes_the_oldest(make: StoreFactory) {
+async fn the_session_limit_revokes_the_oldest(make: StoreFactory<'_>) {
     let h = Harness::new(make, config("10s", false, "max_sessions_per_user = 2"));
     let first = h.login("ann", "web").await["refresh_token"]
         .as_str()
@@ -447,13 +448,13 @@ async fn the_session_limit_revokes_the_oldest(make: StoreFactory) {
     assert!(h.refresh(&second, "web").await.is_ok());
     assert!(h.refresh(&third, "web").await.is_ok());
     assert_eq!(
-        h.state.store.session_count(),
+        h.state.store.session_count().await.unwrap(),
         3,
         "the revoked one is kept, flagged, until it expires"
     );
 }
 
-async fn sweep_forgets_expired_sessions_and_sealed_copies(make: StoreFactory) {
+async fn sweep_forgets_expired_sessions_and_sealed_copies(make: StoreFactory<'_>) {
     let h = Harness::new(make, config("10s", false, ""));
     let rt = h.login("ann", "web").await["refresh_token"]
         .as_str()
@@ -461,15 +462,15 @@ async fn sweep_forgets_expired_sessions_and_sealed_copies(make: StoreFactory) {
         .to_owned();
     h.refresh(&rt, "web").await.unwrap();
     h.clock.advance(Duration::from_secs(11));
-    h.state.sweep();
-    assert_eq!(h.state.store.session_count(), 1);
+    h.state.sweep().await;
+    assert_eq!(h.state.store.session_count().await.unwrap(), 1);
     h.clock.advance(Duration::from_secs(86_400));
-    h.state.sweep();
-    assert_eq!(h.state.store.session_count(), 0);
+    h.state.sweep().await;
+    assert_eq!(h.state.store.session_count().await.unwrap(), 0);
 }
 
 /// Many concurrent refreshes of one token all get the one identical response.
-pub async fn concurrent_refreshes_of_one_token_agree(make: StoreFactory) {
+pub async fn concurrent_refreshes_of_one_token_agree(make: StoreFactory<'_>) {
     let h = Arc::new(Harness::new(make, config("10s", false, "")));
     let rt = h.login("ann", "web").await["refresh_token"]
         .as_str()
@@ -506,20 +507,20 @@ pub fn durable(revoked: Arc<RevokedSessions>, grace_ms: u64, clock: SharedClock)
 
 #[tokio::test]
 async fn memory_store() {
-    run(memory).await;
+    run(&memory).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn memory_store_concurrent_refreshes() {
-    concurrent_refreshes_of_one_token_agree(memory).await;
+    concurrent_refreshes_of_one_token_agree(&memory).await;
 }
 
 #[tokio::test]
 async fn durable_store() {
-    run(durable).await;
+    run(&durable).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn durable_store_concurrent_refreshes() {
-    concurrent_refreshes_of_one_token_agree(durable).await;
+    concurrent_refreshes_of_one_token_agree(&durable).await;
 }

@@ -274,12 +274,12 @@ impl SessionStore for DurableStore {
         self.durable(seq).await
     }
 
-    fn sweep(&self, now_ms: u64) {
+    async fn sweep(&self, now_ms: u64) {
         self.registry.sweep(now_ms);
     }
 
-    fn session_count(&self) -> usize {
-        self.registry.session_count()
+    async fn session_count(&self) -> Result<usize, StoreError> {
+        Ok(self.registry.session_count())
     }
 }
 
@@ -440,7 +440,7 @@ mod tests {
                     }
                     Op::Advance(ms) => {
                         clock.advance(Duration::from_millis(u64::from(ms)));
-                        store.sweep(clock.now_millis());
+                        store.registry.sweep(clock.now_millis());
                     }
                     Op::Compact => {
                         store.compact().unwrap();
@@ -486,7 +486,7 @@ mod tests {
         drop(store);
         let reopened = open(dir.path(), &clock, 10_000);
         assert_eq!(
-            reopened.session_count(),
+            reopened.registry.session_count(),
             6,
             "the 4 expired sessions left at the snapshot"
         );

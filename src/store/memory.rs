@@ -53,11 +53,11 @@ impl SessionStore for MemoryStore {
         self.registry.revoke_sid(sid, until_secs).map(|_| ())
     }
 
-    fn sweep(&self, now_ms: u64) {
+    async fn sweep(&self, now_ms: u64) {
         self.registry.sweep(now_ms);
     }
 
-    fn session_count(&self) -> usize {
-        self.registry.session_count()
+    async fn session_count(&self) -> Result<usize, StoreError> {
+        Ok(self.registry.session_count())
     }
 }

@@ -14,6 +14,7 @@ mod enforcement;
 mod forwarding;
 mod hardening;
 mod metrics;
+mod multi_instance;
 mod process;
 mod reload;
 mod server;

@@ -124,9 +124,13 @@ impl TestGateway {
 
 /// Starts a gateway from TOML text on port 0 with a manual clock.
 pub async fn start(toml: &str) -> TestGateway {
+    start_with_clock(toml, Arc::new(ManualClock::new())).await
+}
+
+/// Starts a gateway on `clock` (several instances can share one).
+pub async fn start_with_clock(toml: &str, clock: Arc<ManualClock>) -> TestGateway {
     logs::install();
     let config = Config::from_toml(toml, &repo(), "test.toml").unwrap_or_else(|e| panic!("{e}"));
-    let clock = Arc::new(ManualClock::new());
     let running = Gateway::new(config, clock.clone()).unwrap().start().await.unwrap();
     TestGateway {
         addr: running.addr,
