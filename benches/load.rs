@@ -8,6 +8,8 @@
 //! In-process, the gateway runs on its own runtime (threads named `gw`, `--gw-threads`, default 1)
 //! and the load generator and upstream on another, so the gateway's own CPU per request is read
 //! from its threads' schedstat. `memory` measures the refresh registry's bytes per live session.
+//! The in-process gateway signs with Ed25519 (certs/signing-key.pem), so `refresh` measures
+//! rotations with EdDSA signing; `get-distinct` sends HS256 tokens, verified by a previous key.
 //!
 //! Against a running deployment (the real token lifecycle: each connection logs in, calls the API
 //! with its access token, and refreshes when the token nears expiry):
@@ -452,7 +454,10 @@ listen = "127.0.0.1:0"
 [tokens]
 issuer = "https://localhost"
 audience = "api"
-signing = {{ secret = "file:{secret}" }}
+# Tokens are signed with Ed25519 (the refresh scenario measures that signing); get-distinct's
+# tokens are HS256 without a kid, minted here with the dev secret, verified by the previous key.
+signing = {{ alg = "EdDSA", key = "file:{certs}/signing-key.pem" }}
+previous_keys = [{{ alg = "HS256", secret = "file:{secret}" }}]
 [[clients]]
 id = "web"
 grants = ["password", "refresh_token"]

@@ -11,6 +11,8 @@
 //! written as `env:NAME` or `file:PATH` and never echoed back in an error.
 
 mod file;
+mod issuers;
+mod signing;
 
 use std::collections::HashSet;
 use std::fmt;
@@ -26,6 +28,8 @@ use crate::routing::{self, RouteTable};
 use crate::scope::{self, ScopeSet, ScopeUniverse};
 
 pub use file::FileConfig;
+pub use issuers::{IssuerSettings, MAX_ISSUERS, SELF_ISSUER, ScopeClaim, normalize_typ};
+pub use signing::{KeySettings, OWN_ALGS, SigningAlg};
 
 /// One problem found in a config: the key path and the reason.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,6 +101,8 @@ pub struct Config {
     pub log: LogSettings,
     /// Every scope named anywhere in the config.
     pub scopes: ScopeUniverse,
+    /// Identity providers whose access tokens are accepted next to ours.
+    pub issuers: Vec<IssuerSettings>,
 }
 
 #[derive(Debug)]
@@ -136,31 +142,6 @@ pub struct AdminSettings {
     pub listen: SocketAddr,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SigningAlg {
-    HS256,
-    HS384,
-    HS512,
-}
-
-impl SigningAlg {
-    pub fn jwt(self) -> jsonwebtoken::Algorithm {
-        match self {
-            SigningAlg::HS256 => jsonwebtoken::Algorithm::HS256,
-            SigningAlg::HS384 => jsonwebtoken::Algorithm::HS384,
-            SigningAlg::HS512 => jsonwebtoken::Algorithm::HS512,
-        }
-    }
-    /// RFC 7518 §3.2: the key must be at least as long as the hash output.
-    fn min_secret_len(self) -> usize {
-        match self {
-            SigningAlg::HS256 => 32,
-            SigningAlg::HS384 => 48,
-            SigningAlg::HS512 => 64,
-        }
-    }
-}
-
 #[derive(Debug)]
 pub struct TokenSettings {
     pub issuer: String,
@@ -173,10 +154,14 @@ pub struct TokenSettings {
     pub cache_capacity: u64,
     pub token_path: String,
     pub revoke_path: String,
+    /// RFC 7662 token introspection.
+    pub introspect_path: String,
     /// Live sessions one user may hold; a login beyond it revokes the oldest.
     pub max_sessions_per_user: usize,
-    pub alg: SigningAlg,
-    pub secret: Secret,
+    /// The key that signs new access tokens.
+    pub signing: KeySettings,
+    /// Retired keys: they verify the tokens they signed (and are published), never sign.
+    pub previous_keys: Vec<KeySettings>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -257,6 +242,8 @@ pub struct RouteSettings {
     /// An idle upstream connection is not reused after this long (nor past the upstream's own
     /// `Keep-Alive: timeout`), and is closed.
     pub idle_timeout: Duration,
+    /// The issuers whose tokens the route accepts (`"self"` is ours); `None`: all of them.
+    pub issuers: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -278,6 +265,10 @@ pub const MAX_HEADER_BYTES: usize = 1024 * 1024;
 
 pub const DEFAULT_TOKEN_PATH: &str = "/api/oauth2/token";
 pub const DEFAULT_REVOKE_PATH: &str = "/api/oauth2/revoke";
+pub const DEFAULT_INTROSPECT_PATH: &str = "/api/oauth2/introspect";
+/// RFC 8414 §3 metadata and the JWKS its `jwks_uri` names: served by the gateway, never routed.
+pub const METADATA_PATH: &str = "/.well-known/oauth-authorization-server";
+pub const JWKS_PATH: &str = "/.well-known/jwks.json";
 pub const DEFAULT_UPSTREAM_MAX_CONNECTIONS: usize = 256;
 const MAX_UPSTREAM_CONNECTIONS: usize = 1_000_000;
 /// Below the 5 s that common application servers (uvicorn, gunicorn, Node) keep an idle
@@ -540,8 +531,8 @@ fn validate(file: FileConfig, base_dir: &Path) -> Result<Config, Vec<Problem>> {
 
     // [tokens]
     let t = &file.tokens;
-    if t.issuer.trim().is_empty() {
-        c.fail("tokens.issuer", "must not be empty");
+    if let Err(reason) = check_issuer_url(&t.issuer) {
+        c.fail("tokens.issuer", reason);
     }
     if t.audience.trim().is_empty() {
         c.fail("tokens.audience", "must not be empty");
@@ -586,31 +577,33 @@ fn validate(file: FileConfig, base_dir: &Path) -> Result<Config, Vec<Problem>> {
     if token_path == revoke_path {
         c.fail("tokens.revoke_path", "must differ from tokens.token_path");
     }
-    let alg = match t.signing.alg.as_deref().unwrap_or("HS256") {
-        "HS256" => SigningAlg::HS256,
-        "HS384" => SigningAlg::HS384,
-        "HS512" => SigningAlg::HS512,
-        other => {
-            c.fail(
-                "tokens.signing.alg",
-                format!("{other:?} is not supported (HS256, HS384 or HS512)"),
-            );
-            SigningAlg::HS256
-        }
-    };
-    let secret = c.secret("tokens.signing.secret", &t.signing.secret);
-    if let Some(secret) = &secret
-        && secret.0.len() < alg.min_secret_len()
-    {
+    let introspect_path = own_path(
+        &mut c,
+        "tokens.introspect_path",
+        t.introspect_path.as_deref(),
+        DEFAULT_INTROSPECT_PATH,
+    );
+    if introspect_path == token_path || introspect_path == revoke_path {
         c.fail(
-            "tokens.signing.secret",
-            format!(
-                "is {} bytes; {alg:?} needs at least {} (RFC 7518 §3.2)",
-                secret.0.len(),
-                alg.min_secret_len()
-            ),
+            "tokens.introspect_path",
+            "must differ from tokens.token_path and tokens.revoke_path",
         );
     }
+    let signing = signing::key_settings(&mut c, "tokens.signing", &t.signing);
+    let previous_keys: Vec<KeySettings> = t
+        .previous_keys
+        .iter()
+        .enumerate()
+        .filter_map(|(i, k)| signing::key_settings(&mut c, &format!("tokens.previous_keys[{i}]"), k))
+        .collect();
+    // Only when every entry parsed, so the index is the file's.
+    if let Some(active) = &signing
+        && previous_keys.len() == t.previous_keys.len()
+        && let Err((i, reason)) = crate::keys::check_distinct(active, &previous_keys)
+    {
+        c.fail(format!("tokens.previous_keys[{i}]"), reason);
+    }
+    let issuers = issuers::issuers(&mut c, &file.issuers, &t.issuer);
 
     // The scope universe: every scope named anywhere.
     let mut universe = ScopeUniverse::default();
@@ -724,8 +717,14 @@ fn validate(file: FileConfig, base_dir: &Path) -> Result<Config, Vec<Problem>> {
                 continue;
             }
         };
-        for (own, own_key) in [(&token_path, "tokens.token_path"), (&revoke_path, "tokens.revoke_path")] {
-            if path_prefix == *own {
+        for (own, own_key) in [
+            (token_path.as_str(), "tokens.token_path"),
+            (revoke_path.as_str(), "tokens.revoke_path"),
+            (introspect_path.as_str(), "tokens.introspect_path"),
+            (METADATA_PATH, "metadata path (RFC 8414)"),
+            (JWKS_PATH, "JWKS path"),
+        ] {
+            if path_prefix == own {
                 c.fail(
                     format!("{key}.path_prefix"),
                     format!("{path_prefix:?} is the gateway's own {own_key}"),
@@ -769,6 +768,13 @@ fn validate(file: FileConfig, base_dir: &Path) -> Result<Config, Vec<Problem>> {
                 "a route with auth = \"none\" cannot require scopes",
             );
         }
+        if auth == AuthPolicy::None && f.issuers.is_some() {
+            c.fail(
+                format!("{key}.issuers"),
+                "a route with auth = \"none\" accepts no tokens to narrow",
+            );
+        }
+        let route_issuers = issuers::route_issuers(&mut c, &format!("{key}.issuers"), f.issuers.as_ref(), &issuers);
         let scopes = c.scopes(&format!("{key}.scopes"), &f.scopes, &universe);
         let connect_timeout = c.duration(
             &format!("{key}.connect_timeout"),
@@ -848,6 +854,7 @@ fn validate(file: FileConfig, base_dir: &Path) -> Result<Config, Vec<Problem>> {
             upgrades,
             max_connections,
             idle_timeout,
+            issuers: route_issuers,
         });
     }
     if let Err(dup) = RouteTable::new(routes.iter().map(|r| (r.host.as_deref(), r.path_prefix.as_str()))) {
@@ -875,7 +882,7 @@ fn validate(file: FileConfig, base_dir: &Path) -> Result<Config, Vec<Problem>> {
         return Err(c.problems);
     }
     // Every fallible value above recorded a problem when it was `None`.
-    let (Some(listen), Some(admin_listen), Some(secret)) = (listen, admin_listen, secret) else {
+    let (Some(listen), Some(admin_listen), Some(signing)) = (listen, admin_listen, signing) else {
         return Err(vec![Problem {
             key: "(internal)".into(),
             reason: "validation incomplete".into(),
@@ -912,15 +919,17 @@ fn validate(file: FileConfig, base_dir: &Path) -> Result<Config, Vec<Problem>> {
             cache_capacity,
             token_path,
             revoke_path,
+            introspect_path,
             max_sessions_per_user,
-            alg,
-            secret,
+            signing,
+            previous_keys,
         },
         clients,
         users,
         routes,
         log: LogSettings { format, level },
         scopes: universe,
+        issuers,
     })
 }
 
@@ -942,6 +951,23 @@ fn check_name(name: &str, ascii_only: bool) -> Result<(), &'static str> {
     }
     if ascii_only && !name.is_ascii() {
         return Err("must be printable ASCII");
+    }
+    Ok(())
+}
+
+/// `tokens.issuer` is the public base URL of the gateway (RFC 8414 §2: https, no query or
+/// fragment); discovery builds every endpoint URL from it.
+fn check_issuer_url(raw: &str) -> Result<(), String> {
+    if raw.trim().is_empty() {
+        return Err("must not be empty".into());
+    }
+    let bad = || format!("{raw:?} is not an http:// or https:// URL (the gateway's public base URL)");
+    let uri: http::Uri = raw.parse().map_err(|_| bad())?;
+    if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.authority().is_none_or(|a| a.host().is_empty()) {
+        return Err(bad());
+    }
+    if uri.query().is_some() || raw.contains('#') {
+        return Err(format!("{raw:?} must have no query or fragment (RFC 8414 §2)"));
     }
     Ok(())
 }
@@ -1120,7 +1146,9 @@ signing = { secret = "env:TOKENGATE_TEST_SECRET_FOR_UNIT_TESTS" }
         assert_eq!(c.tokens.reuse_grace, Duration::from_secs(10));
         assert_eq!(c.tokens.token_path, "/api/oauth2/token");
         assert_eq!(c.admin.listen, "127.0.0.1:9901".parse().unwrap());
-        assert_eq!(c.tokens.secret.expose(), b"0123456789abcdef0123456789abcdef");
+        assert_eq!(c.tokens.signing.material.expose(), b"0123456789abcdef0123456789abcdef");
+        assert_eq!(c.tokens.signing.alg, SigningAlg::HS256);
+        assert_eq!(c.tokens.introspect_path, "/api/oauth2/introspect");
     }
 
     #[test]

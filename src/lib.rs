@@ -18,6 +18,7 @@ pub mod clock;
 pub mod config;
 pub mod crypto;
 pub mod ids;
+pub mod keys;
 pub mod logging;
 pub mod oauth;
 pub mod proxy;
@@ -135,9 +136,10 @@ impl Gateway {
     }
 }
 
-/// Housekeeping: moka's pending tasks and the close of idle upstream connections past their
-/// reuse time every second; sweeps of expired refresh state, login counters and revoked sessions
-/// every 30 seconds.
+/// Housekeeping: moka's pending tasks, the close of idle upstream connections past their reuse
+/// time and the external issuers' due JWKS fetches every second (the first tick is at once, so
+/// their keys start loading as the gateway starts, without delaying it); sweeps of expired refresh
+/// state, login counters and revoked sessions every 30 seconds.
 async fn maintain(app: Arc<App>, mut phase: watch::Receiver<Phase>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut n: u64 = 0;
@@ -146,8 +148,11 @@ async fn maintain(app: Arc<App>, mut phase: watch::Receiver<Phase>) {
             _ = tick.tick() => {}
             _ = server::reached(&mut phase, Phase::Closing) => return,
         }
-        app.snapshot().validator.run_pending_tasks();
-        app.snapshot().sweep_upstreams();
+        let snapshot = app.snapshot();
+        snapshot.validator.run_pending_tasks();
+        snapshot.validator.poll_issuers();
+        snapshot.sweep_upstreams();
+        drop(snapshot);
         n += 1;
         if n.is_multiple_of(30) {
             app.state().sweep();

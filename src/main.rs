@@ -42,7 +42,7 @@ enum Command {
     Check,
     /// Read a password from stdin and print its Argon2id PHC string for [[users]].
     HashPassword,
-    /// Write a development CA, a localhost certificate and a JWT secret into DIR.
+    /// Write a development CA, a localhost certificate, a JWT signing key and secret into DIR.
     GenCerts {
         #[arg(long)]
         out: PathBuf,
@@ -61,10 +61,7 @@ fn main() -> ExitCode {
         Command::Check => return check(cli.config),
         Command::HashPassword => hash_password(),
         Command::GenCerts { out, force } => tokengate::certs::generate(&out, force).map(|()| {
-            println!(
-                "wrote ca.pem, ca-key.pem, localhost.pem, localhost-key.pem, dev-jwt-secret to {}",
-                out.display()
-            );
+            println!("wrote {} to {}", tokengate::certs::FILES.join(", "), out.display());
         }),
     };
     match result {
@@ -95,6 +92,14 @@ fn check(path: Option<PathBuf>) -> ExitCode {
     match Config::load(&path) {
         Ok(config) => {
             println!("{}: ok; {}", path.display(), config.summary());
+            // The kids, to compare with a relying party's JWKS before a key is retired. Whether a
+            // removal would cut live tokens only the running gateway knows (it warns on reload).
+            if let Ok(keys) = tokengate::keys::KeySet::new(&config.tokens, None, 0) {
+                for (i, k) in keys.iter().enumerate() {
+                    let role = if i == 0 { "signs" } else { "verifies (previous)" };
+                    println!("  key {} {} {role}", k.alg, k.kid);
+                }
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {
