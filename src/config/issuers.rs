@@ -252,3 +252,92 @@ pub(super) fn route_issuers(
     }
     Some(list.clone())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use crate::config::{Config, ScopeClaim, SigningAlg};
+
+    fn load(rest: &str) -> Result<Config, Vec<String>> {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("secret"), "0123456789abcdef0123456789abcdef").unwrap();
+        let text = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[tokens]\nissuer = \"https://gw.test\"\naudience = \"api\"\n\
+             signing = {{ secret = \"file:secret\" }}\n{rest}\n"
+        );
+        Config::from_toml(&text, dir.path(), "t.toml").map_err(|e| e.problems.iter().map(|p| p.to_string()).collect())
+    }
+
+    const IDP: &str =
+        "[[issuers]]\nissuer = \"https://idp.test\"\njwks_uri = \"https://idp.test/certs\"\naudiences = [\"api\"]\n";
+
+    #[test]
+    fn an_issuer_gets_the_documented_defaults() {
+        let c = load(IDP).unwrap();
+        let i = &c.issuers[0];
+        assert_eq!(i.algorithms, vec![SigningAlg::RS256, SigningAlg::ES256]);
+        assert_eq!(i.token_types, vec!["at+jwt"]);
+        assert_eq!(i.scope_claim, ScopeClaim::Scope);
+        assert_eq!(i.min_refetch_interval, Duration::from_secs(5));
+        let c = load(&format!(
+            "{IDP}token_types = [\"application/AT+JWT\", \"JWT\"]\nscope_claim = \"scp\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.issuers[0].token_types, vec!["at+jwt", "jwt"]);
+    }
+
+    #[test]
+    fn issuer_settings_are_checked() {
+        let p = load(
+            "[[issuers]]\nissuer = \"https://gw.test\"\njwks_uri = \"ftp://x\"\naudiences = []\n\
+             algorithms = [\"HS256\", \"RS1\"]\nscope_claim = \"roles\"\nmin_refetch_interval = \"100ms\"\n\
+             [[issuers]]\nissuer = \"https://idp.test\"\njwks_uri = \"http://idp.test/certs\"\naudiences = [\"api\"]\n\
+             ca_file = \"ca.pem\"\n\
+             [[issuers]]\nissuer = \"https://idp.test\"\njwks_uri = \"https://u:p@idp.test/certs\"\naudiences = [\"api\"]\n",
+        )
+        .unwrap_err();
+        for expected in [
+            "issuers[0].issuer: is tokens.issuer",
+            "issuers[0].jwks_uri: \"ftp://x\" is not an http:// or https:// URL",
+            "issuers[0].audiences: must list at least one audience",
+            "issuers[0].algorithms[0]: \"HS256\" is never accepted from another issuer",
+            "issuers[0].algorithms[1]: \"RS1\" is not a JWS algorithm",
+            "issuers[0].scope_claim: \"roles\" is not",
+            "issuers[0].min_refetch_interval: must be at least 1s",
+            "issuers[1].ca_file: only applies to an https:// jwks_uri",
+            "issuers[2].issuer: \"https://idp.test\" is defined twice",
+            "issuers[2].jwks_uri: \"https://u:p@idp.test/certs\" must not carry credentials",
+        ] {
+            assert!(p.iter().any(|m| m.starts_with(expected)), "{expected:?} not in {p:?}");
+        }
+    }
+
+    #[test]
+    fn route_issuers_name_self_or_a_configured_issuer() {
+        let route = |issuers: &str, auth: &str| {
+            format!(
+                "{IDP}[[routes]]\npath_prefix = \"/a\"\nupstream = \"echo\"\nauth = \"{auth}\"\nissuers = {issuers}\n"
+            )
+        };
+        let c = load(&route("[\"self\", \"https://idp.test\"]", "required")).unwrap();
+        assert_eq!(c.routes[0].issuers.as_deref().unwrap(), ["self", "https://idp.test"]);
+        for (issuers, auth, expected) in [
+            (
+                "[\"https://other.test\"]",
+                "required",
+                "routes[0].issuers[0]: \"https://other.test\" is neither",
+            ),
+            (
+                "[\"self\", \"self\"]",
+                "required",
+                "routes[0].issuers[1]: \"self\" is listed twice",
+            ),
+            ("[]", "required", "routes[0].issuers: must name at least one issuer"),
+            ("[\"self\"]", "none", "routes[0].issuers: a route with auth = \"none\""),
+        ] {
+            let p = load(&route(issuers, auth)).unwrap_err();
+            assert!(p.iter().any(|m| m.starts_with(expected)), "{expected:?} not in {p:?}");
+        }
+    }
+}

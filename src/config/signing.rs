@@ -193,3 +193,91 @@ pub(super) fn key_settings(c: &mut Checker<'_>, key: &str, f: &SigningFile) -> O
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{Config, SigningAlg};
+
+    /// A config in a fresh folder holding `secret` (32 bytes) and `ed.pem` (an Ed25519 key).
+    fn load_as(issuer: &str, tokens: &str) -> Result<Config, Vec<String>> {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("secret"), "0123456789abcdef0123456789abcdef").unwrap();
+        std::fs::write(
+            dir.path().join("ed.pem"),
+            crate::keys::generate_pem(SigningAlg::EdDSA).unwrap(),
+        )
+        .unwrap();
+        let text = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[tokens]\nissuer = \"{issuer}\"\naudience = \"api\"\n{tokens}\n"
+        );
+        Config::from_toml(&text, dir.path(), "t.toml").map_err(|e| e.problems.iter().map(|p| p.to_string()).collect())
+    }
+
+    fn load(tokens: &str) -> Result<Config, Vec<String>> {
+        load_as("https://gw.test", tokens)
+    }
+
+    fn fails_with(tokens: &str, expected: &str) {
+        let p = load(tokens).expect_err("accepted");
+        assert!(p.iter().any(|m| m.starts_with(expected)), "{expected:?} not in {p:?}");
+    }
+
+    #[test]
+    fn keys_and_secrets_go_with_their_algorithms() {
+        let c = load(
+            "signing = { alg = \"EdDSA\", key = \"file:ed.pem\" }\nprevious_keys = [{ secret = \"file:secret\" }]",
+        )
+        .unwrap();
+        assert_eq!(c.tokens.signing.alg, SigningAlg::EdDSA);
+        assert_eq!(c.tokens.previous_keys[0].alg, SigningAlg::HS256);
+
+        fails_with(
+            "signing = { key = \"file:ed.pem\" }",
+            "tokens.signing.alg: is required with `key`",
+        );
+        fails_with(
+            "signing = { alg = \"EdDSA\", secret = \"file:secret\" }",
+            "tokens.signing.secret: EdDSA signs with a private key",
+        );
+        fails_with(
+            "signing = { alg = \"HS256\", key = \"file:ed.pem\" }",
+            "tokens.signing.key: HS256 signs with a shared secret",
+        );
+        fails_with(
+            "signing = { alg = \"ES256\", key = \"file:ed.pem\" }",
+            "tokens.signing.key: is not a usable ES256 private key",
+        );
+        fails_with(
+            "signing = { alg = \"PS256\", key = \"file:ed.pem\" }",
+            "tokens.signing.alg: \"PS256\" is not supported",
+        );
+        fails_with(
+            "signing = { alg = \"EdDSA\", key = \"file:ed.pem\", secret = \"file:secret\" }",
+            "tokens.signing: set `secret`",
+        );
+        fails_with("signing = { alg = \"EdDSA\" }", "tokens.signing: needs `secret`");
+        fails_with(
+            "signing = { alg = \"EdDSA\", key = \"file:missing.pem\" }",
+            "tokens.signing.key: cannot read",
+        );
+        fails_with(
+            "signing = { alg = \"EdDSA\", key = \"file:secret\" }",
+            "tokens.signing.key: holds no PEM private key",
+        );
+        fails_with(
+            "signing = { alg = \"EdDSA\", key = \"file:ed.pem\" }\n\
+             previous_keys = [{ secret = \"file:secret\" }, { alg = \"EdDSA\", key = \"file:ed.pem\" }]",
+            "tokens.previous_keys[1]: is the same key as tokens.signing",
+        );
+    }
+
+    #[test]
+    fn the_issuer_is_the_public_base_url() {
+        let secret = "signing = { secret = \"file:secret\" }";
+        assert!(load_as("https://auth.example.com/base", secret).is_ok());
+        for bad in ["auth.example.com", "ftp://x", "https://x/?q=1", "https://x/#f", ""] {
+            let p = load_as(bad, secret).expect_err(bad);
+            assert!(p.iter().any(|m| m.starts_with("tokens.issuer:")), "{bad}: {p:?}");
+        }
+    }
+}
