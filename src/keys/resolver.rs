@@ -194,9 +194,7 @@ impl Resolver {
         let mut rx = self.done.subscribe();
         let mut c = self.control();
         if !c.in_flight {
-            let kid_missing = kid
-                .and_then(|k| c.unknown_kids.get(k))
-                .is_some_and(|&until| now < until);
+            let kid_missing = c.unknown_kids.get(kid.unwrap_or("")).is_some_and(|&until| now < until);
             let limited = c
                 .last_forced_ms
                 .is_some_and(|t| now < t.saturating_add(ms(self.settings.min_refetch_interval)));
@@ -253,10 +251,11 @@ impl Resolver {
             return; // the guard clears in_flight
         };
         runtime.spawn(async move {
-            let mut guard = guard;
-            let Some(me) = guard.0.take() else { return };
-            let result = me.fetcher.fetch().await;
-            me.complete(result);
+            let result = match &guard.0 {
+                Some(me) => me.fetcher.fetch().await,
+                None => return,
+            };
+            guard.complete(result);
         });
     }
 
@@ -320,6 +319,14 @@ impl Resolver {
 /// Clears `in_flight` (and wakes waiters) if a fetch task ends without completing: the runtime
 /// shut down under it, or it could not be spawned.
 struct InFlight(Option<Arc<Resolver>>);
+
+impl InFlight {
+    fn complete(mut self, result: Result<Fetched, String>) {
+        if let Some(r) = self.0.take() {
+            r.complete(result);
+        }
+    }
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
@@ -537,6 +544,23 @@ mod tests {
         }
         assert_eq!(calls.load(Ordering::SeqCst), 1);
         assert!(r.is_ready());
+    }
+
+    #[test]
+    fn a_fetch_task_that_dies_does_not_leave_a_fetch_in_flight() {
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let (r, _clock, _) = resolver(vec![jwks(&["a"], None)], Some(gate));
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        runtime.block_on(async {
+            r.poll();
+            tokio::task::yield_now().await; // the task starts and waits on the gate
+        });
+        assert!(r.control().in_flight);
+        drop(runtime); // the task is dropped mid-fetch
+        assert!(!r.control().in_flight, "a later poll or refetch can fetch again");
+        // Without a runtime nothing is spawned, and nothing stays marked in flight either.
+        r.poll();
+        assert!(!r.control().in_flight);
     }
 
     #[tokio::test]
