@@ -247,15 +247,20 @@ async fn a_newly_published_kid_is_accepted_and_invented_kids_cost_at_most_one_fe
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(jwks.fetches(), before + 1, "one refetch brought the new key");
 
-    // 50 tokens with invented kids, at once, past the refetch interval.
+    // 50 tokens with invented kids past the refetch interval: 25 at once (they share one fetch),
+    // then 25 one after the other (the interval allows no second one).
     gw.clock.advance(Duration::from_secs(5));
     let before = jwks.fetches();
-    let requests = (0..50).map(|i| {
-        let token = k1.mint_with(Some(&format!("invented-{i}")), Some("JWT"), &claims(&iss));
-        let (c, url) = (c.clone(), url.clone());
+    let invented = |i: usize| k1.mint_with(Some(&format!("invented-{i}")), Some("JWT"), &claims(&iss));
+    let at_once = (0..25).map(|i| {
+        let (c, url, token) = (c.clone(), url.clone(), invented(i));
         async move { c.get_with_token(&url, &token).await }
     });
-    for r in futures_util::future::join_all(requests).await {
+    let mut responses = futures_util::future::join_all(at_once).await;
+    for i in 25..50 {
+        responses.push(c.get_with_token(&url, &invented(i)).await);
+    }
+    for r in responses {
         assert_eq!(r.status, 401);
         assert!(r.header("www-authenticate").contains("key is unknown"), "{}", r.text());
     }
