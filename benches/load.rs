@@ -8,8 +8,9 @@
 //! In-process, the gateway runs on its own runtime (threads named `gw`, `--gw-threads`, default 1)
 //! and the load generator and upstream on another, so the gateway's own CPU per request is read
 //! from its threads' schedstat. `memory` measures the refresh registry's bytes per live session.
-//! The in-process gateway signs with Ed25519 (certs/signing-key.pem), so `refresh` measures
-//! rotations with EdDSA signing; `get-distinct` sends HS256 tokens, verified by a previous key.
+//! The in-process gateway signs with Ed25519 (certs/signing-key.pem; `--signing HS256` for the
+//! shared secret), so `refresh` measures rotations with EdDSA signing; `get-distinct` sends HS256
+//! tokens, verified by a previous key.
 //!
 //! Against a running deployment (the real token lifecycle: each connection logs in, calls the API
 //! with its access token, and refreshes when the token nears expiry):
@@ -45,6 +46,8 @@ struct Opts {
     username: String,
     password: String,
     path: String,
+    /// The in-process gateway's signing algorithm: EdDSA (default) or HS256.
+    signing: String,
 }
 
 fn parse_opts() -> Opts {
@@ -59,6 +62,7 @@ fn parse_opts() -> Opts {
         username: "bench".into(),
         password: "bench-password".into(),
         path: "/api/orders".into(),
+        signing: "EdDSA".into(),
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -74,11 +78,12 @@ fn parse_opts() -> Opts {
             "--username" => o.username = val(),
             "--password" => o.password = val(),
             "--path" => o.path = val(),
+            "--signing" => o.signing = val(),
             "--bench" => {} // passed by `cargo bench`
             "-h" | "--help" => {
                 println!(
                     "options: --connections N (32) --duration S (8) --scenario get-cached|get-distinct|refresh|login|memory \
-                     (repeatable; default all) --gw-threads N (1) | --target URL --ca FILE --client-id ID --username U \
+                     (repeatable; default all) --gw-threads N (1) --signing EdDSA|HS256 (EdDSA) | --target URL --ca FILE --client-id ID --username U \
                      --password P --path /api/..."
                 );
                 std::process::exit(0);
@@ -454,10 +459,7 @@ listen = "127.0.0.1:0"
 [tokens]
 issuer = "https://localhost"
 audience = "api"
-# Tokens are signed with Ed25519 (the refresh scenario measures that signing); get-distinct's
-# tokens are HS256 without a kid, minted here with the dev secret, verified by the previous key.
-signing = {{ alg = "EdDSA", key = "file:{certs}/signing-key.pem" }}
-previous_keys = [{{ alg = "HS256", secret = "file:{secret}" }}]
+{signing}
 [[clients]]
 id = "web"
 grants = ["password", "refresh_token"]
@@ -469,7 +471,7 @@ upstream = "http://{upstream}"
 scopes = ["orders:read"]
 "#,
         certs = repo.join("certs").display(),
-        secret = secret_path.display(),
+        signing = signing_keys(&o.signing, &repo, &secret_path),
         users = (0..o.connections)
             .map(|i| format!(
                 "[[users]]\nusername = \"{}-{i}\"\npassword_hash = \"{hash}\"\nscopes = [\"orders:read\"]\n",
@@ -506,8 +508,9 @@ scopes = ["orders:read"]
     };
     let creds = Creds::from(&o);
     println!(
-        "in-process gateway ({} worker thread(s)), TLS 1.3 on loopback, {}s per scenario",
+        "in-process gateway ({} worker thread(s), {} signing), TLS 1.3 on loopback, {}s per scenario",
         o.gw_threads,
+        o.signing,
         o.duration.as_secs()
     );
     header();
@@ -534,6 +537,21 @@ scopes = ["orders:read"]
         }
     });
     gw_rt.block_on(running.shutdown());
+}
+
+/// `signing` and `previous_keys` for the in-process gateway. With EdDSA (what `refresh` measures by
+/// default) the HS256 dev secret stays a previous key: get-distinct's tokens are HS256 without a
+/// kid, minted here, and verified by it.
+fn signing_keys(alg: &str, repo: &std::path::Path, secret: &std::path::Path) -> String {
+    let hs256 = format!("{{ alg = \"HS256\", secret = \"file:{}\" }}", secret.display());
+    match alg {
+        "EdDSA" => format!(
+            "signing = {{ alg = \"EdDSA\", key = \"file:{}\" }}\nprevious_keys = [{hs256}]",
+            repo.join("certs/signing-key.pem").display()
+        ),
+        "HS256" => format!("signing = {hs256}"),
+        other => panic!("--signing {other}: EdDSA or HS256"),
+    }
 }
 
 fn mint_tokens(secret: &[u8], n: usize) -> Vec<String> {

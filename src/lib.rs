@@ -8,6 +8,7 @@
 //! of validated tokens, consulted together with the revoked-session set) and the upstream hop
 //! ([`proxy`]: header hygiene, identity headers, a pooled streaming client). Because issuer and
 //! enforcer share one process, a revoked or stolen session is refused on the very next request.
+//! Signing and verification keys, ours and those fetched from other issuers' JWKS, are [`keys`].
 //!
 //! Configuration is read once, validated whole ([`config`]), and shared as one `Arc`. Time comes
 //! from a [`clock::Clock`], so tests move it instead of sleeping.

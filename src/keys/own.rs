@@ -79,7 +79,8 @@ impl Signer {
     fn sign(&self, message: &[u8]) -> Result<Vec<u8>, SignError> {
         match self {
             Signer::Hmac(k) => Ok(hmac::sign(k, message).as_ref().to_vec()),
-            Signer::Ed25519(kp) => Ok(kp.sign(message).as_ref().to_vec()),
+            // try_sign: `sign` panics on a failure inside aws-lc; a request must get a 500 instead.
+            Signer::Ed25519(kp) => kp.try_sign(message).map(|s| s.as_ref().to_vec()).map_err(|_| SignError),
             Signer::Es256(kp) => kp
                 .sign(&SystemRandom::new(), message)
                 .map(|s| s.as_ref().to_vec())
