@@ -11,13 +11,13 @@ use std::time::Instant;
 
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use http::{HeaderMap, HeaderValue};
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use tokengate::auth::bearer::parse_bearer;
 use tokengate::auth::{RevokedSessions, Validator};
-use tokengate::config::Config;
+use tokengate::config::{Config, SigningAlg};
 use tokengate::ids::{SessionId, mint_refresh_token};
+use tokengate::keys::KeySet;
 use tokengate::oauth::issuer::Issuer;
-use tokengate::proxy::headers::{RequestContext, upstream_request_headers};
+use tokengate::proxy::headers::{Identity, RequestContext, upstream_request_headers};
 use tokengate::routing::RouteTable;
 use tokengate::store::registry::{NoRecorder, Registry};
 use tokengate::store::{NewSession, Rotation};
@@ -25,7 +25,16 @@ use tokengate::{Clock, ManualClock, SharedClock};
 
 const SECRET: &str = "bench-secret-bench-secret-bench-secret-0123";
 
-fn config(cache_capacity: u64) -> Config {
+/// A config whose tokens are signed with `alg` (a fresh key, or the HS256 secret).
+fn config(cache_capacity: u64, alg: SigningAlg) -> Config {
+    let signing = match alg {
+        SigningAlg::HS256 => format!("{{ secret = \"file:{}\" }}", secret_file().display()),
+        other => {
+            let path = std::env::temp_dir().join(format!("tokengate-bench-{}.pem", other.name()));
+            std::fs::write(&path, tokengate::keys::generate_pem(other).unwrap()).unwrap();
+            format!("{{ alg = \"{}\", key = \"file:{}\" }}", other.name(), path.display())
+        }
+    };
     let toml = format!(
         r#"
 [server]
@@ -34,7 +43,7 @@ listen = "127.0.0.1:0"
 issuer = "https://bench"
 audience = "api"
 cache_capacity = {cache_capacity}
-signing = {{ secret = "file:{}" }}
+signing = {signing}
 [[clients]]
 id = "web"
 grants = ["password", "refresh_token"]
@@ -43,8 +52,7 @@ scopes = ["orders:read"]
 path_prefix = "/api/orders"
 upstream = "echo"
 scopes = ["orders:read"]
-"#,
-        secret_file().display()
+"#
     );
     Config::from_toml(&toml, Path::new("."), "bench.toml").unwrap_or_else(|e| panic!("{e}"))
 }
@@ -59,45 +67,92 @@ fn now() -> u64 {
     ManualClock::new().now_secs()
 }
 
-fn token(i: u64) -> String {
-    let mut h = Header::new(Algorithm::HS256);
+/// Keys, an issuer of tokens as the token endpoint mints them (with their kid), and a validator
+/// with a cache of `cache_capacity`.
+struct Setup {
+    issuer: Issuer,
+    validator: Validator,
+}
+
+fn setup(cache_capacity: u64, alg: SigningAlg) -> Setup {
+    let c = config(cache_capacity, alg);
+    let clock: SharedClock = Arc::new(ManualClock::new());
+    let keys = Arc::new(KeySet::new(&c.tokens, None, clock.now_millis()).unwrap());
+    let validator = Validator::new(
+        &c.tokens,
+        keys.clone(),
+        vec![],
+        c.scopes.clone(),
+        Arc::new(RevokedSessions::new()),
+        clock,
+    );
+    Setup {
+        issuer: Issuer::new(&c.tokens, keys),
+        validator,
+    }
+}
+
+impl Setup {
+    fn token(&self, i: u64) -> String {
+        self.issuer
+            .access_token(&format!("user-{i}"), "web", "orders:read", SessionId(i), now())
+            .unwrap()
+            .jwt
+    }
+}
+
+/// An HS256 token minted by another tool sharing the secret: no kid.
+fn kidless_hs256_token(i: u64) -> String {
+    let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
     h.typ = Some("at+jwt".into());
     let n = now();
     let claims = serde_json::json!({
         "iss": "https://bench", "aud": "api", "sub": format!("user-{i}"), "client_id": "web",
         "scope": "orders:read", "sid": format!("sid-{i}"), "jti": format!("j{i}"), "iat": n, "exp": n + 900,
     });
-    jsonwebtoken::encode(&h, &claims, &EncodingKey::from_secret(SECRET.as_bytes())).unwrap()
-}
-
-fn validator(cache_capacity: u64, revoked: Arc<RevokedSessions>) -> Validator {
-    let c = config(cache_capacity);
-    let clock: SharedClock = Arc::new(ManualClock::new());
-    Validator::new(&c.tokens, c.scopes.clone(), revoked, clock)
+    jsonwebtoken::encode(&h, &claims, &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes())).unwrap()
 }
 
 fn bench_bearer(c: &mut Criterion) {
     // How much does extracting the bearer token from the Authorization value cost?
-    let value = format!("Bearer {}", token(1));
+    let value = format!("Bearer {}", setup(10, SigningAlg::HS256).token(1));
     c.bench_function("bearer/parse", |b| b.iter(|| parse_bearer(black_box(value.as_bytes()))));
 }
 
 fn bench_validation(c: &mut Criterion) {
-    // What does a cached token cost per request, against verifying HS256 and parsing claims?
+    // What does a cached token cost per request, against verifying a signature (per algorithm) and
+    // parsing claims on a miss?
     let mut g = c.benchmark_group("validation");
-    let v = validator(100_000, Arc::new(RevokedSessions::new()));
-    let t = token(1);
-    v.validate(&t).unwrap();
-    g.bench_function("cache_hit", |b| b.iter(|| v.validate(black_box(&t)).unwrap()));
-    let tokens: Vec<String> = (0..20_000).map(token).collect();
-    let cold = validator(1, Arc::new(RevokedSessions::new()));
-    let mut i = 0usize;
-    g.bench_function("cache_miss_hs256", |b| {
-        b.iter(|| {
-            i = (i + 1) % tokens.len();
-            cold.validate(black_box(&tokens[i])).unwrap()
-        })
+    let hot = setup(100_000, SigningAlg::HS256);
+    // The same bytes as round 1's bench token (no kid), so the two runs compare the code alone.
+    let t = kidless_hs256_token(1);
+    hot.validator.validate(&t).unwrap();
+    g.bench_function("cache_hit", |b| {
+        b.iter(|| hot.validator.validate(black_box(&t)).unwrap())
     });
+    // A token as the gateway mints it now: its kid makes it longer (the cache hashes it all).
+    let t = hot.token(1);
+    hot.validator.validate(&t).unwrap();
+    g.bench_function("cache_hit_with_kid", |b| {
+        b.iter(|| hot.validator.validate(black_box(&t)).unwrap())
+    });
+    for alg in [
+        SigningAlg::HS256,
+        SigningAlg::EdDSA,
+        SigningAlg::ES256,
+        SigningAlg::RS256,
+    ] {
+        // A cache of one entry: every validation verifies.
+        let cold = setup(1, alg);
+        let tokens: Vec<String> = (0..2_000).map(|i| cold.token(i)).collect();
+        let mut i = 0usize;
+        g.bench_function(format!("cache_miss_{}", alg.name().to_ascii_lowercase()), |b| {
+            b.iter(|| {
+                i = (i + 1) % tokens.len();
+                cold.validator.validate(black_box(&tokens[i])).unwrap()
+            })
+        });
+    }
     g.finish();
 }
 
@@ -128,12 +183,13 @@ fn bench_headers(c: &mut Criterion) {
     ] {
         h.insert(k, HeaderValue::from_static(v));
     }
-    let identity = [
-        HeaderValue::from_static("ann"),
-        HeaderValue::from_static("web"),
-        HeaderValue::from_static("orders:read"),
-        HeaderValue::from_static("sid"),
-    ];
+    let identity = Identity {
+        subject: HeaderValue::from_static("ann"),
+        client_id: Some(HeaderValue::from_static("web")),
+        scope: HeaderValue::from_static("orders:read"),
+        session: Some(HeaderValue::from_static("sid")),
+        issuer: None,
+    };
     let rid = HeaderValue::from_static("0000-1");
     let up = HeaderValue::from_static("127.0.0.1:9000");
     let peer = HeaderValue::from_static("127.0.0.1");
@@ -159,18 +215,35 @@ fn bench_headers(c: &mut Criterion) {
 }
 
 fn bench_issue(c: &mut Criterion) {
-    // What does minting a token pair (sign the JWT + a refresh token and its digest) cost?
-    let cfg = config(10);
-    let issuer = Issuer::new(&cfg.tokens);
-    c.bench_function("issue/token_pair", |b| {
-        b.iter(|| {
-            let at = issuer
-                .access_token("ann", "web", "orders:read", SessionId(7), 1_800_000_000)
-                .unwrap();
-            let rt = mint_refresh_token(SessionId(7)).unwrap();
-            black_box((at, rt))
-        })
-    });
+    // What does issuance cost per signing algorithm: a login's token pair (sign the JWT, mint a
+    // refresh token and its digest), and a refresh's (the same, plus sealing the response under
+    // the presented token for the reuse grace)?
+    let mut g = c.benchmark_group("issue");
+    for alg in [SigningAlg::HS256, SigningAlg::EdDSA, SigningAlg::ES256] {
+        let issuer = setup(10, alg).issuer;
+        let name = alg.name().to_ascii_lowercase();
+        g.bench_function(format!("{name}/login"), |b| {
+            b.iter(|| {
+                let at = issuer
+                    .access_token("ann", "web", "orders:read", SessionId(7), 1_800_000_000)
+                    .unwrap();
+                let rt = mint_refresh_token(SessionId(7)).unwrap();
+                black_box((at, rt))
+            })
+        });
+        let presented = mint_refresh_token(SessionId(7)).unwrap().token;
+        g.bench_function(format!("{name}/refresh"), |b| {
+            b.iter(|| {
+                let at = issuer
+                    .access_token("ann", "web", "orders:read", SessionId(7), 1_800_000_000)
+                    .unwrap();
+                let rt = mint_refresh_token(SessionId(7)).unwrap();
+                let body = format!("{{\"access_token\":\"{}\",\"refresh_token\":\"{}\"}}", at.jwt, rt.token);
+                black_box(tokengate::crypto::seal(&presented, body.as_bytes()))
+            })
+        });
+    }
+    g.finish();
 }
 
 const NOW_MS: u64 = 1_800_000_000_000;

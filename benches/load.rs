@@ -33,6 +33,10 @@
 //! client cancels, prints RSS every second, and ends with whether RSS stayed flat over the second
 //! half.
 //!
+//! The in-process gateway signs with Ed25519 (certs/signing-key.pem; `--signing HS256` for the
+//! shared secret), so `refresh` measures rotations with EdDSA signing; `get-distinct` sends HS256
+//! tokens, verified by a previous key.
+//!
 //! Against a running deployment (the real token lifecycle: each connection logs in, calls the API
 //! with its access token, and refreshes when the token nears expiry, or every `--refresh-every`
 //! seconds), with a progress line each second and the count of logins, refreshes and 429s:
@@ -76,6 +80,8 @@ struct Opts {
     path: String,
     /// Target mode: refresh this often (else only when the access token nears expiry).
     refresh_every: Option<Duration>,
+    /// The in-process gateway's signing algorithm: EdDSA (default) or HS256.
+    signing: String,
 }
 
 fn parse_opts() -> Opts {
@@ -92,6 +98,7 @@ fn parse_opts() -> Opts {
         password: "bench-password".into(),
         path: "/api/orders".into(),
         refresh_every: None,
+        signing: "EdDSA".into(),
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -113,12 +120,13 @@ fn parse_opts() -> Opts {
             "--refresh-every" => {
                 o.refresh_every = Some(Duration::from_secs(val().parse().expect("--refresh-every SECONDS")))
             }
+            "--signing" => o.signing = val(),
             "--bench" => {} // passed by `cargo bench`
             "-h" | "--help" => {
                 println!(
                     "options: --connections N (32) --duration S (8) --scenario get-cached|get-distinct|refresh|refresh-durable|\
                      refresh-redis|refresh-redis-everysec|login|revocation-lag|memory|durable-1m \
-                     (repeatable; default all of these) | login-rss | soak (60 s unless --duration) --gw-threads N (1) \
+                     (repeatable; default all of these) | login-rss | soak (60 s unless --duration) --gw-threads N (1) --signing EdDSA|HS256 (EdDSA) \
                      | --target URL --ca FILE --client-id ID --username U --password P --path /api/... \
                      --refresh-every S (default: 60 s before the token expires, or at 3/4 of a shorter lifetime)"
                 );
@@ -741,7 +749,13 @@ fn main() {
     let upstream = load_rt.block_on(start_upstream());
     let hash = tokengate::oauth::users::hash_password(&o.password).unwrap();
     let secret_path = repo.join("certs/dev-jwt-secret");
-    let toml = gateway_toml(&repo, &o, &hash, upstream);
+    let toml = gateway_toml(
+        &repo,
+        &o,
+        &hash,
+        upstream,
+        &signing_keys(&o.signing, &repo, &secret_path),
+    );
     let config_with = |extra: &str| -> tokengate::Config {
         tokengate::Config::from_toml(&format!("{toml}\n{extra}\n"), &repo, "load.toml")
             .unwrap_or_else(|e| panic!("{e}"))
@@ -775,9 +789,10 @@ fn main() {
     };
     let creds = Creds::from(&o);
     println!(
-        "in-process gateway ({} worker thread(s), {} Argon2 thread(s)), TLS 1.3 on loopback",
+        "in-process gateway ({} worker thread(s), {} Argon2 thread(s), {} signing), TLS 1.3 on loopback",
         o.gw_threads,
         running.password_pool().stats().threads,
+        o.signing,
     );
     let mut table = false;
     let mut redis_side: Option<RedisSide> = None;
@@ -919,7 +934,7 @@ fn main() {
 }
 
 /// The in-process gateways' config; `[state]` is appended for the Redis ones.
-fn gateway_toml(repo: &std::path::Path, o: &Opts, hash: &str, upstream: SocketAddr) -> String {
+fn gateway_toml(repo: &std::path::Path, o: &Opts, hash: &str, upstream: SocketAddr, signing: &str) -> String {
     format!(
         r#"
 [server]
@@ -930,7 +945,7 @@ listen = "127.0.0.1:0"
 [tokens]
 issuer = "https://localhost"
 audience = "api"
-signing = {{ secret = "file:{secret}" }}
+{signing}
 [[clients]]
 id = "web"
 grants = ["password", "refresh_token"]
@@ -947,7 +962,6 @@ upstream = "http://{upstream}"
 scopes = ["orders:read"]
 "#,
         certs = repo.join("certs").display(),
-        secret = repo.join("certs/dev-jwt-secret").display(),
         svc = tokengate::crypto::sha256(SVC_SECRET.as_bytes())
             .iter()
             .map(|b| format!("{b:02x}"))
@@ -1454,6 +1468,21 @@ async fn soak(t: &Target, running: &tokengate::RunningGateway, o: &Opts) {
         mib(hi),
         mib(median),
     );
+}
+
+/// `signing` and `previous_keys` for the in-process gateway. With EdDSA (what `refresh` measures by
+/// default) the HS256 dev secret stays a previous key: get-distinct's tokens are HS256 without a
+/// kid, minted here, and verified by it.
+fn signing_keys(alg: &str, repo: &std::path::Path, secret: &std::path::Path) -> String {
+    let hs256 = format!("{{ alg = \"HS256\", secret = \"file:{}\" }}", secret.display());
+    match alg {
+        "EdDSA" => format!(
+            "signing = {{ alg = \"EdDSA\", key = \"file:{}\" }}\nprevious_keys = [{hs256}]",
+            repo.join("certs/signing-key.pem").display()
+        ),
+        "HS256" => format!("signing = {hs256}"),
+        other => panic!("--signing {other}: EdDSA or HS256"),
+    }
 }
 
 fn mint_tokens(secret: &[u8], n: usize) -> Vec<String> {

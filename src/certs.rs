@@ -1,5 +1,5 @@
-//! `tokengate gen-certs`: a development CA, a localhost certificate signed by it, and a JWT
-//! signing secret. For development and tests only: the CA's key sits next to it.
+//! `tokengate gen-certs`: a development CA, a localhost certificate signed by it, an Ed25519 JWT
+//! signing key and an HMAC secret. For development and tests only: the CA's key sits next to it.
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -14,17 +14,19 @@ use rcgen::{
 };
 
 /// The files [`generate`] writes.
-pub const FILES: [&str; 5] = [
+pub const FILES: [&str; 6] = [
     "ca.pem",
     "ca-key.pem",
     "localhost.pem",
     "localhost-key.pem",
+    "signing-key.pem",
     "dev-jwt-secret",
 ];
 
-/// Writes ca.pem, ca-key.pem, localhost.pem, localhost-key.pem and dev-jwt-secret into `dir`.
+/// Writes [`FILES`] into `dir`: the CA, the localhost certificate and key, an Ed25519 signing key
+/// (PKCS#8 PEM, for `tokens.signing = { alg = "EdDSA", key = "file:…" }`) and an HMAC secret.
 /// Without `force`, refuses to overwrite any of them (a CA key replaced by mistake invalidates
-/// every certificate it signed).
+/// every certificate it signed; a signing key, every token it signed).
 pub fn generate(dir: &Path, force: bool) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     if !force {
@@ -64,6 +66,7 @@ pub fn generate(dir: &Path, force: bool) -> anyhow::Result<()> {
     let leaf_key = KeyPair::generate()?;
     let leaf = leaf_params.signed_by(&leaf_key, &ca)?;
 
+    let signing_key = crate::keys::generate_pem(crate::config::SigningAlg::EdDSA).map_err(anyhow::Error::msg)?;
     let secret =
         URL_SAFE_NO_PAD.encode(crate::crypto::random_bytes::<48>().map_err(|_| anyhow::anyhow!("no randomness"))?);
 
@@ -71,6 +74,7 @@ pub fn generate(dir: &Path, force: bool) -> anyhow::Result<()> {
     write(dir, "ca-key.pem", ca_key_pem.as_bytes(), true)?;
     write(dir, "localhost.pem", leaf.pem().as_bytes(), false)?;
     write(dir, "localhost-key.pem", leaf_key.serialize_pem().as_bytes(), true)?;
+    write(dir, "signing-key.pem", signing_key.as_bytes(), true)?;
     write(dir, "dev-jwt-secret", format!("{secret}\n").as_bytes(), true)?;
     Ok(())
 }
@@ -92,4 +96,31 @@ fn write(dir: &Path, name: &str, contents: &[u8], private: bool) -> anyhow::Resu
     f.write_all(contents)
         .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gen_certs_writes_an_ed25519_signing_key_and_never_overwrites_without_force() {
+        let dir = tempfile::tempdir().unwrap();
+        generate(dir.path(), false).unwrap();
+        let pem = std::fs::read(dir.path().join("signing-key.pem")).unwrap();
+        assert!(crate::keys::pkcs8_from_pem(crate::config::SigningAlg::EdDSA, &pem).is_ok());
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(dir.path().join("signing-key.pem"))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        let e = generate(dir.path(), false).unwrap_err().to_string();
+        assert!(e.contains("signing-key.pem") && e.contains("--force"), "{e}");
+        assert_eq!(std::fs::read(dir.path().join("signing-key.pem")).unwrap(), pem);
+        generate(dir.path(), true).unwrap();
+        assert_ne!(std::fs::read(dir.path().join("signing-key.pem")).unwrap(), pem);
+    }
 }

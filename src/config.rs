@@ -11,6 +11,8 @@
 //! written as `env:NAME` or `file:PATH` and never echoed back in an error.
 
 mod file;
+mod issuers;
+mod signing;
 
 use std::collections::HashSet;
 use std::fmt;
@@ -27,6 +29,8 @@ use crate::routing::{self, RouteTable};
 use crate::scope::{self, ScopeSet, ScopeUniverse};
 
 pub use file::FileConfig;
+pub use issuers::{IssuerSettings, MAX_ISSUERS, SELF_ISSUER, ScopeClaim, normalize_typ};
+pub use signing::{KeySettings, OWN_ALGS, SigningAlg};
 
 /// One problem found in a config: the key path and the reason.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -112,6 +116,8 @@ pub struct Config {
     pub state: StateSettings,
     /// Every scope named anywhere in the config.
     pub scopes: ScopeUniverse,
+    /// Identity providers whose access tokens are accepted next to ours.
+    pub issuers: Vec<IssuerSettings>,
 }
 
 /// Where sessions and revocations live (`[state]`). Restart only.
@@ -198,31 +204,6 @@ pub struct AdminSettings {
     pub listen: SocketAddr,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SigningAlg {
-    HS256,
-    HS384,
-    HS512,
-}
-
-impl SigningAlg {
-    pub fn jwt(self) -> jsonwebtoken::Algorithm {
-        match self {
-            SigningAlg::HS256 => jsonwebtoken::Algorithm::HS256,
-            SigningAlg::HS384 => jsonwebtoken::Algorithm::HS384,
-            SigningAlg::HS512 => jsonwebtoken::Algorithm::HS512,
-        }
-    }
-    /// RFC 7518 §3.2: the key must be at least as long as the hash output.
-    fn min_secret_len(self) -> usize {
-        match self {
-            SigningAlg::HS256 => 32,
-            SigningAlg::HS384 => 48,
-            SigningAlg::HS512 => 64,
-        }
-    }
-}
-
 #[derive(Debug)]
 pub struct TokenSettings {
     pub issuer: String,
@@ -238,10 +219,14 @@ pub struct TokenSettings {
     pub password_hash_concurrency: usize,
     pub token_path: String,
     pub revoke_path: String,
+    /// RFC 7662 token introspection.
+    pub introspect_path: String,
     /// Live sessions one user may hold; a login beyond it revokes the oldest.
     pub max_sessions_per_user: usize,
-    pub alg: SigningAlg,
-    pub secret: Secret,
+    /// The key that signs new access tokens.
+    pub signing: KeySettings,
+    /// Retired keys: they verify the tokens they signed (and are published), never sign.
+    pub previous_keys: Vec<KeySettings>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -330,6 +315,8 @@ pub struct RouteSettings {
     /// An idle upstream connection is not reused after this long (nor past the upstream's own
     /// `Keep-Alive: timeout`), and is closed.
     pub idle_timeout: Duration,
+    /// The issuers whose tokens the route accepts (`"self"` is ours); `None`: all of them.
+    pub issuers: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -354,6 +341,10 @@ pub const DEFAULT_REVOKE_PATH: &str = "/api/oauth2/revoke";
 /// How long a client connection may wait for its next request: nginx's keepalive_timeout is
 /// 75s, browsers keep an idle connection about 60s-300s.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_INTROSPECT_PATH: &str = "/api/oauth2/introspect";
+/// RFC 8414 §3 metadata and the JWKS its `jwks_uri` names: served by the gateway, never routed.
+pub const METADATA_PATH: &str = "/.well-known/oauth-authorization-server";
+pub const JWKS_PATH: &str = "/.well-known/jwks.json";
 pub const DEFAULT_UPSTREAM_MAX_CONNECTIONS: usize = 256;
 const MAX_UPSTREAM_CONNECTIONS: usize = 1_000_000;
 /// Below the 5 s that common application servers (uvicorn, gunicorn, Node) keep an idle
@@ -721,8 +712,8 @@ fn validate(file: FileConfig, base_dir: &Path) -> Result<Config, Vec<Problem>> {
 
     // [tokens]
     let t = &file.tokens;
-    if t.issuer.trim().is_empty() {
-        c.fail("tokens.issuer", "must not be empty");
+    if let Err(reason) = check_issuer_url(&t.issuer) {
+        c.fail("tokens.issuer", reason);
     }
     if t.audience.trim().is_empty() {
         c.fail("tokens.audience", "must not be empty");
@@ -782,31 +773,33 @@ fn validate(file: FileConfig, base_dir: &Path) -> Result<Config, Vec<Problem>> {
     if token_path == revoke_path {
         c.fail("tokens.revoke_path", "must differ from tokens.token_path");
     }
-    let alg = match t.signing.alg.as_deref().unwrap_or("HS256") {
-        "HS256" => SigningAlg::HS256,
-        "HS384" => SigningAlg::HS384,
-        "HS512" => SigningAlg::HS512,
-        other => {
-            c.fail(
-                "tokens.signing.alg",
-                format!("{other:?} is not supported (HS256, HS384 or HS512)"),
-            );
-            SigningAlg::HS256
-        }
-    };
-    let secret = c.secret("tokens.signing.secret", &t.signing.secret);
-    if let Some(secret) = &secret
-        && secret.len() < alg.min_secret_len()
-    {
+    let introspect_path = own_path(
+        &mut c,
+        "tokens.introspect_path",
+        t.introspect_path.as_deref(),
+        DEFAULT_INTROSPECT_PATH,
+    );
+    if introspect_path == token_path || introspect_path == revoke_path {
         c.fail(
-            "tokens.signing.secret",
-            format!(
-                "is {} bytes; {alg:?} needs at least {} (RFC 7518 §3.2)",
-                secret.len(),
-                alg.min_secret_len()
-            ),
+            "tokens.introspect_path",
+            "must differ from tokens.token_path and tokens.revoke_path",
         );
     }
+    let signing = signing::key_settings(&mut c, "tokens.signing", &t.signing);
+    let previous_keys: Vec<KeySettings> = t
+        .previous_keys
+        .iter()
+        .enumerate()
+        .filter_map(|(i, k)| signing::key_settings(&mut c, &format!("tokens.previous_keys[{i}]"), k))
+        .collect();
+    // Only when every entry parsed, so the index is the file's.
+    if let Some(active) = &signing
+        && previous_keys.len() == t.previous_keys.len()
+        && let Err((i, reason)) = crate::keys::check_distinct(active, &previous_keys)
+    {
+        c.fail(format!("tokens.previous_keys[{i}]"), reason);
+    }
+    let issuers = issuers::issuers(&mut c, &file.issuers, &t.issuer);
 
     // The scope universe: every scope named anywhere.
     let mut universe = ScopeUniverse::default();
@@ -911,8 +904,14 @@ fn validate(file: FileConfig, base_dir: &Path) -> Result<Config, Vec<Problem>> {
                 continue;
             }
         };
-        for (own, own_key) in [(&token_path, "tokens.token_path"), (&revoke_path, "tokens.revoke_path")] {
-            if path_prefix == *own {
+        for (own, own_key) in [
+            (token_path.as_str(), "tokens.token_path"),
+            (revoke_path.as_str(), "tokens.revoke_path"),
+            (introspect_path.as_str(), "tokens.introspect_path"),
+            (METADATA_PATH, "metadata path (RFC 8414)"),
+            (JWKS_PATH, "JWKS path"),
+        ] {
+            if path_prefix == own {
                 c.fail(
                     format!("{key}.path_prefix"),
                     format!("{path_prefix:?} is the gateway's own {own_key}"),
@@ -956,6 +955,13 @@ fn validate(file: FileConfig, base_dir: &Path) -> Result<Config, Vec<Problem>> {
                 "a route with auth = \"none\" cannot require scopes",
             );
         }
+        if auth == AuthPolicy::None && f.issuers.is_some() {
+            c.fail(
+                format!("{key}.issuers"),
+                "a route with auth = \"none\" accepts no tokens to narrow",
+            );
+        }
+        let route_issuers = issuers::route_issuers(&mut c, &format!("{key}.issuers"), f.issuers.as_ref(), &issuers);
         let scopes = c.scopes(&format!("{key}.scopes"), &f.scopes, &universe);
         let connect_timeout = c.duration(
             &format!("{key}.connect_timeout"),
@@ -1035,6 +1041,7 @@ fn validate(file: FileConfig, base_dir: &Path) -> Result<Config, Vec<Problem>> {
             upgrades,
             max_connections,
             idle_timeout,
+            issuers: route_issuers,
         });
     }
     if let Err(dup) = RouteTable::new(routes.iter().map(|r| (r.host.as_deref(), r.path_prefix.as_str()))) {
@@ -1067,7 +1074,7 @@ fn validate(file: FileConfig, base_dir: &Path) -> Result<Config, Vec<Problem>> {
         return Err(c.problems);
     }
     // Every fallible value above recorded a problem when it was `None`.
-    let (Some(listen), Some(admin_listen), Some(secret)) = (listen, admin_listen, secret) else {
+    let (Some(listen), Some(admin_listen), Some(signing)) = (listen, admin_listen, signing) else {
         return Err(vec![Problem {
             key: "(internal)".into(),
             reason: "validation incomplete".into(),
@@ -1107,9 +1114,10 @@ fn validate(file: FileConfig, base_dir: &Path) -> Result<Config, Vec<Problem>> {
             password_hash_concurrency,
             token_path,
             revoke_path,
+            introspect_path,
             max_sessions_per_user,
-            alg,
-            secret,
+            signing,
+            previous_keys,
         },
         clients,
         users,
@@ -1117,6 +1125,7 @@ fn validate(file: FileConfig, base_dir: &Path) -> Result<Config, Vec<Problem>> {
         log: LogSettings { format, level },
         state,
         scopes: universe,
+        issuers,
     })
 }
 
@@ -1239,6 +1248,23 @@ fn trusted_proxies(c: &mut Checker<'_>, list: &[String]) -> TrustedProxies {
         }
     }
     TrustedProxies::new(nets)
+}
+
+/// `tokens.issuer` is the public base URL of the gateway (RFC 8414 §2: https, no query or
+/// fragment); discovery builds every endpoint URL from it.
+fn check_issuer_url(raw: &str) -> Result<(), String> {
+    if raw.trim().is_empty() {
+        return Err("must not be empty".into());
+    }
+    let bad = || format!("{raw:?} is not an http:// or https:// URL (the gateway's public base URL)");
+    let uri: http::Uri = raw.parse().map_err(|_| bad())?;
+    if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.authority().is_none_or(|a| a.host().is_empty()) {
+        return Err(bad());
+    }
+    if uri.query().is_some() || raw.contains('#') {
+        return Err(format!("{raw:?} must have no query or fragment (RFC 8414 §2)"));
+    }
+    Ok(())
 }
 
 fn own_path(c: &mut Checker<'_>, key: &str, value: Option<&str>, default: &str) -> String {
@@ -1453,7 +1479,7 @@ signing = { secret = "env:TOKENGATE_TEST_SECRET_FOR_UNIT_TESTS" }
             [
                 "routes[0].max_connections: invalid type: string \"ten\", expected i64 (at line 12, column 19)",
                 "routes[1].upstream: invalid type: integer `7`, expected a string (at line 15, column 12)",
-                "routes[1].scopez: unknown field `scopez`, expected one of `path_prefix`, `host`, `upstream`, `auth`, `scopes`, `strip_prefix`, `forward_authorization`, `preserve_host`, `connect_timeout`, `timeout`, `ca_file`, `upgrades`, `max_connections`, `idle_timeout` (at line 16, column 1)",
+                "routes[1].scopez: unknown field `scopez`, expected one of `path_prefix`, `host`, `upstream`, `auth`, `scopes`, `strip_prefix`, `forward_authorization`, `preserve_host`, `connect_timeout`, `timeout`, `ca_file`, `upgrades`, `max_connections`, `idle_timeout`, `issuers` (at line 16, column 1)",
                 "log.format: invalid type: boolean `true`, expected a string (at line 18, column 10)",
             ],
             "{p:#?}"
@@ -1491,7 +1517,9 @@ signing = { secret = "env:TOKENGATE_TEST_SECRET_FOR_UNIT_TESTS" }
         let cores = std::thread::available_parallelism().unwrap().get();
         assert_eq!(c.tokens.password_hash_concurrency, cores);
         assert_eq!(c.admin.listen, "127.0.0.1:9901".parse().unwrap());
-        assert_eq!(c.tokens.secret.expose(), b"0123456789abcdef0123456789abcdef");
+        assert_eq!(c.tokens.signing.material.expose(), b"0123456789abcdef0123456789abcdef");
+        assert_eq!(c.tokens.signing.alg, SigningAlg::HS256);
+        assert_eq!(c.tokens.introspect_path, "/api/oauth2/introspect");
     }
 
     #[test]

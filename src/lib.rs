@@ -8,6 +8,7 @@
 //! of validated tokens, consulted together with the revoked-session set) and the upstream hop
 //! ([`proxy`]: header hygiene, identity headers, a pooled streaming client). Because issuer and
 //! enforcer share one process, a revoked or stolen session is refused on the very next request.
+//! Signing and verification keys, ours and those fetched from other issuers' JWKS, are [`keys`].
 //!
 //! Configuration is read once, validated whole ([`config`]), and shared as one `Arc`. Time comes
 //! from a [`clock::Clock`], so tests move it instead of sleeping.
@@ -18,6 +19,7 @@ pub mod clock;
 pub mod config;
 pub mod crypto;
 pub mod ids;
+pub mod keys;
 pub mod logging;
 pub mod metrics;
 pub mod oauth;
@@ -202,9 +204,10 @@ impl Gateway {
     }
 }
 
-/// Housekeeping: moka's pending tasks and the close of idle upstream connections past their
-/// reuse time every second; sweeps of expired refresh state, login counters and revoked sessions
-/// every 30 seconds.
+/// Housekeeping: moka's pending tasks, the close of idle upstream connections past their reuse
+/// time and the external issuers' due JWKS fetches every second (the first tick is at once, so
+/// their keys start loading as the gateway starts, without delaying it); sweeps of expired refresh
+/// state, login counters and revoked sessions every 30 seconds.
 async fn maintain(app: Arc<App>, mut phase: watch::Receiver<Phase>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut n: u64 = 0;
@@ -213,8 +216,11 @@ async fn maintain(app: Arc<App>, mut phase: watch::Receiver<Phase>) {
             _ = tick.tick() => {}
             _ = server::reached(&mut phase, Phase::Closing) => return,
         }
-        app.snapshot().validator.run_pending_tasks();
-        app.snapshot().sweep_upstreams();
+        let snapshot = app.snapshot();
+        snapshot.validator.run_pending_tasks();
+        snapshot.validator.poll_issuers();
+        snapshot.sweep_upstreams();
+        drop(snapshot);
         n += 1;
         if n.is_multiple_of(30) {
             app.state().sweep().await;

@@ -71,7 +71,7 @@ enum Command {
     Check(CheckArgs),
     /// Read a password from stdin and print its Argon2id PHC string for [[users]].
     HashPassword,
-    /// Write a development CA, a localhost certificate and a JWT secret into DIR.
+    /// Write a development CA, a localhost certificate, a JWT signing key and secret into DIR.
     GenCerts {
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
@@ -92,10 +92,7 @@ fn main() -> ExitCode {
         Some(Command::Check(args)) => return check(args.config),
         Some(Command::HashPassword) => hash_password(),
         Some(Command::GenCerts { out, force }) => tokengate::certs::generate(&out, force).map(|()| {
-            println!(
-                "wrote ca.pem, ca-key.pem, localhost.pem, localhost-key.pem, dev-jwt-secret to {}",
-                out.display()
-            );
+            println!("wrote {} to {}", tokengate::certs::FILES.join(", "), out.display());
         }),
     };
     match result {
@@ -134,6 +131,14 @@ fn check(path: Option<PathBuf>) -> ExitCode {
     match Config::load(&path) {
         Ok(config) => {
             println!("{}: ok; {}", path.display(), config.summary());
+            // The kids, to compare with a relying party's JWKS before a key is retired. Whether a
+            // removal would cut live tokens only the running gateway knows (it warns on reload).
+            if let Ok(keys) = tokengate::keys::KeySet::new(&config.tokens, None, 0) {
+                for (i, k) in keys.iter().enumerate() {
+                    let role = if i == 0 { "signs" } else { "verifies (previous)" };
+                    println!("  key {} {} {role}", k.alg, k.kid);
+                }
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {

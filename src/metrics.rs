@@ -106,7 +106,7 @@ const DURATION_BUCKETS: [f64; 12] = [
 ];
 
 /// Token-check outcomes, in the order of [`TokenOutcome::index`].
-const TOKEN_OUTCOMES: [&str; 11] = [
+const TOKEN_OUTCOMES: [&str; 13] = [
     "valid",
     "missing",
     "malformed",
@@ -118,6 +118,8 @@ const TOKEN_OUTCOMES: [&str; 11] = [
     "wrong_type",
     "revoked",
     "insufficient_scope",
+    "unknown_key",
+    "issuer_not_ready",
 ];
 
 /// What the token check of one request came to.
@@ -140,11 +142,13 @@ impl TokenOutcome {
             TokenOutcome::Invalid(InvalidToken::BadSignature | InvalidToken::WrongAlgorithm) => 3,
             TokenOutcome::Invalid(InvalidToken::Expired) => 4,
             TokenOutcome::Invalid(InvalidToken::NotYetValid) => 5,
-            TokenOutcome::Invalid(InvalidToken::WrongIssuer) => 6,
+            TokenOutcome::Invalid(InvalidToken::WrongIssuer | InvalidToken::IssuerNotAccepted) => 6,
             TokenOutcome::Invalid(InvalidToken::WrongAudience) => 7,
             TokenOutcome::Invalid(InvalidToken::WrongType) => 8,
             TokenOutcome::Invalid(InvalidToken::Revoked) => 9,
             TokenOutcome::InsufficientScope => 10,
+            TokenOutcome::Invalid(InvalidToken::UnknownKey) => 11,
+            TokenOutcome::Invalid(InvalidToken::IssuerNotReady) => 12,
         }
     }
 }

@@ -70,6 +70,19 @@ pub fn apply(app: &App, tls: Option<&CertResolver>, slots: &Slots, mut config: C
     if let (Some(resolver), Some(new_tls)) = (tls, &snapshot.config.server.tls) {
         resolver.replace(new_tls)?;
     }
+    // Only the running process knows when a key last signed: say so when a removal cuts tokens.
+    let tokens = &snapshot.config.tokens;
+    let live_ms = (tokens.access_ttl + tokens.leeway).as_millis() as u64;
+    for (kid, alg) in snapshot
+        .keys
+        .cut_from(&running.keys, app.state().clock.now_millis(), live_ms)
+    {
+        tracing::warn!(
+            kid,
+            alg = alg.name(),
+            "config reload: a removed signing key may have signed access tokens that have not expired yet; they are refused from now on (keep a retired key in tokens.previous_keys for access_ttl + leeway)"
+        );
+    }
     let level = snapshot.config.log.level.clone();
     let max_connections = snapshot.config.server.max_connections;
     app.install(snapshot);

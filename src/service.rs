@@ -6,8 +6,8 @@
 //!
 //! ```text
 //! handle ─▶ snapshot, request id, access log, body timeout ─▶ dispatch
-//!   dispatch ─▶ method, path, host ─┬─▶ token / revoke endpoint ─▶ JSON
-//!                                   ├─▶ route ─▶ authorize (bearer, validator, scopes) ─▶ forward
+//!   dispatch ─▶ method, path, host ─┬─▶ token / revoke / introspect endpoint, JWKS, metadata ─▶ JSON
+//!                                   ├─▶ route ─▶ authorize (bearer, validator, issuer, scopes) ─▶ forward
 //!                                   └─▶ 404
 //!        ◀─ error_response ◀─ the access line is written when the response body ends (or the
 //!           client leaves: 499)
@@ -31,7 +31,7 @@ use hyper::body::Incoming;
 use crate::auth::bearer::{BearerError, bearer_token};
 use crate::auth::validator::InvalidToken;
 use crate::auth::{AuthError, VerifiedToken};
-use crate::config::AuthPolicy;
+use crate::config::{AuthPolicy, JWKS_PATH, METADATA_PATH};
 use crate::metrics::{Metrics, TokenOutcome, UpstreamErrorKind};
 use crate::oauth::{OAuthError, OAuthServer};
 use crate::proxy::body::{BodyFault, ClientBody};
@@ -199,6 +199,18 @@ impl App {
             log.metrics = snap.revoke_metrics.clone();
             return self.revoke_endpoint(snap, req).await;
         }
+        if path == tokens.introspect_path {
+            log.route = RouteLabel::Own("introspect");
+            return self.introspect_endpoint(snap, req).await;
+        }
+        if path == JWKS_PATH {
+            log.route = RouteLabel::Own("jwks");
+            return published(req.method(), snap.keys.jwks());
+        }
+        if path == METADATA_PATH {
+            log.route = RouteLabel::Own("metadata");
+            return published(req.method(), &snap.metadata);
+        }
         // The host the client addressed, read once for routing and forwarding.
         let host = request_authority(req.version(), req.uri(), req.headers()).map_err(GatewayError::BadHost)?;
         let index = snap
@@ -210,7 +222,7 @@ impl App {
         log.metrics = route.metrics.clone();
         let token = match route.settings.auth {
             AuthPolicy::Required => {
-                let t = authorize(snap, &self.state.metrics, req.headers(), route)?;
+                let t = authorize(snap, &self.state.metrics, req.headers(), route).await?;
                 log.token = Some(t.clone());
                 Some(t)
             }
@@ -344,6 +356,24 @@ impl App {
         Ok(r)
     }
 
+    async fn introspect_endpoint(
+        &self,
+        snap: &Snapshot,
+        req: ClientRequest,
+    ) -> Result<Response<InnerBody>, GatewayError> {
+        let (parts, body) = req.into_parts();
+        let answer = self
+            .oauth(snap)
+            .introspect(&parts.method, &parts.headers, body)
+            .await
+            .map_err(GatewayError::OAuth)?;
+        let mut r = Response::new(Either::Left(json_body(&answer)));
+        r.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        no_store(r.headers_mut());
+        Ok(r)
+    }
+
     async fn revoke_endpoint(&self, snap: &Snapshot, req: ClientRequest) -> Result<Response<InnerBody>, GatewayError> {
         let (parts, body) = req.into_parts();
         self.oauth(snap)
@@ -378,14 +408,30 @@ fn log_error(e: &GatewayError, log: &AccessLog) {
     }
 }
 
-/// Bearer → validator (cache) → scope check, counted. Runs on every request to a protected route.
-fn authorize(
+/// A document the gateway publishes (the JWKS, the RFC 8414 metadata): GET or HEAD, cacheable
+/// for five minutes (relying parties refetch a JWKS on that schedule, so a new key must be
+/// published at least that long before it signs).
+fn published(method: &Method, body: &Bytes) -> Result<Response<InnerBody>, GatewayError> {
+    if method != Method::GET && method != Method::HEAD {
+        return Err(GatewayError::ReadOnly);
+    }
+    let mut r = Response::new(Either::Left(Full::new(body.clone())));
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("max-age=300"));
+    Ok(r)
+}
+
+/// Bearer → validator (cache; one JWKS refetch for another issuer's unknown key) → the route's
+/// issuers → scope check, counted. Runs on every request to a protected route.
+async fn authorize(
     snap: &Snapshot,
     metrics: &Metrics,
     headers: &HeaderMap,
     route: &Route,
 ) -> Result<Arc<VerifiedToken>, GatewayError> {
-    let result = check_token(snap, metrics, headers, route);
+    let result = check_token(snap, metrics, headers, route).await;
     metrics.token_check(match &result {
         Ok(_) => TokenOutcome::Valid,
         Err(GatewayError::Auth(AuthError::Missing)) => TokenOutcome::Missing,
@@ -396,7 +442,7 @@ fn authorize(
     result
 }
 
-fn check_token(
+async fn check_token(
     snap: &Snapshot,
     metrics: &Metrics,
     headers: &HeaderMap,
@@ -416,9 +462,14 @@ fn check_token(
             )));
         }
     };
-    let (verified, cache_hit) = snap.validator.validate_counted(token);
+    let (verified, cache_hit) = snap.validator.validate_fetching_counted(token).await;
     metrics.token_cache(cache_hit);
     let verified = verified.map_err(|e: InvalidToken| GatewayError::Auth(AuthError::InvalidToken(e)))?;
+    if !route.issuers.accepts(verified.issuer) {
+        return Err(GatewayError::Auth(AuthError::InvalidToken(
+            InvalidToken::IssuerNotAccepted,
+        )));
+    }
     if !verified.scopes.contains_all(route.settings.scopes) {
         return Err(GatewayError::Auth(AuthError::InsufficientScope(
             route.scope_names.clone(),

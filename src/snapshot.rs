@@ -2,7 +2,8 @@
 //!
 //! ```text
 //!   Config ──build──▶ Snapshot { generation, routes (+ upstream pools), clients, users, scopes,
-//!                               issuer (signing), validator (verification + its cache) }
+//!                               keys, issuer (signing), validator (verification + its cache,
+//!                               the external issuers' resolvers), discovery metadata }
 //! ```
 //!
 //! Each request loads the current Snapshot once and uses it to the end, so no request ever sees
@@ -13,9 +14,11 @@
 use std::sync::Arc;
 
 use anyhow::Context;
+use bytes::Bytes;
 
-use crate::auth::Validator;
+use crate::auth::{IssuerMask, Validator};
 use crate::config::{Config, RouteSettings};
+use crate::keys::{KeySet, Resolver};
 use crate::metrics::RouteMetrics;
 use crate::oauth::clients::ClientRegistry;
 use crate::oauth::issuer::Issuer;
@@ -34,6 +37,8 @@ pub struct Route {
     /// The required scopes, space-delimited, for `insufficient_scope` challenges.
     pub scope_names: String,
     pub metrics: Arc<RouteMetrics>,
+    /// The issuers whose tokens the route accepts.
+    pub issuers: IssuerMask,
 }
 
 pub struct Snapshot {
@@ -45,11 +50,15 @@ pub struct Snapshot {
     pub routes: Vec<Route>,
     pub clients: ClientRegistry,
     pub users: UserStore,
+    /// Our signing and verification keys (shared by `issuer` and `validator`).
+    pub keys: Arc<KeySet>,
     pub issuer: Issuer,
     pub validator: Validator,
     /// Request metrics of the gateway's own endpoints.
     pub token_metrics: Arc<RouteMetrics>,
     pub revoke_metrics: Arc<RouteMetrics>,
+    /// The RFC 8414 metadata document.
+    pub metadata: Bytes,
 }
 
 /// Whether two routes reach their upstream the same way, so the new one can keep the old one's
@@ -70,7 +79,8 @@ impl Snapshot {
     }
 
     /// Builds a Snapshot; with `previous`, routes whose upstream is reached the same way keep the
-    /// previous Snapshot's upstream client (and its pooled connections).
+    /// previous Snapshot's upstream client (and its pooled connections), and issuers whose keys
+    /// are fetched the same way keep their resolver (and its keys). The token cache is always new.
     pub fn build(
         config: Config,
         generation: u64,
@@ -108,10 +118,36 @@ impl Snapshot {
                     settings: r.clone(),
                     forwarder,
                     scope_names: config.scopes.render(r.scopes),
+                    issuers: IssuerMask::new(r.issuers.as_deref(), &config.issuers),
                 })
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
-        let validator = Validator::new(&config.tokens, config.scopes.clone(), state.revoked.clone(), clock);
+        let keys =
+            KeySet::new(&config.tokens, previous.map(|p| &*p.keys), clock.now_millis()).map_err(anyhow::Error::msg)?;
+        let keys = Arc::new(keys);
+        let external = config
+            .issuers
+            .iter()
+            .enumerate()
+            .map(|(i, settings)| {
+                let resolver = match previous.and_then(|p| p.validator.resolver_for(settings)) {
+                    Some(kept) => kept,
+                    None => Arc::new(
+                        Resolver::http(settings.clone(), clock.clone())
+                            .with_context(|| format!("issuers[{i}]: cannot set up the JWKS client"))?,
+                    ),
+                };
+                Ok((settings.clone(), resolver))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let validator = Validator::new(
+            &config.tokens,
+            keys.clone(),
+            external,
+            config.scopes.clone(),
+            state.revoked.clone(),
+            clock,
+        );
         Ok(Snapshot {
             generation,
             token_metrics: state.metrics.route(&config.tokens.token_path),
@@ -120,8 +156,10 @@ impl Snapshot {
             routes,
             clients: ClientRegistry::new(config.clients.clone()),
             users: UserStore::new(config.users.clone(), state.passwords.clone()),
-            issuer: Issuer::new(&config.tokens),
+            issuer: Issuer::new(&config.tokens, keys.clone()),
+            keys,
             validator,
+            metadata: crate::oauth::discovery::metadata(&config),
             config,
         })
     }

@@ -62,8 +62,8 @@ pub struct SessionView {
 /// What a presented refresh token is to its session.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TokenState {
-    /// The session's live refresh token.
-    Current { expires_ms: u64 },
+    /// The session's live refresh token, issued at `issued_ms` (login or its last rotation).
+    Current { expires_ms: u64, issued_ms: u64 },
     /// A token the session already rotated; `sealed` is the response that rotated it, while the
     /// reuse grace lasts.
     Rotated {

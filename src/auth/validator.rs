@@ -1,26 +1,45 @@
-//! Access-token validation: signature with the configured algorithm (never the token's), `typ`,
-//! iss, aud, exp and nbf against the [`Clock`] with `tokens.leeway`, then the revoked-session set.
+//! Access-token validation, for our own tokens and those of every configured `[[issuers]]`.
+//!
+//! ```text
+//!   token ─▶ cache hit? ─▶ exp, nbf (Clock + leeway), revoked sid ─▶ ok
+//!      └─ miss ─▶ header, claims ─▶ iss ─┬─ ours:     typ at+jwt; key by kid (KeySet); alg = the key's
+//!                                        └─ an issuer: its typs; key by kid (Resolver); alg ∈ its
+//!                                                      algorithms ∩ the key's JWK
+//!                 ─▶ signature (jsonwebtoken) ─▶ aud ─▶ exp, nbf, revoked ─▶ cached until exp
+//! ```
+//!
+//! The key is chosen by the token's `iss` and `kid` and the algorithm by the key, never by the
+//! token: a header can only name an algorithm the key already has, so alg confusion (an RSA public
+//! key used as an HMAC secret, `none`) cannot be expressed. A token of an issuer whose keys are not
+//! loaded, or whose kid is unknown, may trigger one refetch of that issuer's JWKS
+//! ([`Validator::validate_fetching`]); everything else is synchronous.
 //!
 //! Validated tokens are cached (moka, successes only, bounded). An entry's lifetime ends at its
 //! token's `exp`, and a hit is still checked against the clock and the revoked-session set, so the
 //! cache can neither outlive a token nor defeat a revocation (Oathkeeper #1082). The cached value
 //! holds the token's granted scopes, and every request checks its route's scopes against them, so a
-//! cache hit never skips the scope check (Oathkeeper #743).
+//! cache hit never skips the scope check (Oathkeeper #743). The cache belongs to one Snapshot: a
+//! reload starts a new one, so no identity validated under an old config (or key) carries over.
+//! Our revoked-session set applies to our own tokens only: another issuer's tokens have no session
+//! here.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use foldhash::fast::RandomState;
 use http::HeaderValue;
-use jsonwebtoken::errors::ErrorKind;
-use jsonwebtoken::{DecodingKey, Validation};
 use moka::sync::Cache;
 use serde::Deserialize;
+use serde::de::IgnoredAny;
 
 use crate::auth::RevokedSessions;
 use crate::clock::SharedClock;
-use crate::config::TokenSettings;
+use crate::config::{IssuerSettings, ScopeClaim, SigningAlg, TokenSettings, normalize_typ};
 use crate::ids::SessionId;
+use crate::keys::{AlgSet, KeySet, Lookup, Resolver, verify_signature};
+use crate::proxy::headers::Identity;
 use crate::scope::{ScopeSet, ScopeUniverse};
 
 /// Why a request's token was not accepted. Each maps to one RFC 6750 §3 response.
@@ -47,6 +66,12 @@ pub enum InvalidToken {
     Expired,
     NotYetValid,
     Revoked,
+    /// No key of its issuer has the token's kid (or, without a kid, no single key fits).
+    UnknownKey,
+    /// Its issuer's keys are not loaded (yet, or any more).
+    IssuerNotReady,
+    /// A valid token of an issuer the route does not accept (`routes[].issuers`).
+    IssuerNotAccepted,
 }
 
 impl InvalidToken {
@@ -62,7 +87,42 @@ impl InvalidToken {
             InvalidToken::Expired => "the access token expired",
             InvalidToken::NotYetValid => "the access token is not valid yet",
             InvalidToken::Revoked => "the access token was revoked",
+            InvalidToken::UnknownKey => "the access token signing key is unknown",
+            InvalidToken::IssuerNotReady => "the keys of the access token issuer are not loaded yet",
+            InvalidToken::IssuerNotAccepted => "this route does not accept tokens of the access token issuer",
         }
+    }
+}
+
+/// Our own issuer's index; `[[issuers]]` entry `i` is `i + 1`.
+pub const SELF: u8 = 0;
+
+/// The issuers a route accepts: bit 0 is ours, bit `i + 1` is `[[issuers]]` entry `i`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IssuerMask(u64);
+
+impl IssuerMask {
+    pub const ALL: IssuerMask = IssuerMask(u64::MAX);
+
+    /// From `routes[].issuers` (`"self"` or an issuer); `None` accepts them all.
+    pub fn new(names: Option<&[String]>, issuers: &[IssuerSettings]) -> IssuerMask {
+        let Some(names) = names else {
+            return IssuerMask::ALL;
+        };
+        IssuerMask(names.iter().fold(0, |mask, name| {
+            if name == crate::config::SELF_ISSUER {
+                mask | 1
+            } else {
+                issuers
+                    .iter()
+                    .position(|i| &i.issuer == name)
+                    .map_or(mask, |i| mask | 1 << (i + 1))
+            }
+        }))
+    }
+
+    pub fn accepts(self, issuer: u8) -> bool {
+        self.0 & (1u64 << issuer) != 0
     }
 }
 
@@ -70,29 +130,94 @@ impl InvalidToken {
 #[derive(Debug)]
 pub struct VerifiedToken {
     pub sub: Box<str>,
-    /// `None` when the `sid` claim is not one of our session ids (a token minted elsewhere with our
-    /// key): no session of ours can be revoked under it.
+    /// Our session; `None` for another issuer's token, and when the `sid` claim is not one of our
+    /// session ids (a token minted elsewhere with our key): no session of ours is revoked under it.
     pub sid: Option<SessionId>,
+    /// `client_id` (another issuer's token: or `azp`); empty when the token names none.
     pub client_id: Box<str>,
     pub exp: u64,
     pub nbf: u64,
+    /// `iat`, 0 when absent.
+    pub iat: u64,
+    /// [`SELF`], or the index + 1 of the `[[issuers]]` entry that issued it.
+    pub issuer: u8,
     /// Granted scopes this gateway knows of.
     pub scopes: ScopeSet,
-    /// `X-Auth-Subject`, `X-Auth-Client-Id`, `X-Auth-Scope`, `X-Auth-Session`, built once.
-    pub identity: [HeaderValue; 4],
+    /// `X-Auth-*` headers, built once.
+    pub identity: Identity,
     cache_ttl: Duration,
+}
+
+impl VerifiedToken {
+    /// The scope claim as the token carries it, space-delimited.
+    pub fn scope(&self) -> &str {
+        self.identity.scope.to_str().unwrap_or("")
+    }
+}
+
+#[derive(Deserialize)]
+struct JoseHeader {
+    alg: String,
+    kid: Option<String>,
+    typ: Option<String>,
+    /// RFC 7515 §4.1.11: we understand no extension, so a token that makes one critical is refused.
+    crit: Option<IgnoredAny>,
+}
+
+/// A string or an array of strings (`aud`, and `scope`/`scp` as IdPs write them).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn contains(&self, s: &str) -> bool {
+        match self {
+            OneOrMany::One(v) => v == s,
+            OneOrMany::Many(vs) => vs.iter().any(|v| v == s),
+        }
+    }
+    fn joined(&self) -> String {
+        match self {
+            OneOrMany::One(v) => v.clone(),
+            OneOrMany::Many(vs) => vs.join(" "),
+        }
+    }
+}
+
+/// RFC 7519 §2 NumericDate: seconds, possibly with a fraction.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum NumericDate {
+    Int(u64),
+    Float(f64),
+}
+
+impl NumericDate {
+    fn secs(&self) -> Option<u64> {
+        match *self {
+            NumericDate::Int(n) => Some(n),
+            NumericDate::Float(f) if f.is_finite() && f >= 0.0 => Some(f as u64),
+            NumericDate::Float(_) => None,
+        }
+    }
 }
 
 #[derive(Deserialize)]
 struct Claims {
-    sub: String,
-    exp: u64,
-    #[serde(default)]
-    nbf: Option<u64>,
-    client_id: String,
-    #[serde(default)]
-    scope: String,
-    sid: String,
+    iss: Option<String>,
+    sub: Option<String>,
+    aud: Option<OneOrMany>,
+    exp: Option<NumericDate>,
+    nbf: Option<NumericDate>,
+    iat: Option<NumericDate>,
+    client_id: Option<String>,
+    azp: Option<String>,
+    scope: Option<OneOrMany>,
+    scp: Option<OneOrMany>,
+    sid: Option<String>,
 }
 
 struct UntilExp;
@@ -108,9 +233,57 @@ impl moka::Expiry<Box<str>, Arc<VerifiedToken>> for UntilExp {
     }
 }
 
+/// An `[[issuers]]` entry as the validator applies it.
+struct External {
+    settings: IssuerSettings,
+    algs: AlgSet,
+    resolver: Arc<Resolver>,
+    /// `X-Auth-Issuer`.
+    header: HeaderValue,
+}
+
+/// Why a token that is not in the cache was not validated.
+enum Failure {
+    Invalid(InvalidToken),
+    /// The key may come with a refetch of `[[issuers]]` entry `issuer`'s JWKS.
+    NeedKeys {
+        issuer: usize,
+        kid: Option<Box<str>>,
+        ready: bool,
+    },
+}
+
+impl From<InvalidToken> for Failure {
+    fn from(e: InvalidToken) -> Self {
+        Failure::Invalid(e)
+    }
+}
+
+impl Failure {
+    fn final_error(self) -> InvalidToken {
+        match self {
+            Failure::Invalid(e) => e,
+            Failure::NeedKeys { ready: true, .. } => InvalidToken::UnknownKey,
+            Failure::NeedKeys { ready: false, .. } => InvalidToken::IssuerNotReady,
+        }
+    }
+}
+
+/// One part of a compact JWS, base64url-decoded and parsed.
+fn json_part<T: serde::de::DeserializeOwned>(part: &str) -> Result<T, InvalidToken> {
+    let bytes = URL_SAFE_NO_PAD.decode(part).map_err(|_| InvalidToken::Malformed)?;
+    serde_json::from_slice(&bytes).map_err(|_| InvalidToken::Malformed)
+}
+
+fn header_value(s: &str) -> Result<HeaderValue, InvalidToken> {
+    HeaderValue::from_str(s).map_err(|_| InvalidToken::Malformed)
+}
+
 pub struct Validator {
-    key: DecodingKey,
-    validation: Validation,
+    issuer: Box<str>,
+    audience: Box<str>,
+    keys: Arc<KeySet>,
+    external: Vec<External>,
     leeway: u64,
     scopes: ScopeUniverse,
     revoked: Arc<RevokedSessions>,
@@ -119,27 +292,33 @@ pub struct Validator {
 }
 
 impl Validator {
+    /// `external` pairs each `[[issuers]]` entry with its resolver, in config order.
     pub fn new(
         tokens: &TokenSettings,
+        keys: Arc<KeySet>,
+        external: Vec<(IssuerSettings, Arc<Resolver>)>,
         scopes: ScopeUniverse,
         revoked: Arc<RevokedSessions>,
         clock: SharedClock,
     ) -> Self {
-        let mut validation = Validation::new(tokens.alg.jwt());
-        // exp and nbf are checked here against the Clock, not the wall clock inside jsonwebtoken.
-        validation.validate_exp = false;
-        validation.validate_nbf = false;
-        validation.leeway = 0;
-        validation.set_issuer(&[&tokens.issuer]);
-        validation.set_audience(&[&tokens.audience]);
-        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
         let cache = Cache::builder()
             .max_capacity(tokens.cache_capacity)
             .expire_after(UntilExp)
             .build_with_hasher(RandomState::default());
+        let external = external
+            .into_iter()
+            .map(|(settings, resolver)| External {
+                algs: AlgSet::of(&settings.algorithms),
+                header: HeaderValue::from_str(&settings.issuer).unwrap_or(HeaderValue::from_static("external")),
+                settings,
+                resolver,
+            })
+            .collect();
         Validator {
-            key: DecodingKey::from_secret(tokens.secret.expose()),
-            validation,
+            issuer: tokens.issuer.as_str().into(),
+            audience: tokens.audience.as_str().into(),
+            keys,
+            external,
             leeway: tokens.leeway.as_secs(),
             scopes,
             revoked,
@@ -148,7 +327,7 @@ impl Validator {
         }
     }
 
-    /// Validates a bearer token, from the cache when it can.
+    /// Validates a bearer token, from the cache when it can; never fetches keys.
     pub fn validate(&self, token: &str) -> Result<Arc<VerifiedToken>, InvalidToken> {
         self.validate_counted(token).0
     }
@@ -157,8 +336,63 @@ impl Validator {
     pub fn validate_counted(&self, token: &str) -> (Result<Arc<VerifiedToken>, InvalidToken>, bool) {
         match self.cached(token) {
             Some(result) => (result, true),
-            None => (self.validate_uncached(token), false),
+            None => (self.validate_uncached(token).map_err(Failure::final_error), false),
         }
+    }
+
+    /// [`Validator::validate`], and when the token's issuer has no key for it yet, one refetch of
+    /// that issuer's JWKS (shared with every other token waiting for it, and rate-limited) before
+    /// the answer. A cache hit or one of our tokens never waits.
+    pub async fn validate_fetching(&self, token: &str) -> Result<Arc<VerifiedToken>, InvalidToken> {
+        self.validate_fetching_counted(token).await.0
+    }
+
+    /// [`Validator::validate_fetching`], also saying whether the cache answered.
+    pub async fn validate_fetching_counted(&self, token: &str) -> (Result<Arc<VerifiedToken>, InvalidToken>, bool) {
+        if let Some(result) = self.cached(token) {
+            return (result, true);
+        }
+        (self.fetching_uncached(token).await, false)
+    }
+
+    async fn fetching_uncached(&self, token: &str) -> Result<Arc<VerifiedToken>, InvalidToken> {
+        let (issuer, kid, ready) = match self.validate_uncached(token) {
+            Err(Failure::NeedKeys { issuer, kid, ready }) => (issuer, kid, ready),
+            other => return other.map_err(Failure::final_error),
+        };
+        let resolver = &self.external[issuer].resolver;
+        let Some(fetched) = resolver.refetch(kid.as_deref()) else {
+            return Err(Failure::NeedKeys { issuer, kid, ready }.final_error());
+        };
+        fetched.await;
+        match self.validate_uncached(token) {
+            Err(Failure::NeedKeys { kid, ready, .. }) => {
+                resolver.remember_unknown(kid.as_deref());
+                Err(Failure::NeedKeys { issuer, kid, ready }.final_error())
+            }
+            other => other.map_err(Failure::final_error),
+        }
+    }
+
+    /// One of our own tokens (introspection): valid now, not revoked. Another issuer's token is
+    /// `WrongIssuer`.
+    pub fn validate_own(&self, token: &str) -> Result<Arc<VerifiedToken>, InvalidToken> {
+        if let Some(result) = self.cached(token) {
+            return result.and_then(|t| {
+                if t.issuer == SELF {
+                    Ok(t)
+                } else {
+                    Err(InvalidToken::WrongIssuer)
+                }
+            });
+        }
+        if !crate::auth::bearer::is_b64token(token.as_bytes()) {
+            return Err(InvalidToken::Malformed);
+        }
+        let now = self.clock.now_secs();
+        let v = self.decode_own(token, now)?;
+        self.still_valid(&v, now)?;
+        Ok(Arc::new(v))
     }
 
     /// A cache hit, still checked against the clock and the revoked-session set; `None` on a miss.
@@ -170,26 +404,30 @@ impl Validator {
     /// Verifies a token the cache does not hold, and caches it if it is valid. The b64token
     /// alphabet (RFC 6750 §2.1) is checked here, not on every request: a cache hit is
     /// byte-identical to a token that passed.
-    fn validate_uncached(&self, token: &str) -> Result<Arc<VerifiedToken>, InvalidToken> {
+    fn validate_uncached(&self, token: &str) -> Result<Arc<VerifiedToken>, Failure> {
         if !crate::auth::bearer::is_b64token(token.as_bytes()) {
-            return Err(InvalidToken::Malformed);
+            return Err(InvalidToken::Malformed.into());
         }
         let now = self.clock.now_secs();
-        let verified = Arc::new(self.verify(token, now)?);
+        let verified = self.decode(token, now)?;
+        self.still_valid(&verified, now)?;
+        let verified = Arc::new(verified);
         self.cache.insert(token.into(), verified.clone());
         Ok(verified)
     }
 
-    /// Checks signature and claims, ignoring exp and the revoked set; used by RFC 7009 revocation,
-    /// which must accept an expired access token.
+    /// Checks signature and claims of one of our tokens, ignoring exp and the revoked set; used by
+    /// RFC 7009 revocation, which must accept an expired access token.
     pub fn verify_signature_only(&self, token: &str) -> Result<VerifiedToken, InvalidToken> {
-        self.decode(token, self.clock.now_secs())
+        self.decode_own(token, self.clock.now_secs())
     }
 
-    fn verify(&self, token: &str, now: u64) -> Result<VerifiedToken, InvalidToken> {
-        let v = self.decode(token, now)?;
-        self.still_valid(&v, now)?;
-        Ok(v)
+    fn decode_own(&self, token: &str, now: u64) -> Result<VerifiedToken, InvalidToken> {
+        match self.decode(token, now) {
+            Ok(v) if v.issuer == SELF => Ok(v),
+            Ok(_) | Err(Failure::NeedKeys { .. }) => Err(InvalidToken::WrongIssuer),
+            Err(Failure::Invalid(e)) => Err(e),
+        }
     }
 
     fn still_valid(&self, v: &VerifiedToken, now: u64) -> Result<(), InvalidToken> {
@@ -205,39 +443,216 @@ impl Validator {
         Ok(())
     }
 
-    fn decode(&self, token: &str, now: u64) -> Result<VerifiedToken, InvalidToken> {
-        let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(|e| match e.kind() {
-            ErrorKind::InvalidSignature => InvalidToken::BadSignature,
-            ErrorKind::InvalidAlgorithm | ErrorKind::MissingAlgorithm => InvalidToken::WrongAlgorithm,
-            ErrorKind::InvalidIssuer => InvalidToken::WrongIssuer,
-            ErrorKind::InvalidAudience => InvalidToken::WrongAudience,
-            _ => InvalidToken::Malformed,
-        })?;
-        // RFC 9068 §4: reject tokens whose typ is not at+jwt (an ID token is not an access token).
-        match data.header.typ.as_deref() {
-            Some(t) if t.eq_ignore_ascii_case("at+jwt") || t.eq_ignore_ascii_case("application/at+jwt") => {}
-            _ => return Err(InvalidToken::WrongType),
+    /// Signature and claims, for whichever issuer the token names.
+    fn decode(&self, token: &str, now: u64) -> Result<VerifiedToken, Failure> {
+        let mut parts = token.split('.');
+        let (Some(h), Some(p), Some(signature), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+            return Err(InvalidToken::Malformed.into());
+        };
+        let header: JoseHeader = json_part(h)?;
+        let claims: Claims = json_part(p)?;
+        let iss = claims.iss.as_deref().ok_or(InvalidToken::Malformed)?;
+        if header.crit.is_some() {
+            return Err(InvalidToken::Malformed.into());
         }
-        let c = data.claims;
-        let sid = SessionId::parse(&c.sid);
-        let header = |s: &str| HeaderValue::from_str(s).map_err(|_| InvalidToken::Malformed);
-        let identity = [
-            header(&c.sub)?,
-            header(&c.client_id)?,
-            header(&c.scope)?,
-            header(&c.sid)?,
-        ];
-        let cache_ttl = Duration::from_secs(c.exp.saturating_add(self.leeway).saturating_sub(now).max(1));
+        let alg = SigningAlg::parse(&header.alg).ok_or(InvalidToken::WrongAlgorithm)?;
+        let message = &token.as_bytes()[..h.len() + 1 + p.len()];
+        if iss == &*self.issuer {
+            self.verify_own(&header, alg, message, signature)?;
+            return self.own_claims(claims, now).map_err(Failure::Invalid);
+        }
+        let Some(index) = self.external.iter().position(|e| e.settings.issuer == iss) else {
+            return Err(InvalidToken::WrongIssuer.into());
+        };
+        let ext = &self.external[index];
+        let typ = header.typ.as_deref().map_or_else(|| "jwt".to_owned(), normalize_typ);
+        if !ext.settings.token_types.contains(&typ) {
+            return Err(InvalidToken::WrongType.into());
+        }
+        if !ext.algs.contains(alg) {
+            return Err(InvalidToken::WrongAlgorithm.into());
+        }
+        let key = match ext.resolver.lookup(header.kid.as_deref(), alg) {
+            Lookup::Found(key) => key,
+            Lookup::NotReady | Lookup::Unknown => {
+                return Err(Failure::NeedKeys {
+                    issuer: index,
+                    kid: header.kid.map(Into::into),
+                    ready: ext.resolver.is_ready(),
+                });
+            }
+        };
+        if !key.algs.contains(alg) {
+            return Err(InvalidToken::WrongAlgorithm.into());
+        }
+        if !verify_signature(&key.decoding, alg, message, signature) {
+            return Err(InvalidToken::BadSignature.into());
+        }
+        self.external_claims(ext, index, claims, now).map_err(Failure::Invalid)
+    }
+
+    /// Our tokens: `typ` at+jwt (RFC 9068 §4: an ID token is not an access token), the key named
+    /// by `kid` with its own algorithm.
+    fn verify_own(
+        &self,
+        header: &JoseHeader,
+        alg: SigningAlg,
+        message: &[u8],
+        signature: &str,
+    ) -> Result<(), InvalidToken> {
+        if header.typ.as_deref().map(normalize_typ).as_deref() != Some("at+jwt") {
+            return Err(InvalidToken::WrongType);
+        }
+        match header.kid.as_deref() {
+            Some(kid) => {
+                let key = self.keys.get(kid).ok_or(InvalidToken::UnknownKey)?;
+                if key.alg != alg {
+                    return Err(InvalidToken::WrongAlgorithm);
+                }
+                if !key.verifies(message, signature) {
+                    return Err(InvalidToken::BadSignature);
+                }
+            }
+            // Tokens minted before keys had ids, or by a tool sharing an HMAC secret: the keys of
+            // the header's algorithm, each with its own.
+            None => {
+                let mut candidates = self.keys.without_kid(alg).peekable();
+                if candidates.peek().is_none() {
+                    return Err(InvalidToken::WrongAlgorithm);
+                }
+                if !candidates.any(|k| k.verifies(message, signature)) {
+                    return Err(InvalidToken::BadSignature);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn own_claims(&self, c: Claims, now: u64) -> Result<VerifiedToken, InvalidToken> {
+        if !c.aud.as_ref().is_some_and(|a| a.contains(&self.audience)) {
+            return Err(InvalidToken::WrongAudience);
+        }
+        let (Some(sub), Some(client_id), Some(sid)) = (c.sub, c.client_id, c.sid) else {
+            return Err(InvalidToken::Malformed);
+        };
+        let scope = c.scope.map(|s| s.joined()).unwrap_or_default();
+        let identity = Identity {
+            subject: header_value(&sub)?,
+            client_id: Some(header_value(&client_id)?),
+            scope: header_value(&scope)?,
+            session: Some(header_value(&sid)?),
+            issuer: None,
+        };
+        self.verified(
+            sub,
+            SessionId::parse(&sid),
+            client_id,
+            &c.exp,
+            &c.nbf,
+            &c.iat,
+            SELF,
+            &scope,
+            identity,
+            now,
+        )
+    }
+
+    fn external_claims(
+        &self,
+        ext: &External,
+        index: usize,
+        c: Claims,
+        now: u64,
+    ) -> Result<VerifiedToken, InvalidToken> {
+        if !c
+            .aud
+            .as_ref()
+            .is_some_and(|a| ext.settings.audiences.iter().any(|want| a.contains(want)))
+        {
+            return Err(InvalidToken::WrongAudience);
+        }
+        let sub = c.sub.ok_or(InvalidToken::Malformed)?;
+        let client_id = c.client_id.or(c.azp);
+        let scope = match ext.settings.scope_claim {
+            ScopeClaim::Scope => c.scope,
+            ScopeClaim::Scp => c.scp,
+        }
+        .map(|s| s.joined())
+        .unwrap_or_default();
+        let identity = Identity {
+            subject: header_value(&sub)?,
+            client_id: client_id.as_deref().map(header_value).transpose()?,
+            scope: header_value(&scope)?,
+            session: None,
+            issuer: Some(ext.header.clone()),
+        };
+        let issuer = u8::try_from(index + 1).map_err(|_| InvalidToken::WrongIssuer)?;
+        let client_id = client_id.unwrap_or_default();
+        self.verified(
+            sub, None, client_id, &c.exp, &c.nbf, &c.iat, issuer, &scope, identity, now,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn verified(
+        &self,
+        sub: String,
+        sid: Option<SessionId>,
+        client_id: String,
+        exp: &Option<NumericDate>,
+        nbf: &Option<NumericDate>,
+        iat: &Option<NumericDate>,
+        issuer: u8,
+        scope: &str,
+        identity: Identity,
+        now: u64,
+    ) -> Result<VerifiedToken, InvalidToken> {
+        let exp = exp
+            .as_ref()
+            .and_then(NumericDate::secs)
+            .ok_or(InvalidToken::Malformed)?;
+        let date = |d: &Option<NumericDate>| match d {
+            None => Ok(0),
+            Some(d) => d.secs().ok_or(InvalidToken::Malformed),
+        };
+        let cache_ttl = Duration::from_secs(exp.saturating_add(self.leeway).saturating_sub(now).max(1));
         Ok(VerifiedToken {
-            scopes: self.scopes.parse_lenient(&c.scope),
-            sub: c.sub.into(),
+            scopes: self.scopes.parse_lenient(scope),
+            sub: sub.into(),
             sid,
-            client_id: c.client_id.into(),
-            exp: c.exp,
-            nbf: c.nbf.unwrap_or(0),
+            client_id: client_id.into(),
+            exp,
+            nbf: date(nbf)?,
+            iat: date(iat)?,
+            issuer,
             identity,
             cache_ttl,
         })
+    }
+
+    /// Starts the background JWKS fetches that are due (the maintenance loop, every second).
+    pub fn poll_issuers(&self) {
+        for e in &self.external {
+            e.resolver.poll();
+        }
+    }
+
+    /// The resolver of each `[[issuers]]` entry, in config order.
+    pub fn resolvers(&self) -> impl Iterator<Item = &Arc<Resolver>> {
+        self.external.iter().map(|e| &e.resolver)
+    }
+
+    /// A resolver a new Snapshot may keep: same issuer, fetching the same keys the same way.
+    pub fn resolver_for(&self, settings: &IssuerSettings) -> Option<Arc<Resolver>> {
+        self.external
+            .iter()
+            .find(|e| e.resolver.settings().same_keys(settings))
+            .map(|e| e.resolver.clone())
+    }
+
+    /// Readiness and fetch counters of every `[[issuers]]` entry (for metrics).
+    pub fn issuer_status(&self) -> Vec<crate::keys::IssuerStatus> {
+        self.external.iter().map(|e| e.resolver.status()).collect()
     }
 
     /// moka does its housekeeping only during calls; the sweeper calls this.

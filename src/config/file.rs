@@ -20,6 +20,8 @@ pub struct FileConfig {
     pub routes: Vec<RouteFile>,
     #[serde(default)]
     pub log: LogFile,
+    #[serde(default)]
+    pub issuers: Vec<IssuerFile>,
     pub state: Option<StateFile>,
 }
 
@@ -76,15 +78,34 @@ pub struct TokensFile {
     pub password_hash_concurrency: Option<i64>,
     pub token_path: Option<String>,
     pub revoke_path: Option<String>,
+    pub introspect_path: Option<String>,
     pub max_sessions_per_user: Option<i64>,
     pub signing: SigningFile,
+    #[serde(default)]
+    pub previous_keys: Vec<SigningFile>,
 }
 
+/// `{ alg, secret }` (HMAC) or `{ alg, key }` (a PKCS#8 PEM private key).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SigningFile {
     pub alg: Option<String>,
-    pub secret: String,
+    pub secret: Option<String>,
+    pub key: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IssuerFile {
+    pub issuer: String,
+    pub jwks_uri: String,
+    pub ca_file: Option<String>,
+    #[serde(default)]
+    pub audiences: Vec<String>,
+    pub algorithms: Option<Vec<String>>,
+    pub token_types: Option<Vec<String>>,
+    pub scope_claim: Option<String>,
+    pub min_refetch_interval: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -128,6 +149,7 @@ pub struct RouteFile {
     pub upgrades: Option<Vec<String>>,
     pub max_connections: Option<i64>,
     pub idle_timeout: Option<String>,
+    pub issuers: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -47,17 +47,17 @@ pub struct OAuthServer<'a> {
 
 /// A parsed form: each parameter at most once (RFC 6749 §3.2), empty values treated as absent
 /// (§3.1). Values (passwords, client secrets, refresh tokens) are zeroed when it is dropped.
-struct Form(Vec<(String, zeroize::Zeroizing<String>)>);
+pub(super) struct Form(Vec<(String, zeroize::Zeroizing<String>)>);
 
 impl Form {
-    fn get(&self, name: &str) -> Option<&str> {
+    pub(super) fn get(&self, name: &str) -> Option<&str> {
         self.0
             .iter()
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.as_str())
             .filter(|v| !v.is_empty())
     }
-    fn require(&self, name: &str) -> Result<&str, OAuthError> {
+    pub(super) fn require(&self, name: &str) -> Result<&str, OAuthError> {
         self.get(name)
             .ok_or_else(|| OAuthError::invalid_request(format!("missing parameter {name}")))
     }
@@ -221,7 +221,7 @@ impl<'a> OAuthServer<'a> {
         Ok(true)
     }
 
-    fn authenticate(&self, headers: &HeaderMap, form: &Form) -> Result<&ClientSettings, OAuthError> {
+    pub(super) fn authenticate(&self, headers: &HeaderMap, form: &Form) -> Result<&ClientSettings, OAuthError> {
         let mut auth = headers.get_all(AUTHORIZATION).iter();
         let first = auth.next();
         if auth.next().is_some() {
@@ -377,13 +377,13 @@ impl<'a> OAuthServer<'a> {
         }
         let expires_ms = match state {
             TokenState::Unknown => return Err(invalid_refresh_token()),
-            TokenState::Current { expires_ms } | TokenState::Rotated { expires_ms, .. } if now >= expires_ms => {
+            TokenState::Current { expires_ms, .. } | TokenState::Rotated { expires_ms, .. } if now >= expires_ms => {
                 return Err(invalid_refresh_token());
             }
             TokenState::Rotated { at_ms, sealed, .. } => {
                 return self.replay_or_revoke(presented, &session, at_ms, sealed, now).await;
             }
-            TokenState::Current { expires_ms } => expires_ms,
+            TokenState::Current { expires_ms, .. } => expires_ms,
         };
         debug_assert!(now < expires_ms);
 
@@ -568,7 +568,7 @@ const KNOWN_PARAMETERS: [&str; 9] = [
 
 /// Reads an `application/x-www-form-urlencoded` POST body of at most [`MAX_FORM_BYTES`], all of it
 /// within `limit` (a client trickling a byte at a time does not hold a connection for ever).
-async fn read_form<B>(
+pub(super) async fn read_form<B>(
     method: &Method,
     headers: &HeaderMap,
     body: B,

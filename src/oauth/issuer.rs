@@ -1,13 +1,16 @@
-//! Minting access tokens: RFC 9068 JWTs. (Refresh tokens are minted in [`crate::ids`].)
+//! Minting access tokens: RFC 9068 JWTs, signed by the active key of the Snapshot's
+//! [`KeySet`], whose `kid` they carry. (Refresh tokens are minted in [`crate::ids`].)
+
+use std::sync::Arc;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use jsonwebtoken::{EncodingKey, Header};
 use serde::Serialize;
 
 use crate::config::TokenSettings;
 use crate::crypto::random_bytes;
 use crate::ids::SessionId;
+use crate::keys::KeySet;
 
 /// The claims of an RFC 9068 access token.
 #[derive(Serialize)]
@@ -29,8 +32,7 @@ pub struct AccessToken {
 }
 
 pub struct Issuer {
-    key: EncodingKey,
-    header: Header,
+    keys: Arc<KeySet>,
     issuer: String,
     audience: String,
     access_ttl_secs: u64,
@@ -41,12 +43,9 @@ pub struct Issuer {
 pub struct MintError;
 
 impl Issuer {
-    pub fn new(tokens: &TokenSettings) -> Self {
-        let mut header = Header::new(tokens.alg.jwt());
-        header.typ = Some("at+jwt".to_owned());
+    pub fn new(tokens: &TokenSettings, keys: Arc<KeySet>) -> Self {
         Issuer {
-            key: EncodingKey::from_secret(tokens.secret.expose()),
-            header,
+            keys,
             issuer: tokens.issuer.clone(),
             audience: tokens.audience.clone(),
             access_ttl_secs: tokens.access_ttl.as_secs(),
@@ -80,7 +79,8 @@ impl Issuer {
             scope,
             sid: &sid,
         };
-        let jwt = jsonwebtoken::encode(&self.header, &claims, &self.key).map_err(|_| MintError)?;
+        let claims = serde_json::to_vec(&claims).map_err(|_| MintError)?;
+        let jwt = self.keys.active().sign_jwt(&claims).map_err(|_| MintError)?;
         Ok(AccessToken { jwt, exp })
     }
 }

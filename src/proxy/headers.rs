@@ -16,6 +16,7 @@ pub static X_AUTH_SUBJECT: HeaderName = HeaderName::from_static("x-auth-subject"
 pub static X_AUTH_CLIENT_ID: HeaderName = HeaderName::from_static("x-auth-client-id");
 pub static X_AUTH_SCOPE: HeaderName = HeaderName::from_static("x-auth-scope");
 pub static X_AUTH_SESSION: HeaderName = HeaderName::from_static("x-auth-session");
+pub static X_AUTH_ISSUER: HeaderName = HeaderName::from_static("x-auth-issuer");
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
@@ -101,6 +102,22 @@ pub fn upgrade_allowed(headers: &HeaderMap, allowed: &[String]) -> bool {
     any
 }
 
+/// The identity headers of a validated token, built once when the token is verified.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    /// `X-Auth-Subject`: `sub`.
+    pub subject: HeaderValue,
+    /// `X-Auth-Client-Id`: `client_id` (or `azp`); absent when the token names no client.
+    pub client_id: Option<HeaderValue>,
+    /// `X-Auth-Scope`: the granted scopes, space-delimited.
+    pub scope: HeaderValue,
+    /// `X-Auth-Session`: our session id; absent for another issuer's token (no session here).
+    pub session: Option<HeaderValue>,
+    /// `X-Auth-Issuer`: set for another issuer's token only, so an upstream can tell whose
+    /// namespace the subject is in (ours is the default).
+    pub issuer: Option<HeaderValue>,
+}
+
 pub struct RequestContext<'a> {
     /// The X-Forwarded-For to send: the client's address, then the trusted proxies after it.
     pub forwarded_for: &'a HeaderValue,
@@ -109,8 +126,8 @@ pub struct RequestContext<'a> {
     pub original_host: Option<HeaderValue>,
     /// Host header for the upstream; `None` keeps the client's.
     pub upstream_host: Option<&'a HeaderValue>,
-    /// Subject, client id, scope, session, from the token; `None` on public routes.
-    pub identity: Option<&'a [HeaderValue; 4]>,
+    /// From the token; `None` on public routes.
+    pub identity: Option<&'a Identity>,
     pub keep_authorization: bool,
     /// Keep `Upgrade` and `Connection: upgrade` (a WebSocket handshake).
     pub upgrade: bool,
@@ -159,11 +176,18 @@ pub fn upstream_request_headers(mut headers: HeaderMap, ctx: &RequestContext<'_>
     if let Some(h) = ctx.upstream_host.or(ctx.original_host.as_ref()) {
         headers.insert(header::HOST, h.clone());
     }
-    if let Some([sub, client_id, scope, sid]) = ctx.identity {
-        headers.insert(X_AUTH_SUBJECT.clone(), sub.clone());
-        headers.insert(X_AUTH_CLIENT_ID.clone(), client_id.clone());
-        headers.insert(X_AUTH_SCOPE.clone(), scope.clone());
-        headers.insert(X_AUTH_SESSION.clone(), sid.clone());
+    if let Some(id) = ctx.identity {
+        headers.insert(X_AUTH_SUBJECT.clone(), id.subject.clone());
+        if let Some(client_id) = &id.client_id {
+            headers.insert(X_AUTH_CLIENT_ID.clone(), client_id.clone());
+        }
+        headers.insert(X_AUTH_SCOPE.clone(), id.scope.clone());
+        if let Some(sid) = &id.session {
+            headers.insert(X_AUTH_SESSION.clone(), sid.clone());
+        }
+        if let Some(iss) = &id.issuer {
+            headers.insert(X_AUTH_ISSUER.clone(), iss.clone());
+        }
     }
     headers.insert(X_REQUEST_ID.clone(), ctx.request_id.clone());
     if let Some(upgrade) = upgrade_value {
@@ -223,7 +247,7 @@ mod tests {
     use super::*;
 
     fn ctx<'a>(
-        identity: Option<&'a [HeaderValue; 4]>,
+        identity: Option<&'a Identity>,
         rid: &'a HeaderValue,
         upstream_host: Option<&'a HeaderValue>,
     ) -> RequestContext<'a> {
@@ -275,7 +299,13 @@ mod tests {
         h.append("X-Auth-Subject", hv("root"));
         h.append("x-auth-roles", hv("superuser"));
         h.insert(header::AUTHORIZATION, hv("Bearer abc"));
-        let identity = [hv("ann"), hv("web"), hv("orders:read"), hv("sid1")];
+        let identity = Identity {
+            subject: hv("ann"),
+            client_id: Some(hv("web")),
+            scope: hv("orders:read"),
+            session: Some(hv("sid1")),
+            issuer: None,
+        };
         let rid = hv("rid");
         let out = upstream_request_headers(h.clone(), &ctx(Some(&identity), &rid, None));
         assert_eq!(out.get_all("x-auth-subject").iter().collect::<Vec<_>>(), vec!["ann"]);

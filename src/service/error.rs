@@ -20,6 +20,8 @@ pub enum GatewayError {
     BadHost(HostError),
     /// 405: a method the gateway never forwards (TRACE, CONNECT).
     MethodNotAllowed,
+    /// 405: a method other than GET or HEAD on a document the gateway publishes (JWKS, metadata).
+    ReadOnly,
     /// 408: the request body stalled for `server.body_timeout`.
     BodyTimeout,
     /// 400: the request body could not be read (malformed chunked encoding).
@@ -106,6 +108,16 @@ pub fn error_response(e: &GatewayError) -> Response<InnerBody> {
             );
             r.headers_mut()
                 .insert(header::ALLOW, HeaderValue::from_static(ALLOWED_METHODS));
+            r
+        }
+        GatewayError::ReadOnly => {
+            let mut r = json_error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this document is read with GET",
+            );
+            r.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
             r
         }
         GatewayError::BodyTimeout => request_timeout(),

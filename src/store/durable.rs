@@ -317,7 +317,7 @@ mod tests {
             sessions.insert(
                 sid.0,
                 format!(
-                    "{} {} {} {} {} {} {:?} {} {} {:?}",
+                    "{} {} {} {} {} {} {:?} {} {} {} {:?}",
                     s.user,
                     s.client,
                     s.scopes,
@@ -326,6 +326,7 @@ mod tests {
                     s.access_exp_secs,
                     s.current,
                     s.current_expires_ms,
+                    s.current_issued_ms,
                     s.revoked,
                     rotated
                 ),

@@ -470,7 +470,10 @@ impl SessionStore for RedisStore {
             revoked: revoked == 1,
         };
         let state = match state {
-            1 => TokenState::Current { expires_ms: exp },
+            1 => TokenState::Current {
+                expires_ms: exp,
+                issued_ms: at,
+            },
             2 => TokenState::Rotated {
                 at_ms: at,
                 expires_ms: exp,

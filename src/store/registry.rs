@@ -147,6 +147,8 @@ pub struct Session {
     pub access_exp_secs: u64,
     pub current: Digest,
     pub current_expires_ms: u64,
+    /// When the current token was issued (the login, or the rotation that minted it).
+    pub current_issued_ms: u64,
     /// Oldest first.
     pub rotated: Vec<RotatedToken>,
     pub revoked: bool,
@@ -174,6 +176,7 @@ impl Session {
         if bool::from(self.current.ct_eq(token)) {
             return TokenState::Current {
                 expires_ms: self.current_expires_ms,
+                issued_ms: self.current_issued_ms,
             };
         }
         let prefix = prefix_of(token);
@@ -208,6 +211,7 @@ impl Session {
         });
         self.current = to;
         self.current_expires_ms = to_exp_ms;
+        self.current_issued_ms = at_ms;
         self.access_exp_secs = self.access_exp_secs.max(access_exp_secs);
     }
 
@@ -281,6 +285,7 @@ impl<R: Recorder> Registry<R> {
                     access_exp_secs: s.access_exp_secs,
                     current: s.token,
                     current_expires_ms: s.token_exp_ms,
+                    current_issued_ms: s.now_ms,
                     rotated: Vec::new(),
                     revoked: false,
                 });
@@ -447,6 +452,7 @@ impl<R: Recorder> Registry<R> {
                         access_exp_secs,
                         current: token,
                         current_expires_ms: token_exp_ms,
+                        current_issued_ms: created_ms,
                         rotated: Vec::new(),
                         revoked: false,
                     });

@@ -95,6 +95,13 @@ fn check_accepts_the_shipped_configs() {
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success(), "{file}: {}", String::from_utf8_lossy(&out.stderr));
         assert!(stdout.contains(": ok; listen https://127.0.0.1:8443"), "{stdout}");
+        // The kid of each key, to compare with what relying parties hold before retiring one.
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.starts_with("  key EdDSA ") && l.ends_with(" signs")),
+            "{file}: {stdout}"
+        );
     }
 }
 

@@ -2,6 +2,7 @@
 //! that trust certs/ca.pem, and captured logs.
 
 pub mod client;
+pub mod idp;
 pub mod logs;
 pub mod process;
 pub mod upstream;
@@ -95,6 +96,44 @@ pub fn with_server_keys(toml: &str, keys: &str) -> String {
         &format!("shutdown_grace = \"10s\"\n{keys}"),
         1,
     )
+}
+
+/// A fresh private key in a temporary PEM file (removed when dropped).
+pub struct KeyFile {
+    pub alg: tokengate::config::SigningAlg,
+    path: tempfile::TempPath,
+}
+
+impl KeyFile {
+    pub fn new(alg: tokengate::config::SigningAlg) -> KeyFile {
+        let mut f = tempfile::Builder::new().suffix(".pem").tempfile().unwrap();
+        std::io::Write::write_all(&mut f, tokengate::keys::generate_pem(alg).unwrap().as_bytes()).unwrap();
+        KeyFile {
+            alg,
+            path: f.into_temp_path(),
+        }
+    }
+
+    /// `{ alg = "…", key = "file:…" }`
+    pub fn table(&self) -> String {
+        format!("{{ alg = \"{}\", key = \"file:{}\" }}", self.alg, self.path.display())
+    }
+}
+
+/// The `signing = { … }` line [`config_toml`] writes: HS256 with certs/dev-jwt-secret.
+pub fn hs256_table() -> String {
+    format!(
+        "{{ alg = \"HS256\", secret = \"file:{}\" }}",
+        repo().join("certs/dev-jwt-secret").display()
+    )
+}
+
+/// [`config_toml`] with `signing = <table>` instead of the HS256 secret.
+pub fn config_signed_with(table: &str, tokens_extra: &str, rest: &str) -> String {
+    let toml = config_toml(tokens_extra, rest);
+    let line = format!("signing = {}", hs256_table());
+    assert!(toml.contains(&line));
+    toml.replacen(&line, &format!("signing = {table}"), 1)
 }
 
 /// The JWT signing secret the test configs use.

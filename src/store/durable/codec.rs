@@ -225,6 +225,9 @@ pub fn decode_event(buf: &[u8], names: &Interner) -> Result<Event, DecodeError> 
 const ITEM_END: u8 = 0;
 const ITEM_SESSION: u8 = 1;
 const ITEM_REVOKED: u8 = 2;
+/// A session with the time its current refresh token was issued (after `current_expires_ms`).
+/// Snapshots written before it have `ITEM_SESSION`, read with that time derived.
+const ITEM_SESSION_ISSUED: u8 = 3;
 /// A name reference with this bit set is a new name, written right after it (names are numbered
 /// in order of first appearance, so the snapshot streams out without a table up front).
 const NEW_NAME: u32 = 1 << 31;
@@ -271,7 +274,7 @@ impl<W: std::io::Write> SnapshotWriter<W> {
     ) -> std::io::Result<()> {
         self.buf.clear();
         let mut w = Writer(&mut self.buf);
-        w.u8(ITEM_SESSION);
+        w.u8(ITEM_SESSION_ISSUED);
         w.u64(sid.0);
         Self::name(&mut self.names, &mut w, &s.user);
         Self::name(&mut self.names, &mut w, &s.client);
@@ -281,6 +284,7 @@ impl<W: std::io::Write> SnapshotWriter<W> {
         w.u64(s.access_exp_secs);
         w.bytes32(&s.current);
         w.u64(s.current_expires_ms);
+        w.u64(s.current_issued_ms);
         w.u8(u8::from(s.revoked));
         w.u16(s.rotated.len().min(u16::MAX as usize) as u16);
         for r in s.rotated.iter().take(u16::MAX as usize) {
@@ -341,7 +345,7 @@ pub fn decode_snapshot(buf: &[u8], interner: &Interner, mut each: impl FnMut(Res
     loop {
         match r.u8()? {
             ITEM_END => return r.done(),
-            ITEM_SESSION => {
+            item @ (ITEM_SESSION | ITEM_SESSION_ISSUED) => {
                 let sid = SessionId(r.u64()?);
                 let user = name(&mut r)?;
                 let client = name(&mut r)?;
@@ -351,6 +355,11 @@ pub fn decode_snapshot(buf: &[u8], interner: &Interner, mut each: impl FnMut(Res
                 let access_exp_secs = r.u64()?;
                 let current = r.bytes32()?;
                 let current_expires_ms = r.u64()?;
+                let issued = if item == ITEM_SESSION_ISSUED {
+                    Some(r.u64()?)
+                } else {
+                    None
+                };
                 let revoked = r.u8()? != 0;
                 let n_rotated = r.u16()?;
                 let mut rotated = Vec::with_capacity(n_rotated as usize);
@@ -373,6 +382,10 @@ pub fn decode_snapshot(buf: &[u8], interner: &Interner, mut each: impl FnMut(Res
                         access_exp_secs,
                         current,
                         current_expires_ms,
+                        // Older snapshots: the last rotation, else the login (exact unless that
+                        // rotation's record was dropped when the token it retired expired).
+                        current_issued_ms: issued
+                            .unwrap_or_else(|| rotated.last().map_or(created_ms, |r: &RotatedToken| r.at_ms)),
                         rotated,
                         revoked,
                     },

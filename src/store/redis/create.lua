@@ -12,7 +12,7 @@ for _, m in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
   if not f[2] or f[1] == '1' or tonumber(f[2]) <= now then redis.call('ZREM', KEYS[2], m) end
 end
 redis.call('HSET', KEYS[1], 'user', ARGV[3], 'client', ARGV[4], 'scopes', ARGV[5], 'created', ARGV[6],
-  'sexp', ARGV[7], 'aexp', ARGV[8], 'cur', ARGV[9], 'cexp', ARGV[10], 'rev', '0', 'rot', '')
+  'sexp', ARGV[7], 'aexp', ARGV[8], 'cur', ARGV[9], 'cexp', ARGV[10], 'cat', ARGV[6], 'rev', '0', 'rot', '')
 -- TTLs are relative to the gateway's clock, so skew between it and Redis's cannot shorten them.
 redis.call('PEXPIRE', KEYS[1], math.max(texp - now, 1))
 redis.call('ZADD', KEYS[2], now, sid)

@@ -1,6 +1,6 @@
 -- Prepended to every session script. Key layout (P = state.key_prefix, {sid} = the 11-character
 -- session id as a Cluster hash tag):
---   P s:{sid}           hash: user client scopes created sexp aexp cur cexp rev rot
+--   P s:{sid}           hash: user client scopes created sexp aexp cur cexp cat rev rot
 --   P c:{sid}:<hex16>   the sealed response that rotated the token with that digest prefix (PX = grace)
 --   P u:<username>      zset: the user's sessions by creation time (max_sessions_per_user)
 --   P sessions          zset: every session by the expiry of its current refresh token

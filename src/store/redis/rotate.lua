@@ -13,7 +13,7 @@ local rot = f[5] or ''
 while #rot >= REC and struct.unpack('>I8', rot, 17) <= now do rot = string.sub(rot, REC + 1) end
 if #rot >= tonumber(ARGV[8]) * REC then rot = string.sub(rot, REC + 1) end
 rot = rot .. string.sub(ARGV[1], 1, 8) .. struct.pack('>I8>I8', now, tonumber(f[3]))
-redis.call('HSET', KEYS[1], 'cur', ARGV[2], 'cexp', ARGV[3],
+redis.call('HSET', KEYS[1], 'cur', ARGV[2], 'cexp', ARGV[3], 'cat', ARGV[6],
   'aexp', math.max(tonumber(f[4]), tonumber(ARGV[4])), 'rot', rot)
 if grace > 0 and ARGV[5] ~= '' then redis.call('SET', KEYS[2], ARGV[5], 'PX', grace) end
 redis.call('PEXPIRE', KEYS[1], math.max(texp - now, 1))
