@@ -376,19 +376,37 @@ pub fn access(r: &AccessRecord<'_>) {
         );
         return;
     };
-    sink.shared
-        .append(&access_line(r, sink.json, crate::clock::wall_micros()));
+    // One buffer per thread, reused: no allocation per line.
+    thread_local! {
+        static LINE: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(Vec::with_capacity(256));
+    }
+    LINE.with(|line| match line.try_borrow_mut() {
+        Ok(mut line) => {
+            line.clear();
+            write_access_line(&mut line, r, sink.json, crate::clock::wall_micros());
+            sink.shared.append(&line);
+        }
+        // Not reentrant; should it ever be, a fresh buffer.
+        Err(_) => sink
+            .shared
+            .append(&access_line(r, sink.json, crate::clock::wall_micros())),
+    });
 }
 
 /// The line, in the shape tracing-subscriber's text or JSON formatter gives other events.
 fn access_line(r: &AccessRecord<'_>, json: bool, micros: u64) -> Vec<u8> {
-    let mut out = Vec::with_capacity(200);
+    let mut out = Vec::with_capacity(256);
+    write_access_line(&mut out, r, json, micros);
+    out
+}
+
+fn write_access_line(out: &mut Vec<u8>, r: &AccessRecord<'_>, json: bool, micros: u64) {
     if json {
         out.extend_from_slice(b"{\"timestamp\":\"");
-        write_rfc3339(&mut out, micros);
+        write_rfc3339(out, micros);
         out.extend_from_slice(b"\",\"level\":\"INFO\",\"target\":\"tokengate::access\"");
     } else {
-        write_rfc3339(&mut out, micros);
+        write_rfc3339(out, micros);
         out.extend_from_slice(b"  INFO tokengate::access:");
     }
     let field = |out: &mut Vec<u8>, name: &str| {
@@ -403,61 +421,68 @@ fn access_line(r: &AccessRecord<'_>, json: bool, micros: u64) -> Vec<u8> {
         }
     };
     let mut itoa = itoa::Buffer::new();
-    field(&mut out, "method");
-    write_quoted(&mut out, r.method);
-    field(&mut out, "path");
-    write_quoted(&mut out, r.path);
-    field(&mut out, "status");
+    field(out, "method");
+    write_quoted(out, r.method);
+    field(out, "path");
+    write_quoted(out, r.path);
+    field(out, "status");
     out.extend_from_slice(itoa.format(r.status).as_bytes());
-    field(&mut out, "duration_us");
+    field(out, "duration_us");
     out.extend_from_slice(itoa.format(r.duration_us).as_bytes());
-    field(&mut out, "route");
-    write_quoted(&mut out, r.route);
-    field(&mut out, "request_id");
-    write_quoted(&mut out, r.request_id);
-    field(&mut out, "client");
-    write_quoted(&mut out, r.client);
+    field(out, "route");
+    write_quoted(out, r.route);
+    field(out, "request_id");
+    write_quoted(out, r.request_id);
+    field(out, "client");
+    write_quoted(out, r.client);
     if let Some(sub) = r.sub {
-        field(&mut out, "sub");
-        write_quoted(&mut out, sub);
+        field(out, "sub");
+        write_quoted(out, sub);
     }
     if let Some(client_id) = r.client_id {
-        field(&mut out, "client_id");
-        write_quoted(&mut out, client_id);
+        field(out, "client_id");
+        write_quoted(out, client_id);
     }
-    field(&mut out, "bytes_in");
+    field(out, "bytes_in");
     out.extend_from_slice(itoa.format(r.bytes_in).as_bytes());
-    field(&mut out, "bytes_out");
+    field(out, "bytes_out");
     out.extend_from_slice(itoa.format(r.bytes_out).as_bytes());
     if let Some(us) = r.upstream_us {
-        field(&mut out, "upstream_us");
+        field(out, "upstream_us");
         out.extend_from_slice(itoa.format(us).as_bytes());
     }
     if let Some(ua) = r.user_agent {
-        field(&mut out, "user_agent");
-        write_quoted(&mut out, ua);
+        field(out, "user_agent");
+        write_quoted(out, ua);
     }
     out.extend_from_slice(if json { b"}\n" } else { b"\n" });
-    out
 }
 
 /// A JSON string literal (also safe and unambiguous in a text line): quotes, backslashes and
 /// control characters escaped, so a request path can never forge a log line.
 fn write_quoted(out: &mut Vec<u8>, s: &str) {
+    let bytes = s.as_bytes();
+    out.reserve(bytes.len() + 2);
     out.push(b'"');
-    for &b in s.as_bytes() {
-        match b {
-            b'"' => out.extend_from_slice(b"\\\""),
-            b'\\' => out.extend_from_slice(b"\\\\"),
-            0x00..=0x1f | 0x7f => {
-                const HEX: &[u8; 16] = b"0123456789abcdef";
-                out.extend_from_slice(b"\\u00");
-                out.push(HEX[(b >> 4) as usize]);
-                out.push(HEX[(b & 0xf) as usize]);
-            }
-            _ => out.push(b),
+    // Runs of bytes that need no escape are copied whole (the usual case: the whole value).
+    let mut clean = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let escaped: &[u8] = match b {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            0x00..=0x1f | 0x7f => b"",
+            _ => continue,
+        };
+        out.extend_from_slice(&bytes[clean..i]);
+        clean = i + 1;
+        if escaped.is_empty() {
+            const HEX: &[u8; 16] = b"0123456789abcdef";
+            out.extend_from_slice(&[b'\\', b'u', b'0', b'0', HEX[(b >> 4) as usize], HEX[(b & 0xf) as usize]]);
+        } else {
+            out.extend_from_slice(escaped);
         }
     }
+    out.extend_from_slice(&bytes[clean..]);
     out.push(b'"');
 }
 
@@ -714,5 +739,18 @@ mod tests {
         let mut out = Vec::new();
         write_quoted(&mut out, "/a\"b\nINFO fake\\");
         assert_eq!(String::from_utf8(out).unwrap(), r#""/a\"b\u000aINFO fake\\""#);
+    }
+
+    proptest::proptest! {
+        /// Any value comes out as one JSON string that decodes to itself, with no raw control
+        /// byte (so no line break) in it.
+        #[test]
+        fn quoted_values_are_json_strings_of_themselves(s in "\\PC*|[\\x00-\\x7f]*") {
+            let mut out = b"x".to_vec();
+            write_quoted(&mut out, &s);
+            proptest::prop_assert!(!out.iter().any(|&b| b < 0x20 || b == 0x7f));
+            let back: String = serde_json::from_slice(&out[1..]).unwrap();
+            proptest::prop_assert_eq!(back, s);
+        }
     }
 }
