@@ -168,25 +168,32 @@ async fn serve_connection(
     let _open = GaugeGuard(open);
     // The connection's clock for its head and idle timeouts starts once the handshake is done.
     let activity = Arc::new(Activity::new());
-    let service = {
-        let activity = activity.clone();
-        service_fn(move |req: Request<Incoming>| {
+    // The per-connection service. `$handled` runs the request: over HTTP/2, boxed, since hyper
+    // spawns each stream's future as a task (which moves it) and the request's state machine is
+    // several KiB, so a pointer moves cheaply; over HTTP/1.1 it is polled in place, unboxed.
+    macro_rules! service {
+        ($app:ident, $req:ident, $info:ident => $handled:expr) => {{
+            let activity = activity.clone();
             let app = app.clone();
-            let info = info.clone();
-            // In flight from here until the response body has been sent (or abandoned).
-            let in_flight = InFlight::new(activity.clone());
-            async move {
-                let response = app.handle(req, &info).await;
-                Ok::<_, Infallible>(response.map(|body| ConnBody {
-                    body,
-                    _in_flight: in_flight,
-                }))
-            }
-        })
-    };
+            service_fn(move |$req: Request<Incoming>| {
+                let $app = app.clone();
+                let $info = info.clone();
+                // In flight from here until the response body has been sent (or abandoned).
+                let in_flight = InFlight::new(activity.clone());
+                async move {
+                    let response = $handled;
+                    Ok::<_, Infallible>(response.map(|body| ConnBody {
+                        body,
+                        _in_flight: in_flight,
+                    }))
+                }
+            })
+        }};
+    }
     let Some(acceptor) = tls else {
         activity.restart();
         let io = TokioIo::new(Watched::new(stream, activity.clone()));
+        let service = service!(app, req, info => app.handle(req, &info).await);
         return serve_http1(io, service, activity, settings, phase).await;
     };
     let stream = match tokio::time::timeout(settings.handshake_timeout, acceptor.accept(stream)).await {
@@ -203,9 +210,11 @@ async fn serve_connection(
     activity.restart();
     let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
     if h2 {
+        let service = service!(app, req, info => Box::pin(app.handle(req, &info)).await);
         serve_http2(TokioIo::new(stream), service, activity, settings, phase).await
     } else {
         let io = TokioIo::new(Watched::new(stream, activity.clone()));
+        let service = service!(app, req, info => app.handle(req, &info).await);
         serve_http1(io, service, activity, settings, phase).await
     }
 }
