@@ -7,7 +7,6 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -64,19 +63,7 @@ impl HttpFetcher {
             .to_owned();
         let port = authority.port_u16().unwrap_or(if https { 443 } else { 80 });
         let tls = if https {
-            let roots = match &settings.ca_file {
-                Some(path) => crate::server::tls::roots_from_file(path)?,
-                None => {
-                    let mut roots = rustls::RootCertStore::empty();
-                    for cert in rustls_native_certs::load_native_certs().certs {
-                        let _ = roots.add(cert);
-                    }
-                    roots
-                }
-            };
-            let config = crate::server::tls::client_config(roots, &[b"http/1.1"])?;
-            let name = ServerName::try_from(host.clone())?;
-            Some((TlsConnector::from(Arc::new(config)), name))
+            Some(crate::server::tls::http1_client(&host, settings.ca_file.as_deref())?)
         } else {
             None
         };

@@ -267,20 +267,7 @@ impl Forwarder {
             .to_owned();
         let port = authority.port_u16().unwrap_or(if *https { 443 } else { 80 });
         let tls = if *https {
-            let roots = match &route.ca_file {
-                Some(path) => crate::server::tls::roots_from_file(path)?,
-                None => {
-                    let mut roots = rustls::RootCertStore::empty();
-                    // Unreadable system certificates are skipped; an empty store fails at connect.
-                    for cert in rustls_native_certs::load_native_certs().certs {
-                        let _ = roots.add(cert);
-                    }
-                    roots
-                }
-            };
-            let config = crate::server::tls::client_config(roots, &[b"http/1.1"])?;
-            let name = ServerName::try_from(host.clone())?;
-            Some((TlsConnector::from(Arc::new(config)), name))
+            Some(crate::server::tls::http1_client(&host, route.ca_file.as_deref())?)
         } else {
             None
         };

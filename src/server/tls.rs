@@ -76,6 +76,28 @@ pub fn client_config(roots: rustls::RootCertStore, alpn: &[&[u8]]) -> anyhow::Re
     Ok(config)
 }
 
+/// A TLS client for an HTTP/1.1 server named `host` (an upstream, an identity provider's JWKS):
+/// trusting `ca_file`, else the system roots (unreadable system certificates are skipped; an empty
+/// store fails at connect).
+pub fn http1_client(
+    host: &str,
+    ca_file: Option<&std::path::Path>,
+) -> anyhow::Result<(tokio_rustls::TlsConnector, rustls_pki_types::ServerName<'static>)> {
+    let roots = match ca_file {
+        Some(path) => roots_from_file(path)?,
+        None => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in rustls_native_certs::load_native_certs().certs {
+                let _ = roots.add(cert);
+            }
+            roots
+        }
+    };
+    let config = client_config(roots, &[b"http/1.1"])?;
+    let name = rustls_pki_types::ServerName::try_from(host.to_owned())?;
+    Ok((tokio_rustls::TlsConnector::from(Arc::new(config)), name))
+}
+
 /// The certificates of a PEM file as trust anchors.
 pub fn roots_from_file(path: &std::path::Path) -> anyhow::Result<rustls::RootCertStore> {
     let mut roots = rustls::RootCertStore::empty();
