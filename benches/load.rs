@@ -883,16 +883,7 @@ fn main() {
                     let _ = std::fs::remove_dir_all(&dir);
                     let config = config_with(&format!("[state]\npath = \"{}\"\n", dir.display()));
                     // Started on the gateway's runtime, awaited from this one.
-                    let durable = gw_rt
-                        .spawn(async {
-                            tokengate::Gateway::new(config, Arc::new(tokengate::SystemClock))
-                                .unwrap()
-                                .start()
-                                .await
-                                .unwrap()
-                        })
-                        .await
-                        .unwrap();
+                    let durable = start_on(gw_rt.handle(), config).await;
                     let t = Target {
                         addr: durable.addr,
                         authority: format!("localhost:{}", durable.addr.port()),
@@ -931,6 +922,19 @@ fn main() {
             gw_rt.block_on(g.shutdown());
         }
     }
+}
+
+/// Starts a gateway on the gateway runtime `gw`, awaited from the caller's.
+async fn start_on(gw: &tokio::runtime::Handle, config: tokengate::Config) -> tokengate::RunningGateway {
+    gw.spawn(async {
+        tokengate::Gateway::new(config, Arc::new(tokengate::SystemClock))
+            .unwrap()
+            .start()
+            .await
+            .unwrap()
+    })
+    .await
+    .unwrap()
 }
 
 /// The in-process gateways' config; `[state]` is appended for the Redis ones.
@@ -1019,16 +1023,7 @@ impl RedisSide {
             self.server.url()
         );
         let config = tokengate::Config::from_toml(&toml, repo, "load.toml").unwrap_or_else(|e| panic!("{e}"));
-        let running = gw
-            .spawn(async move {
-                tokengate::Gateway::new(config, Arc::new(tokengate::SystemClock))
-                    .unwrap()
-                    .start()
-                    .await
-                    .unwrap()
-            })
-            .await
-            .unwrap();
+        let running = start_on(gw, config).await;
         let target = Target {
             addr: running.addr,
             host: "localhost".into(),

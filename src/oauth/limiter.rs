@@ -199,13 +199,7 @@ impl Drop for Attempt<'_> {
             Outcome::Unchecked => None,
             Outcome::Abandoned => {
                 let w = &self.who;
-                tracing::info!(
-                    target: "tokengate::audit",
-                    event = "login_abandoned",
-                    username = w.loggable_username(),
-                    client = w.client,
-                    peer = %w.ip,
-                );
+                audit_abandoned(w.loggable_username(), w.client, w.ip);
                 // Timed from admission: no clock here, and the check it started ran meanwhile.
                 Some(false)
             }
@@ -266,6 +260,17 @@ impl From<LoginLimiter> for Limiter {
     fn from(l: LoginLimiter) -> Self {
         Limiter::Local(l)
     }
+}
+
+/// The audit line of an attempt the client abandoned (`username` already loggable).
+fn audit_abandoned(username: &str, client: &str, ip: IpAddr) {
+    tracing::info!(
+        target: "tokengate::audit",
+        event = "login_abandoned",
+        username,
+        client,
+        peer = %ip,
+    );
 }
 
 /// An admitted login attempt: say how it ended (the shared limiter records it before the answer

@@ -6,8 +6,8 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use crate::support::process::{Options, Process, Signal, TempDir};
-use crate::support::{self, repo};
+use crate::support;
+use crate::support::process::{Options, Process, Signal, TempDir, plain_config};
 
 fn tokengate() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_tokengate"));
@@ -23,32 +23,6 @@ fn write(dir: &Path, name: &str, contents: &str) -> std::path::PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, contents).unwrap();
     path
-}
-
-/// A plain-HTTP config on port 0 with one public echo route.
-fn plain_config(server_extra: &str) -> String {
-    format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-shutdown_grace = "2s"
-{server_extra}
-
-[admin]
-listen = "127.0.0.1:0"
-
-[tokens]
-issuer = "https://gw.test"
-audience = "api"
-signing = {{ alg = "HS256", secret = "file:{secret}" }}
-
-[[routes]]
-path_prefix = "/echo"
-upstream = "echo"
-auth = "none"
-"#,
-        secret = repo().join("certs/dev-jwt-secret").display()
-    )
 }
 
 fn assert_exit(out: &Output, code: i32, what: &str) {

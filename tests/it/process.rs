@@ -3,33 +3,7 @@
 
 use std::time::Duration;
 
-use crate::support::process::{Options, Process, Signal, tail};
-use crate::support::repo;
-
-/// Plain HTTP on port 0 with a public echo route; `shutdown_grace` also bounds the final log flush.
-fn config() -> String {
-    format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-shutdown_grace = "2s"
-
-[admin]
-listen = "127.0.0.1:0"
-
-[tokens]
-issuer = "https://gw.test"
-audience = "api"
-signing = {{ alg = "HS256", secret = "file:{secret}" }}
-
-[[routes]]
-path_prefix = "/echo"
-upstream = "echo"
-auth = "none"
-"#,
-        secret = repo().join("certs/dev-jwt-secret").display()
-    )
-}
+use crate::support::process::{Options, Process, Signal, plain_config, tail};
 
 /// A path long enough that its access line is ~8 KiB: a few thousand requests overflow both the
 /// 64 KiB pipe and the gateway's log buffer.
@@ -60,7 +34,7 @@ const EXIT_BOUND: Duration = Duration::from_secs(60);
 #[test]
 fn a_stdout_nobody_reads_keeps_memory_bounded_and_sigterm_still_exits() {
     let mut gw = Process::spawn_with(
-        &config(),
+        &plain_config(""),
         Options {
             hold_stdout: true,
             ..Options::default()
@@ -95,7 +69,7 @@ fn a_stdout_nobody_reads_keeps_memory_bounded_and_sigterm_still_exits() {
 #[test]
 fn dropped_log_lines_are_counted_and_reported_once_stdout_drains() {
     let mut gw = Process::spawn_with(
-        &config(),
+        &plain_config(""),
         Options {
             hold_stdout: true,
             ..Options::default()
@@ -150,7 +124,7 @@ fn dropped_log_lines_are_counted_and_reported_once_stdout_drains() {
 
 #[test]
 fn sigint_drains_and_exits_0_with_every_line_written() {
-    let mut gw = Process::spawn(&config());
+    let mut gw = Process::spawn(&plain_config(""));
     let r = gw.connect().get("/echo/hi");
     assert_eq!(r.status, 200, "{}", r.head);
     assert!(String::from_utf8_lossy(&r.body).contains("/echo/hi"));

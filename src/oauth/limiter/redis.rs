@@ -6,8 +6,8 @@
 //! Differences forced by the network: an attempt in flight is a lease (an instance that dies
 //! mid-login cannot leave a username blocked for ever); an attempt's end is recorded before its
 //! answer goes out, or, when it is dropped unsaid (the client left: a failure, audited as
-//! `login_abandoned`), by a task spawned from `Drop`. Redis unreachable: logins fail closed (503), since admitting them unlimited would hand
-//! password guessing the outage.
+//! `login_abandoned`), by a task spawned from `Drop`. Redis unreachable: logins fail closed
+//! (503), since admitting them unlimited would hand password guessing the outage.
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -204,13 +204,7 @@ impl Drop for RedisAttempt {
             return;
         }
         let w = &self.who;
-        tracing::info!(
-            target: "tokengate::audit",
-            event = "login_abandoned",
-            username = w.username,
-            client = w.client,
-            peer = %w.ip,
-        );
+        super::audit_abandoned(&w.username, &w.client, w.ip);
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };

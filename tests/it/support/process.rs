@@ -495,3 +495,30 @@ impl Http1 {
         Ok(Response { status, head, body })
     }
 }
+
+/// A plain-HTTP config on port 0 with one public echo route; `shutdown_grace` (2s) also bounds
+/// the final log flush.
+pub fn plain_config(server_extra: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+shutdown_grace = "2s"
+{server_extra}
+
+[admin]
+listen = "127.0.0.1:0"
+
+[tokens]
+issuer = "https://gw.test"
+audience = "api"
+signing = {{ alg = "HS256", secret = "file:{secret}" }}
+
+[[routes]]
+path_prefix = "/echo"
+upstream = "echo"
+auth = "none"
+"#,
+        secret = super::repo().join("certs/dev-jwt-secret").display()
+    )
+}
