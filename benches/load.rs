@@ -27,6 +27,13 @@
 //!     cargo bench --bench load -- --scenario login-rss   # 1,000 logins: ok, wrong, cancelled
 //!     cargo bench --bench load -- --scenario soak        # 60 s of mixed traffic (--duration S)
 //!
+//!     cargo bench --bench load -- --scenario idle-conns  # RSS per idle connection (--idle N)
+//!
+//! `idle-conns` starts the real binary (a child process, so only the gateway's memory is read) once
+//! per protocol, opens N connections (2,000 unless `--idle N`) over HTTP/1.1, or over HTTP/2, each
+//! making one proxied, token-checked request and then staying open and idle, and prints the
+//! child's RSS before and after, and the difference per connection.
+//!
 //! `login-rss` prints RSS before, at its peak and after 1,000 logins (a third succeed, a third give
 //! a wrong password, a third are cancelled by the client 1-400 ms after sending) and whether RSS
 //! after them stays within 128 MiB. `soak` runs proxied GETs, refreshes, logins, and requests the
@@ -82,6 +89,8 @@ struct Opts {
     refresh_every: Option<Duration>,
     /// The in-process gateway's signing algorithm: EdDSA (default) or HS256.
     signing: String,
+    /// Connections the `idle-conns` scenario holds open, per protocol.
+    idle: usize,
 }
 
 fn parse_opts() -> Opts {
@@ -99,6 +108,7 @@ fn parse_opts() -> Opts {
         path: "/api/orders".into(),
         refresh_every: None,
         signing: "EdDSA".into(),
+        idle: 2000,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -121,12 +131,13 @@ fn parse_opts() -> Opts {
                 o.refresh_every = Some(Duration::from_secs(val().parse().expect("--refresh-every SECONDS")))
             }
             "--signing" => o.signing = val(),
+            "--idle" => o.idle = val().parse().expect("--idle N"),
             "--bench" => {} // passed by `cargo bench`
             "-h" | "--help" => {
                 println!(
                     "options: --connections N (32) --duration S (8) --scenario get-cached|get-distinct|refresh|refresh-durable|\
                      refresh-redis|refresh-redis-everysec|login|revocation-lag|memory|durable-1m \
-                     (repeatable; default all of these) | login-rss | soak (60 s unless --duration) --gw-threads N (1) --signing EdDSA|HS256 (EdDSA) \
+                     (repeatable; default all of these) | login-rss | soak (60 s unless --duration) | idle-conns (--idle N, 2000) --gw-threads N (1) --signing EdDSA|HS256 (EdDSA) \
                      | --target URL --ca FILE --client-id ID --username U --password P --path /api/... \
                      --refresh-every S (default: 60 s before the token expires, or at 3/4 of a shorter lifetime)"
                 );
@@ -812,6 +823,10 @@ fn main() {
                 }
                 "soak" => {
                     soak(&target, &running, &o).await;
+                    continue;
+                }
+                "idle-conns" => {
+                    idle_connections(&toml, &repo, &creds, &o).await;
                     continue;
                 }
                 _ if !table => {
@@ -1547,4 +1562,173 @@ async fn external(url: String, o: Opts) {
     );
     header(false);
     run("lifecycle", &target, Work::Lifecycle, &creds, &o, false).await;
+}
+
+/// The real binary as a child process, on `toml`, for as long as this lives.
+struct Child {
+    child: std::process::Child,
+    dir: PathBuf,
+    addr: SocketAddr,
+}
+
+impl Child {
+    /// Starts `target/…/tokengate` and waits for its `tokengate listening` line.
+    fn start(toml: &str) -> Child {
+        use std::io::BufRead;
+        let dir = std::env::temp_dir().join(format!("tokengate-load-child-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("tokengate.toml");
+        std::fs::write(&config, toml).unwrap();
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tokengate"))
+            .arg("--config")
+            .arg(&config)
+            .env_remove("RUST_LOG")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .expect("cannot start the tokengate binary");
+        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        let addr = loop {
+            line.clear();
+            if lines.read_line(&mut line).unwrap_or(0) == 0 {
+                panic!("tokengate exited before listening");
+            }
+            if line.contains("tokengate listening") {
+                let value = line
+                    .split_whitespace()
+                    .find_map(|f| f.strip_prefix("addr="))
+                    .expect("no addr= in the listening line");
+                break value.trim_matches('"').parse().expect("addr=");
+            }
+        };
+        // Drained, so a full pipe never blocks the gateway's log writer.
+        std::thread::spawn(move || std::io::copy(&mut lines, &mut std::io::sink()));
+        Child { child, dir, addr }
+    }
+
+    fn rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap_or(0)
+            * 1024
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// One connection over `alpn` that made one proxied, token-checked request and is kept open; the
+/// returned task owns it (aborted, it closes).
+async fn idle_connection(t: &Target, cfg: &Arc<rustls::ClientConfig>, alpn: &[u8], token: &str) -> JoinHandle<()> {
+    let tcp = TcpStream::connect(t.addr).await.expect("connect");
+    tcp.set_nodelay(true).unwrap();
+    let name = ServerName::try_from(t.host.clone()).unwrap();
+    let tls = tokio_rustls::TlsConnector::from(cfg.clone())
+        .connect(name, tcp)
+        .await
+        .expect("TLS");
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(alpn), "ALPN");
+    let io = TokioIo::new(tls);
+    let mut req = get(t, "/api/orders", token);
+    let (status, task) = if alpn == b"h2" {
+        req.headers_mut().remove("host");
+        *req.uri_mut() = format!("https://{}/api/orders", t.authority).parse().unwrap();
+        let (mut send, conn) = hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+            .await
+            .expect("h2 handshake");
+        let task = tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        send.ready().await.unwrap();
+        let resp = send.send_request(req).await.expect("h2 request");
+        let status = resp.status();
+        resp.into_body().collect().await.unwrap();
+        // The sender is kept with the task: dropping it would end the connection.
+        (
+            status,
+            tokio::spawn(async move {
+                let _keep = send;
+                let _ = task.await;
+            }),
+        )
+    } else {
+        let (mut send, conn) = hyper::client::conn::http1::handshake(io).await.expect("h1 handshake");
+        let task = tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        send.ready().await.unwrap();
+        let resp = send.send_request(req).await.expect("h1 request");
+        let status = resp.status();
+        resp.into_body().collect().await.unwrap();
+        (
+            status,
+            tokio::spawn(async move {
+                let _keep = send;
+                let _ = task.await;
+            }),
+        )
+    };
+    assert_eq!(status, 200, "the warm-up request of an idle connection");
+    task
+}
+
+/// `idle-conns`: the gateway's RSS per idle keep-alive TLS connection, HTTP/1.1 and HTTP/2, each
+/// protocol in a fresh gateway process (memory freed by one would otherwise be reused by the other).
+async fn idle_connections(toml: &str, repo: &std::path::Path, creds: &Creds, o: &Opts) {
+    let roots = tokengate::server::tls::roots_from_file(&repo.join("certs/ca.pem")).unwrap();
+    println!(
+        "idle connections: {} per protocol, each after one proxied request, TLS 1.3 (RSS of the tokengate process)",
+        o.idle
+    );
+    println!(
+        "{:<9} {:>12} {:>12} {:>16}",
+        "protocol", "RSS before", "RSS after", "per connection"
+    );
+    for (label, alpn) in [("HTTP/1.1", &b"http/1.1"[..]), ("HTTP/2", &b"h2"[..])] {
+        let child = Child::start(toml);
+        let t = Target {
+            addr: child.addr,
+            host: "localhost".into(),
+            authority: format!("localhost:{}", child.addr.port()),
+            tls: tls_connector(&repo.join("certs/ca.pem")),
+        };
+        let mut c = connect(&t).await;
+        let user = Creds {
+            username: format!("{}-0", creds.username),
+            ..creds.clone()
+        };
+        let (token, _, _) = login(&t, &mut c, &user, &Counters::default()).await.expect("login");
+        drop(c);
+        let cfg = Arc::new(tokengate::server::tls::client_config(roots.clone(), &[alpn]).unwrap());
+        // A first batch warms what a connection's first use allocates once per process (pools,
+        // caches, per-thread buffers); the figure is the second batch's.
+        let mut held = Vec::with_capacity(o.idle + 50);
+        for _ in 0..50 {
+            held.push(idle_connection(&t, &cfg, alpn, &token).await);
+        }
+        let before = child.rss_bytes();
+        for _ in 0..o.idle {
+            held.push(idle_connection(&t, &cfg, alpn, &token).await);
+        }
+        let after = child.rss_bytes();
+        println!(
+            "{label:<9} {:>8.1} MiB {:>8.1} MiB {:>11.1} KiB",
+            mib(before),
+            mib(after),
+            after.saturating_sub(before) as f64 / 1024.0 / o.idle as f64
+        );
+        for h in held {
+            h.abort();
+        }
+    }
 }

@@ -189,19 +189,21 @@ impl App {
         }
         let path = normalize_path(req.uri().path()).map_err(GatewayError::BadPath)?;
         let tokens = &snap.config.tokens;
+        // The endpoints' futures are boxed: each is KiBs, and every request's future (which
+        // hyper keeps per HTTP/1.1 connection) would otherwise be as large as the largest.
         if path == tokens.token_path {
             log.route = RouteLabel::Own("token");
             log.metrics = snap.token_metrics.clone();
-            return self.token_endpoint(snap, req, client).await;
+            return Box::pin(self.token_endpoint(snap, req, client)).await;
         }
         if path == tokens.revoke_path {
             log.route = RouteLabel::Own("revoke");
             log.metrics = snap.revoke_metrics.clone();
-            return self.revoke_endpoint(snap, req).await;
+            return Box::pin(self.revoke_endpoint(snap, req)).await;
         }
         if path == tokens.introspect_path {
             log.route = RouteLabel::Own("introspect");
-            return self.introspect_endpoint(snap, req).await;
+            return Box::pin(self.introspect_endpoint(snap, req)).await;
         }
         if path == JWKS_PATH {
             log.route = RouteLabel::Own("jwks");

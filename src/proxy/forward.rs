@@ -342,7 +342,9 @@ impl Forwarder {
         loop {
             let (mut conn, reused) = match self.pool.lease(deadline, fresh).await? {
                 Lease::Idle(conn) => (conn, true),
-                Lease::New(slot) => (self.connect(slot).await?, false),
+                // Boxed: connecting (TCP, TLS, HTTP/1.1 handshake) is the rare path, and its
+                // state machine is KiBs that every request's future would otherwise carry.
+                Lease::New(slot) => (Box::pin(self.connect(slot)).await?, false),
             };
             match tokio::time::timeout_at(deadline, conn.sender.ready()).await {
                 Err(_) => return Err(ForwardError::Timeout),
