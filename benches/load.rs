@@ -32,7 +32,8 @@
 //! `idle-conns` starts the real binary (a child process, so only the gateway's memory is read) once
 //! per protocol, opens N connections (2,000 unless `--idle N`) over HTTP/1.1, or over HTTP/2, each
 //! making one proxied, token-checked request and then staying open and idle, and prints the
-//! child's RSS before and after, and the difference per connection.
+//! child's RSS before and after, and the difference per connection. HTTP/1.1 connections are
+//! opened 200 at a time, each batch waited for until it is parked (`server.park_idle_after`).
 //!
 //! `login-rss` prints RSS before, at its peak and after 1,000 logins (a third succeed, a third give
 //! a wrong password, a third are cancelled by the client 1-400 ms after sending) and whether RSS
@@ -1569,6 +1570,7 @@ struct Child {
     child: std::process::Child,
     dir: PathBuf,
     addr: SocketAddr,
+    admin: SocketAddr,
 }
 
 impl Child {
@@ -1590,22 +1592,45 @@ impl Child {
             .expect("cannot start the tokengate binary");
         let mut lines = std::io::BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
-        let addr = loop {
+        let (addr, admin) = loop {
             line.clear();
             if lines.read_line(&mut line).unwrap_or(0) == 0 {
                 panic!("tokengate exited before listening");
             }
             if line.contains("tokengate listening") {
-                let value = line
-                    .split_whitespace()
-                    .find_map(|f| f.strip_prefix("addr="))
-                    .expect("no addr= in the listening line");
-                break value.trim_matches('"').parse().expect("addr=");
+                let field = |name: &str| -> SocketAddr {
+                    line.split_whitespace()
+                        .find_map(|f| f.strip_prefix(name))
+                        .unwrap_or_else(|| panic!("no {name} in the listening line"))
+                        .trim_matches('"')
+                        .parse()
+                        .unwrap()
+                };
+                break (field("addr="), field("admin_addr="));
             }
         };
         // Drained, so a full pipe never blocks the gateway's log writer.
         std::thread::spawn(move || std::io::copy(&mut lines, &mut std::io::sink()));
-        Child { child, dir, addr }
+        Child {
+            child,
+            dir,
+            addr,
+            admin,
+        }
+    }
+
+    /// A gauge or counter from the child's `/metrics`.
+    async fn metric(&self, name: &str) -> f64 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = TcpStream::connect(self.admin).await.unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).await.unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in /metrics"))
     }
 
     fn rss_bytes(&self) -> u64 {
@@ -1682,6 +1707,9 @@ async fn idle_connection(t: &Target, cfg: &Arc<rustls::ClientConfig>, alpn: &[u8
     task
 }
 
+/// Connections `idle-conns` opens at a time.
+const IDLE_BATCH: usize = 200;
+
 /// `idle-conns`: the gateway's RSS per idle keep-alive TLS connection, HTTP/1.1 and HTTP/2, each
 /// protocol in a fresh gateway process (memory freed by one would otherwise be reused by the other).
 async fn idle_connections(toml: &str, repo: &std::path::Path, creds: &Creds, o: &Opts) {
@@ -1716,9 +1744,31 @@ async fn idle_connections(toml: &str, repo: &std::path::Path, creds: &Creds, o: 
         for _ in 0..50 {
             held.push(idle_connection(&t, &cfg, alpn, &token).await);
         }
+        let http1 = alpn != b"h2";
+        // HTTP/1.1 connections idle for `server.park_idle_after` (1 s) release their HTTP state
+        // (until the client sends again): opened in batches, each let park before the next, as
+        // connections that go idle over time do (what one frees, the next batch reuses).
+        let until_parked = |n: usize| {
+            let child = &child;
+            async move {
+                let bound = Instant::now() + Duration::from_secs(60);
+                while child.metric("tokengate_connections_parked").await < n as f64 {
+                    assert!(Instant::now() < bound, "connections not parked after 60 s");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        };
+        if http1 {
+            until_parked(held.len()).await;
+        }
         let before = child.rss_bytes();
-        for _ in 0..o.idle {
-            held.push(idle_connection(&t, &cfg, alpn, &token).await);
+        for _ in 0..o.idle.div_ceil(IDLE_BATCH) {
+            for _ in 0..IDLE_BATCH.min(o.idle + 50 - held.len()) {
+                held.push(idle_connection(&t, &cfg, alpn, &token).await);
+            }
+            if http1 {
+                until_parked(held.len()).await;
+            }
         }
         let after = child.rss_bytes();
         println!(

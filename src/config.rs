@@ -171,6 +171,9 @@ pub struct ServerSettings {
     /// A connection with no request in flight and no byte of a new one (HTTP/1.1 keep-alive,
     /// HTTP/2 between requests) is closed after this long.
     pub idle_timeout: Duration,
+    /// An HTTP/1.1 keep-alive connection with nothing in flight for this long releases its HTTP
+    /// state (hyper's read and write buffers, the request's room) until the client sends again.
+    pub park_idle_after: Duration,
     /// The longest wait for the next bytes of a request body (nginx `client_body_timeout`).
     pub body_timeout: Duration,
     /// Cap on a request head (HTTP/1.1) or header list (HTTP/2): 431 beyond it.
@@ -674,6 +677,11 @@ fn validate(file: FileConfig, base_dir: &Path) -> Result<Config, Vec<Problem>> {
         Duration::from_secs(10),
     );
     let idle_timeout = c.duration("server.idle_timeout", s.idle_timeout.as_deref(), DEFAULT_IDLE_TIMEOUT);
+    let park_idle_after = c.duration(
+        "server.park_idle_after",
+        s.park_idle_after.as_deref(),
+        Duration::from_secs(1),
+    );
     let body_timeout = c.duration(
         "server.body_timeout",
         s.body_timeout.as_deref(),
@@ -690,6 +698,7 @@ fn validate(file: FileConfig, base_dir: &Path) -> Result<Config, Vec<Problem>> {
         ("server.handshake_timeout", handshake_timeout),
         ("server.header_read_timeout", header_read_timeout),
         ("server.idle_timeout", idle_timeout),
+        ("server.park_idle_after", park_idle_after),
         ("server.body_timeout", body_timeout),
     ] {
         if d.is_zero() {
@@ -1094,6 +1103,7 @@ fn validate(file: FileConfig, base_dir: &Path) -> Result<Config, Vec<Problem>> {
             handshake_timeout,
             header_read_timeout,
             idle_timeout,
+            park_idle_after,
             body_timeout,
             max_header_bytes,
             max_connections,

@@ -191,6 +191,8 @@ pub struct Metrics {
     upstream_errors: Family<UpstreamError, Counter>,
     pub inflight: Gauge,
     pub connections_open: Gauge,
+    /// Idle HTTP/1.1 connections holding no HTTP state (see `server.park_idle_after`).
+    pub connections_parked: Gauge,
     token_checks: [Counter; TOKEN_OUTCOMES.len()],
     cache: [Counter; 2],
     grants: Family<Grant, Counter>,
@@ -230,6 +232,12 @@ impl Metrics {
         registry.register("inflight_requests", "Requests being served", inflight.clone());
         let connections_open = Gauge::default();
         registry.register("connections_open", "Client connections open", connections_open.clone());
+        let connections_parked = Gauge::default();
+        registry.register(
+            "connections_parked",
+            "Idle HTTP/1.1 client connections whose HTTP buffers are released until the client sends again",
+            connections_parked.clone(),
+        );
         let checks = Family::<Outcome, Counter>::default();
         registry.register(
             "token_checks",
@@ -337,6 +345,7 @@ impl Metrics {
             upstream_errors,
             inflight,
             connections_open,
+            connections_parked,
             token_checks,
             cache,
             grants,

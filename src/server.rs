@@ -96,6 +96,8 @@ pub struct ConnSettings {
     pub handshake_timeout: Duration,
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
+    /// An idle HTTP/1.1 connection's hyper state is dropped after this long (see [`serve_http1`]).
+    pub park_idle_after: Duration,
     /// Request head (HTTP/1.1) or header list (HTTP/2) cap: 431 beyond it.
     pub max_header_bytes: usize,
 }
@@ -106,6 +108,7 @@ impl From<&crate::config::ServerSettings> for ConnSettings {
             handshake_timeout: s.handshake_timeout,
             header_read_timeout: s.header_read_timeout,
             idle_timeout: s.idle_timeout,
+            park_idle_after: s.park_idle_after,
             max_header_bytes: s.max_header_bytes,
         }
     }
@@ -193,9 +196,10 @@ async fn serve_connection(
     }
     let Some(acceptor) = tls else {
         activity.restart();
-        let io = TokioIo::new(Watched::new(stream, activity.clone()));
+        let io = Box::new(Watched::new(stream, activity.clone()));
         let service = service!(app, req, info => app.handle(req, &info).await);
-        return serve_http1(io, service, activity, settings, phase).await;
+        let parked = app.state().metrics.connections_parked.clone();
+        return serve_http1(io, service, activity, settings, phase, parked).await;
     };
     // The TLS stream moves into the boxed hyper connection; in a block of its own, so that the
     // task keeps no room for it while the connection is served.
@@ -218,9 +222,10 @@ async fn serve_connection(
             let service = service!(app, req, info => Box::pin(app.handle(req, &info)).await);
             Either::Left(serve_http2(TokioIo::new(stream), service, activity, settings, phase))
         } else {
-            let io = TokioIo::new(Watched::new(stream, activity.clone()));
+            let io = Box::new(Watched::new(stream, activity.clone()));
             let service = service!(app, req, info => app.handle(req, &info).await);
-            Either::Right(serve_http1(io, service, activity, settings, phase))
+            let parked = app.state().metrics.connections_parked.clone();
+            Either::Right(serve_http1(io, service, activity, settings, phase, parked))
         }
     };
     serving.await
@@ -272,6 +277,9 @@ struct Activity {
     since_ms: AtomicU64,
     /// A request head is being read (or, on a new connection, awaited).
     reading_head: AtomicBool,
+    /// Bytes were written to the client and not yet flushed (HTTP/1.1; hyper's write buffer or
+    /// TLS records may hold them): the connection cannot be parked.
+    write_pending: AtomicBool,
 }
 
 /// Which bound applies to a connection now.
@@ -292,6 +300,7 @@ impl Activity {
             in_flight: AtomicUsize::new(0),
             since_ms: AtomicU64::new(0),
             reading_head: AtomicBool::new(true),
+            write_pending: AtomicBool::new(false),
         }
     }
 
@@ -326,10 +335,19 @@ impl Activity {
     }
 
     /// Resolves when the connection has waited longer than its bound allows; says which bound.
-    /// Each sleep is at most the shorter bound, so a change of state (a request ending, a head
-    /// beginning) is seen in time to keep its own deadline exactly.
-    async fn expired(&self, header_read_timeout: Duration, idle_timeout: Duration) -> Expired {
-        let look_again = header_read_timeout.min(idle_timeout);
+    /// With `park_after`, an idle connection whose writes are flushed resolves as `Park` once it
+    /// has been idle that long. Each sleep is at most the shortest bound, so a change of state (a
+    /// request ending, a head beginning) is seen in time to keep its own deadline exactly.
+    async fn expired(
+        &self,
+        header_read_timeout: Duration,
+        idle_timeout: Duration,
+        park_after: Option<Duration>,
+    ) -> Expired {
+        let park_after = park_after.filter(|p| *p < idle_timeout);
+        let look_again = header_read_timeout
+            .min(idle_timeout)
+            .min(park_after.unwrap_or(Duration::MAX));
         loop {
             let (since, limit, what) = match self.waiting() {
                 Waiting::Busy => {
@@ -337,7 +355,10 @@ impl Activity {
                     continue;
                 }
                 Waiting::Head { since } => (since, header_read_timeout, Expired::Head),
-                Waiting::Idle { since } => (since, idle_timeout, Expired::Idle),
+                Waiting::Idle { since } => match park_after {
+                    Some(p) if !self.write_pending.load(Ordering::Relaxed) => (since, p, Expired::Park),
+                    _ => (since, idle_timeout, Expired::Idle),
+                },
             };
             let waited = self.started.elapsed().saturating_sub(since);
             if waited >= limit {
@@ -355,6 +376,9 @@ enum Expired {
     Head,
     /// No new request within `idle_timeout`: the connection is asked to finish (HTTP/2 GOAWAY).
     Idle,
+    /// Idle for `park_idle_after`, everything written flushed: the HTTP/1.1 connection's hyper
+    /// state can be dropped until the client sends again.
+    Park,
 }
 
 /// Counts a request in flight for as long as it lives.
@@ -381,11 +405,18 @@ impl Drop for InFlight {
 struct Watched<S> {
     inner: S,
     activity: Arc<Activity>,
+    /// Bytes read from `inner` by a hyper connection that was parked before parsing them: read
+    /// first by the next one.
+    unread: Bytes,
 }
 
 impl<S> Watched<S> {
     fn new(inner: S, activity: Arc<Activity>) -> Self {
-        Watched { inner, activity }
+        Watched {
+            inner,
+            activity,
+            unread: Bytes::new(),
+        }
     }
 }
 
@@ -395,6 +426,12 @@ impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Watched<S> {
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
+        if !self.unread.is_empty() {
+            let n = self.unread.len().min(buf.remaining());
+            buf.put_slice(&self.unread.split_to(n));
+            self.activity.bytes_read();
+            return std::task::Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         let polled = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
         if buf.filled().len() > before {
@@ -410,6 +447,7 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Watched<S> {
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
+        self.activity.write_pending.store(true, Ordering::Relaxed);
         std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
@@ -417,7 +455,12 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Watched<S> {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+        let polled = std::pin::Pin::new(&mut self.inner).poll_flush(cx);
+        // hyper flushes the stream only once its own buffer is written out.
+        if let std::task::Poll::Ready(Ok(())) = polled {
+            self.activity.write_pending.store(false, Ordering::Relaxed);
+        }
+        polled
     }
 
     fn poll_shutdown(
@@ -432,6 +475,7 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Watched<S> {
         cx: &mut std::task::Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> std::task::Poll<std::io::Result<usize>> {
+        self.activity.write_pending.store(true, Ordering::Relaxed);
         std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
 
@@ -440,39 +484,132 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Watched<S> {
     }
 }
 
-/// The connection's hyper state (with its TLS stream) is boxed once, here, and the returned
-/// future holds the pointer: an `async fn` keeps room for its arguments in its own state as well
-/// as in the futures it awaits, so two levels of `async fn` would make each idle connection's
-/// task carry two more copies of it.
-fn serve_http1<I, S>(
-    io: I,
-    service: S,
+/// A client stream an idle HTTP/1.1 connection can be parked on (see [`serve_http1`]).
+trait ClientStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static {
+    /// Something waits to be read without reading the socket (decrypted TLS data, or the end).
+    fn readable_now(&self) -> bool;
+    /// TLS records wait to be sent.
+    fn records_to_send(&self) -> bool;
+    fn tcp(&self) -> &TcpStream;
+}
+
+impl ClientStream for TcpStream {
+    fn readable_now(&self) -> bool {
+        false
+    }
+
+    fn records_to_send(&self) -> bool {
+        false
+    }
+
+    fn tcp(&self) -> &TcpStream {
+        self
+    }
+}
+
+impl ClientStream for tokio_rustls::server::TlsStream<TcpStream> {
+    fn readable_now(&self) -> bool {
+        // rustls stops asking for records while plaintext waits to be read, or after close_notify.
+        !self.get_ref().1.wants_read()
+    }
+
+    fn records_to_send(&self) -> bool {
+        self.get_ref().1.wants_write()
+    }
+
+    fn tcp(&self) -> &TcpStream {
+        self.get_ref().0
+    }
+}
+
+/// Serves an HTTP/1.1 connection. Once it has been idle for `park_idle_after` with everything
+/// written flushed, it is *parked*: hyper's state for it (an 8 KiB read buffer, an 8 KiB write
+/// buffer, the room for a request's future) is dropped and only the stream kept, until the
+/// client sends again (a new hyper connection then takes the stream over, with any bytes the old
+/// one had read and not parsed), the idle timeout closes it, or shutdown does. The stream is
+/// boxed: hyper's state and the task hold a pointer to it, not a copy each.
+async fn serve_http1<T, S>(
+    mut io: Box<Watched<T>>,
+    mut service: S,
     activity: Arc<Activity>,
     settings: &ConnSettings,
-    phase: watch::Receiver<Phase>,
-) -> impl std::future::Future<Output = ()> + use<I, S>
-where
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-    S: hyper::service::HttpService<Incoming, ResBody = ConnBody> + Send,
+    mut phase: watch::Receiver<Phase>,
+    parked: prometheus_client::metrics::gauge::Gauge,
+) where
+    T: ClientStream,
+    S: hyper::service::HttpService<Incoming, ResBody = ConnBody> + Send + Unpin,
     S::Future: Send + 'static,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let conn = Box::pin(
-        http1::Builder::new()
-            .timer(TokioTimer::new())
-            // Not hyper's: it would run from the moment the connection goes idle (see Activity).
-            .header_read_timeout(None)
-            // The read buffer bounds the request head: a head that does not fit is answered 431.
-            .max_buf_size(settings.max_header_bytes)
-            .keep_alive(true)
-            // One flat buffer per response: over TLS, vectored writes become one record per slice.
-            .writev(false)
-            .serve_connection(io, service)
-            .with_upgrades(),
+    let (head, idle, park) = (
+        settings.header_read_timeout,
+        settings.idle_timeout,
+        settings.park_idle_after,
     );
-    let (head, idle) = (settings.header_read_timeout, settings.idle_timeout);
-    drive(conn, phase, async move { activity.expired(head, idle).await })
+    loop {
+        let conn = Box::pin(
+            http1::Builder::new()
+                .timer(TokioTimer::new())
+                // Not hyper's: it would run from the moment the connection goes idle (see Activity).
+                .header_read_timeout(None)
+                // The read buffer bounds the request head: a head that does not fit is answered 431.
+                .max_buf_size(settings.max_header_bytes)
+                .keep_alive(true)
+                // One flat buffer per response: over TLS, vectored writes become one record per slice.
+                .writev(false)
+                .serve_connection(TokioIo::new(io), service)
+                .with_upgrades(),
+        );
+        let watch = activity.clone();
+        let Some((conn, returned)) =
+            drive(conn, phase, async move { watch.expired(head, idle, Some(park)).await }).await
+        else {
+            return;
+        };
+        phase = returned;
+        // Idle, nothing unflushed, no request in flight: hyper's state holds nothing but buffers
+        // and the bytes it read and did not parse, which go back in front of the stream.
+        let Some(parts) = std::pin::Pin::into_inner(conn).into_parts() else {
+            return;
+        };
+        io = parts.io.into_inner();
+        service = parts.service;
+        io.unread = parts.read_buf;
+        // The new hyper connection is polled first (see `drive`), so it reads what is waiting
+        // before the next look at the clock could park it again.
+        if !io.unread.is_empty() || io.inner.readable_now() {
+            continue;
+        }
+        use tokio::io::AsyncWriteExt;
+        let woken = if io.inner.records_to_send() {
+            // TLS records of rustls's own (none are expected once the handshake is done): sent
+            // before parking, or, from a client that does not read them, the connection closed.
+            matches!(
+                tokio::time::timeout(CLOSE_BOUND, io.flush()).await,
+                Ok(Ok(())) if !io.inner.records_to_send()
+            )
+        } else {
+            true
+        };
+        let woken = woken && {
+            parked.inc();
+            let _parked = GaugeGuard(parked.clone());
+            tokio::select! {
+                r = io.inner.tcp().readable() => r.is_ok(),
+                _ = activity.expired(head, idle, None) => false,
+                _ = reached(&mut phase, Phase::Draining) => false,
+            }
+        };
+        if !woken {
+            // close_notify and FIN, bounded: the client may not be reading.
+            let _ = tokio::time::timeout(CLOSE_BOUND, io.shutdown()).await;
+            return;
+        }
+    }
 }
+
+/// How long a parked connection's close (or a flush before parking) may take.
+const CLOSE_BOUND: Duration = Duration::from_secs(1);
 
 fn serve_http2<I, S>(
     io: I,
@@ -499,7 +636,9 @@ where
     // No request in flight for `idle_timeout` (or no first request within
     // `header_read_timeout`): close with GOAWAY.
     let (head, idle) = (settings.header_read_timeout, settings.idle_timeout);
-    drive(conn, phase, async move { activity.expired(head, idle).await })
+    async move {
+        drive(conn, phase, async move { activity.expired(head, idle, None).await }).await;
+    }
 }
 
 /// A hyper server connection that can be asked to finish (HTTP/1.1 and HTTP/2 each have the
@@ -533,19 +672,29 @@ where
 
 /// Serves a connection until it ends; when draining starts or it has been idle too long, asks it
 /// to finish its in-flight requests; when closing starts, or a request head is too slow, drops it.
+/// When `expired` says `Park`, hands the connection back (with `phase`) instead.
+#[allow(clippy::type_complexity)]
 async fn drive<C: Graceful>(
     mut conn: std::pin::Pin<Box<C>>,
     mut phase: watch::Receiver<Phase>,
     expired: impl std::future::Future<Output = Expired>,
-) {
+) -> Option<(std::pin::Pin<Box<C>>, watch::Receiver<Phase>)> {
     tokio::select! {
-        r = conn.as_mut() => return log_conn_end(r),
+        // The connection first: bytes it has not read yet must not be taken for idleness.
+        biased;
+        r = conn.as_mut() => {
+            log_conn_end(r);
+            return None;
+        }
         _ = reached(&mut phase, Phase::Draining) => {}
         why = expired => {
+            if why == Expired::Park {
+                return Some((conn, phase));
+            }
             tracing::debug!(?why, "closing the connection");
             // A head half read: nothing is in flight, and hyper would wait for the rest.
             if why == Expired::Head {
-                return;
+                return None;
             }
         }
     }
@@ -554,6 +703,7 @@ async fn drive<C: Graceful>(
         r = conn.as_mut() => log_conn_end(r),
         _ = reached(&mut phase, Phase::Closing) => {}
     }
+    None
 }
 
 fn log_conn_end(r: Result<(), hyper::Error>) {
@@ -639,6 +789,18 @@ mod tests {
     /// The size of the future `f` returns, without running it.
     fn future_size<R>(_: impl FnOnce() -> R) -> usize {
         std::mem::size_of::<R>()
+    }
+
+    #[tokio::test]
+    async fn bytes_a_parked_connection_had_read_are_read_before_the_stream() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut client, server) = tokio::io::duplex(64);
+        let mut watched = Watched::new(server, Arc::new(Activity::new()));
+        watched.unread = Bytes::from_static(b"GET / HT");
+        client.write_all(b"TP/1.1\r\n").await.unwrap();
+        let mut got = [0u8; 16];
+        watched.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"GET / HTTP/1.1\r\n");
     }
 
     /// Every open connection's task is this future: hyper's state and the TLS stream (1.2 KiB) are

@@ -43,6 +43,7 @@ pub struct ServerFile {
     pub handshake_timeout: Option<String>,
     pub header_read_timeout: Option<String>,
     pub idle_timeout: Option<String>,
+    pub park_idle_after: Option<String>,
     pub body_timeout: Option<String>,
     pub max_header_bytes: Option<i64>,
     pub max_connections: Option<i64>,

@@ -72,6 +72,7 @@ async fn counters_move_by_exactly_the_traffic_sent() {
         "tokengate_sessions_active",
         "tokengate_upstream_errors_total",
         "tokengate_connections_open",
+        "tokengate_connections_parked",
         "tokengate_config_reloads_total",
         "tokengate_config_last_reload_success_timestamp_seconds",
         "tokengate_tls_cert_not_after_seconds",

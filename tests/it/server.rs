@@ -126,6 +126,63 @@ async fn an_idle_keep_alive_connection_is_closed_after_idle_timeout_not_header_r
     assert_closed_by_peer(&mut tls, Duration::from_secs(20)).await;
 }
 
+/// `timeouts` with `server.park_idle_after`.
+fn parking(head: &str, idle: &str, park: &str) -> String {
+    timeouts(head, idle).replace(
+        &format!("idle_timeout = \"{idle}\""),
+        &format!("idle_timeout = \"{idle}\"\npark_idle_after = \"{park}\""),
+    )
+}
+
+/// Waits (hang guard: 20 s) until the gateway counts `n` parked connections.
+async fn until_parked(gw: &mut support::TestGateway, n: i64) {
+    let parked = gw.running().app().state().metrics.connections_parked.clone();
+    let reached = tokio::time::timeout(Duration::from_secs(20), async {
+        while parked.get() != n {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert!(reached.is_ok(), "parked connections: {}, expected {n}", parked.get());
+}
+
+#[tokio::test]
+async fn an_idle_http11_connection_is_parked_and_then_serves_its_next_request() {
+    let mut gw = support::start(&parking("10m", "10m", "50ms")).await;
+    let mut tls = tls_http11(gw.addr).await;
+    assert_eq!(keep_alive_get(&mut tls).await, 404);
+    until_parked(&mut gw, 1).await;
+    // The same connection, taken over by a new hyper connection when the client sends again.
+    assert_eq!(keep_alive_get(&mut tls).await, 404);
+    assert_eq!(keep_alive_get(&mut tls).await, 404);
+    // And parked again once idle.
+    until_parked(&mut gw, 1).await;
+    assert_eq!(keep_alive_get(&mut tls).await, 404);
+}
+
+#[tokio::test]
+async fn a_parked_connection_is_closed_after_the_idle_timeout() {
+    let mut gw = support::start(&parking("10m", "1s", "50ms")).await;
+    let mut tls = tls_http11(gw.addr).await;
+    assert_eq!(keep_alive_get(&mut tls).await, 404);
+    until_parked(&mut gw, 1).await;
+    assert_closed_by_peer(&mut tls, Duration::from_secs(20)).await;
+    until_parked(&mut gw, 0).await;
+}
+
+#[tokio::test]
+async fn shutdown_closes_parked_connections_at_once() {
+    let mut gw = support::start(&parking("10m", "10m", "50ms")).await;
+    let mut tls = tls_http11(gw.addr).await;
+    assert_eq!(keep_alive_get(&mut tls).await, 404);
+    until_parked(&mut gw, 1).await;
+    let mut running = gw.running.take().unwrap();
+    running.stop_accepting().await;
+    // Long before the 10 minutes of idle_timeout (the bound is a hang guard).
+    assert_closed_by_peer(&mut tls, Duration::from_secs(20)).await;
+    assert_eq!(running.finish().await, tokengate::Drained::Cleanly);
+}
+
 #[tokio::test]
 async fn a_slow_request_head_on_a_kept_alive_connection_is_bounded_by_header_read_timeout() {
     // idle_timeout far beyond the hang guard: only header_read_timeout can close the connection.
