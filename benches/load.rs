@@ -1752,8 +1752,16 @@ async fn idle_connections(toml: &str, repo: &std::path::Path, creds: &Creds, o: 
             let child = &child;
             async move {
                 let bound = Instant::now() + Duration::from_secs(60);
-                while child.metric("tokengate_connections_parked").await < n as f64 {
-                    assert!(Instant::now() < bound, "connections not parked after 60 s");
+                loop {
+                    let parked = child.metric("tokengate_connections_parked").await;
+                    if parked >= n as f64 {
+                        break;
+                    }
+                    let open = child.metric("tokengate_connections_open").await;
+                    assert!(
+                        Instant::now() < bound,
+                        "{parked} of {n} connections parked after 60 s ({open} open)"
+                    );
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }
