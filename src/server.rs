@@ -39,6 +39,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 
+use crate::proxy::body::BodyGuard;
 use crate::service::{App, ConnInfo};
 use crate::store::SessionStore;
 
@@ -179,11 +180,17 @@ async fn serve_connection(
         ($app:ident, $req:ident, $info:ident => $handled:expr) => {{
             let activity = activity.clone();
             let app = app.clone();
-            service_fn(move |$req: Request<Incoming>| {
+            service_fn(move |mut $req: Request<Incoming>| {
                 let $app = app.clone();
                 let $info = info.clone();
-                // In flight from here until the response body has been sent (or abandoned).
+                // In flight from here until the response body has been sent (or abandoned), and
+                // until the request body has been read to its end (or dropped): after an early
+                // response hyper still reads the rest of the body, and the connection is not idle.
                 let in_flight = InFlight::new(activity.clone());
+                if !http_body::Body::is_end_stream($req.body()) {
+                    let body = BodyGuard(Arc::new(InFlight::new(activity.clone())));
+                    $req.extensions_mut().insert(body);
+                }
                 async move {
                     let response = $handled;
                     Ok::<_, Infallible>(response.map(|body| ConnBody {
@@ -280,6 +287,8 @@ struct Activity {
     /// Bytes were written to the client and not yet flushed (HTTP/1.1; hyper's write buffer or
     /// TLS records may hold them): the connection cannot be parked.
     write_pending: AtomicBool,
+    /// hyper has begun closing the stream (`Connection: close`, a 408): never parked.
+    closing: AtomicBool,
 }
 
 /// Which bound applies to a connection now.
@@ -301,6 +310,7 @@ impl Activity {
             since_ms: AtomicU64::new(0),
             reading_head: AtomicBool::new(true),
             write_pending: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
         }
     }
 
@@ -345,6 +355,8 @@ impl Activity {
         park_after: Option<Duration>,
     ) -> Expired {
         let park_after = park_after.filter(|p| *p < idle_timeout);
+        // Includes park_after: a connection going idle is noticed within it (a busy connection's
+        // timer wakes that often; ~1 µs each).
         let look_again = header_read_timeout
             .min(idle_timeout)
             .min(park_after.unwrap_or(Duration::MAX));
@@ -356,7 +368,9 @@ impl Activity {
                 }
                 Waiting::Head { since } => (since, header_read_timeout, Expired::Head),
                 Waiting::Idle { since } => match park_after {
-                    Some(p) if !self.write_pending.load(Ordering::Relaxed) => (since, p, Expired::Park),
+                    Some(p) if !self.write_pending.load(Ordering::Relaxed) && !self.closing.load(Ordering::Relaxed) => {
+                        (since, p, Expired::Park)
+                    }
                     _ => (since, idle_timeout, Expired::Idle),
                 },
             };
@@ -429,6 +443,10 @@ impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Watched<S> {
         if !self.unread.is_empty() {
             let n = self.unread.len().min(buf.remaining());
             buf.put_slice(&self.unread.split_to(n));
+            if self.unread.is_empty() {
+                // Not a view that keeps the buffer it came from alive.
+                self.unread = Bytes::new();
+            }
             self.activity.bytes_read();
             return std::task::Poll::Ready(Ok(()));
         }
@@ -467,6 +485,7 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Watched<S> {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
+        self.activity.closing.store(true, Ordering::Relaxed);
         std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 
@@ -574,7 +593,12 @@ async fn serve_http1<T, S>(
         };
         io = parts.io.into_inner();
         service = parts.service;
-        io.unread = parts.read_buf;
+        // A copy: the `Bytes` hyper froze would otherwise keep its whole read buffer (8 KiB).
+        io.unread = if parts.read_buf.is_empty() {
+            Bytes::new()
+        } else {
+            Bytes::copy_from_slice(&parts.read_buf)
+        };
         // The new hyper connection is polled first (see `drive`), so it reads what is waiting
         // before the next look at the clock could park it again.
         if !io.unread.is_empty() || io.inner.readable_now() {

@@ -34,7 +34,7 @@ use crate::auth::{AuthError, VerifiedToken};
 use crate::config::{AuthPolicy, JWKS_PATH, METADATA_PATH};
 use crate::metrics::{Metrics, TokenOutcome, UpstreamErrorKind};
 use crate::oauth::{OAuthError, OAuthServer};
-use crate::proxy::body::{BodyFault, ClientBody};
+use crate::proxy::body::{BodyFault, BodyGuard, ClientBody};
 use crate::proxy::forward::{PooledBody, TunnelSlot};
 use crate::proxy::forwarded::ClientAddr;
 use crate::proxy::headers::{self, RequestContext, X_REQUEST_ID};
@@ -152,8 +152,9 @@ impl App {
             &self.state.metrics,
         );
         let version = req.version();
-        let (parts, body) = req.into_parts();
-        let body = ClientBody::new(body, snap.config.server.body_timeout);
+        let (mut parts, body) = req.into_parts();
+        let guard = parts.extensions.remove::<BodyGuard>();
+        let body = ClientBody::new(body, snap.config.server.body_timeout, guard);
         log.body = Some(body.stats().clone());
         let req = Request::from_parts(parts, body);
         let mut response = match self.dispatch(&snap, req, conn, &client, &request_id, &mut log).await {

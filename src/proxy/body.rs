@@ -90,16 +90,26 @@ pub struct ClientBody {
     sleep: Option<Pin<Box<Sleep>>>,
     waiting: bool,
     stats: Arc<BodyStats>,
+    /// Held until the body has been read to its end (or dropped): see [`BodyGuard`].
+    guard: Option<BodyGuard>,
 }
 
+/// Whatever the connection needs to hold while a request body is still being read (the server
+/// counts the request as in flight until then, so the connection is neither idle nor parked while
+/// hyper is still reading the body, even after the response has been sent). Put in the request's
+/// extensions by the connection, taken by [`ClientBody::new`].
+#[derive(Clone)]
+pub struct BodyGuard(pub Arc<dyn Send + Sync>);
+
 impl ClientBody {
-    pub fn new(inner: Incoming, timeout: Duration) -> Self {
+    pub fn new(inner: Incoming, timeout: Duration, guard: Option<BodyGuard>) -> Self {
         ClientBody {
             inner,
             timeout,
             sleep: None,
             waiting: false,
             stats: Arc::default(),
+            guard,
         }
     }
 
@@ -124,9 +134,13 @@ impl Body for ClientBody {
             }
             Poll::Ready(Some(Err(e))) => {
                 this.stats.set_fault(BodyFault::Unreadable);
+                this.guard = None;
                 Poll::Ready(Some(Err(ClientBodyError::Read(e))))
             }
-            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Ready(None) => {
+                this.guard = None;
+                Poll::Ready(None)
+            }
             Poll::Pending => {
                 let deadline = Instant::now() + this.timeout;
                 let sleep = match &mut this.sleep {

@@ -81,6 +81,11 @@ async fn keep_alive_get(tls: &mut tokio_rustls::client::TlsStream<TcpStream>) ->
     tls.write_all(b"GET /nothing-here HTTP/1.1\r\nHost: localhost\r\n\r\n")
         .await
         .unwrap();
+    read_response(tls).await
+}
+
+/// Reads one whole response (with a Content-Length); its status.
+async fn read_response(tls: &mut tokio_rustls::client::TlsStream<TcpStream>) -> u16 {
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];
     let within = tokio::time::timeout(Duration::from_secs(20), async {
@@ -158,6 +163,45 @@ async fn an_idle_http11_connection_is_parked_and_then_serves_its_next_request() 
     // And parked again once idle.
     until_parked(&mut gw, 1).await;
     assert_eq!(keep_alive_get(&mut tls).await, 404);
+}
+
+#[tokio::test]
+async fn a_connection_whose_request_body_is_unfinished_is_not_parked_after_an_early_response() {
+    // The upstream answers at once and reads the body afterwards.
+    let handler: support::upstream::Handler = std::sync::Arc::new(|req| {
+        Box::pin(async move {
+            tokio::spawn(http_body_util::BodyExt::collect(req.into_body()));
+            http::Response::new(support::upstream::full("early"))
+        })
+    });
+    let up = support::upstream::serve(handler).await;
+    let toml = parking("10m", "10m", "50ms").replace(
+        "[[users]]",
+        &format!("[[routes]]\npath_prefix = \"/early\"\nupstream = \"http://{up}\"\nauth = \"none\"\n\n[[users]]"),
+    );
+    let mut gw = support::start(&toml).await;
+    let mut tls = tls_http11(gw.addr).await;
+    // The body's second half is a request to the same route: were it parsed as a request, its
+    // 200 would come before the 404 of the GET sent after the body.
+    let rest = b"GET /early/smuggled HTTP/1.1\r\nHost: localhost\r\n\r\n";
+    let head = format!(
+        "POST /early/x HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\n\r\nhalf",
+        4 + rest.len()
+    );
+    tls.write_all(head.as_bytes()).await.unwrap();
+    assert_eq!(read_response(&mut tls).await, 200);
+    // The client pauses mid-body for many times park_idle_after: hyper is still reading the
+    // body, so the connection is not idle.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(gw.running().app().state().metrics.connections_parked.get(), 0);
+    tls.write_all(rest).await.unwrap();
+    assert_eq!(
+        keep_alive_get(&mut tls).await,
+        404,
+        "part of a body was taken for a request"
+    );
+    // Once the body has ended the connection is idle, and parked.
+    until_parked(&mut gw, 1).await;
 }
 
 #[tokio::test]
