@@ -1665,43 +1665,34 @@ async fn idle_connection(t: &Target, cfg: &Arc<rustls::ClientConfig>, alpn: &[u8
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(alpn), "ALPN");
     let io = TokioIo::new(tls);
     let mut req = get(t, "/api/orders", token);
+    // The one request, then a task that keeps the sender (dropping it would end the connection)
+    // and drives the connection.
+    macro_rules! warm_and_hold {
+        ($handshake:expr) => {{
+            let (mut send, conn) = $handshake.await.expect("handshake");
+            let conn = tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            send.ready().await.unwrap();
+            let resp = send.send_request(req).await.expect("request");
+            let status = resp.status();
+            resp.into_body().collect().await.unwrap();
+            let held = tokio::spawn(async move {
+                let _keep = send;
+                let _ = conn.await;
+            });
+            (status, held)
+        }};
+    }
     let (status, task) = if alpn == b"h2" {
         req.headers_mut().remove("host");
         *req.uri_mut() = format!("https://{}/api/orders", t.authority).parse().unwrap();
-        let (mut send, conn) = hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
-            .await
-            .expect("h2 handshake");
-        let task = tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        send.ready().await.unwrap();
-        let resp = send.send_request(req).await.expect("h2 request");
-        let status = resp.status();
-        resp.into_body().collect().await.unwrap();
-        // The sender is kept with the task: dropping it would end the connection.
-        (
-            status,
-            tokio::spawn(async move {
-                let _keep = send;
-                let _ = task.await;
-            }),
-        )
+        warm_and_hold!(hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            io
+        ))
     } else {
-        let (mut send, conn) = hyper::client::conn::http1::handshake(io).await.expect("h1 handshake");
-        let task = tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        send.ready().await.unwrap();
-        let resp = send.send_request(req).await.expect("h1 request");
-        let status = resp.status();
-        resp.into_body().collect().await.unwrap();
-        (
-            status,
-            tokio::spawn(async move {
-                let _keep = send;
-                let _ = task.await;
-            }),
-        )
+        warm_and_hold!(hyper::client::conn::http1::handshake(io))
     };
     assert_eq!(status, 200, "the warm-up request of an idle connection");
     task
