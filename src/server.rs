@@ -168,9 +168,8 @@ async fn serve_connection(
     phase: watch::Receiver<Phase>,
 ) {
     let info = Arc::new(ConnInfo::new(peer, tls.is_some(), Some(slot)));
-    let open = app.state().metrics.connections_open.clone();
-    open.inc();
-    let _open = GaugeGuard(open);
+    let _open = GaugeGuard::up(&app.state().metrics.connections_open);
+    let parked = app.state().metrics.connections_parked.clone();
     // The connection's clock for its head and idle timeouts starts once the handshake is done.
     let activity = Arc::new(Activity::new());
     // The per-connection service. `$handled` runs the request: over HTTP/2, boxed, since hyper
@@ -205,7 +204,6 @@ async fn serve_connection(
         activity.restart();
         let io = Box::new(Watched::new(stream, activity.clone()));
         let service = service!(app, req, info => app.handle(req, &info).await);
-        let parked = app.state().metrics.connections_parked.clone();
         return serve_http1(io, service, activity, settings, phase, parked).await;
     };
     // The TLS stream moves into the boxed hyper connection; in a block of its own, so that the
@@ -231,7 +229,6 @@ async fn serve_connection(
         } else {
             let io = Box::new(Watched::new(stream, activity.clone()));
             let service = service!(app, req, info => app.handle(req, &info).await);
-            let parked = app.state().metrics.connections_parked.clone();
             Either::Right(serve_http1(io, service, activity, settings, phase, parked))
         }
     };
@@ -240,6 +237,14 @@ async fn serve_connection(
 
 /// Decrements a gauge when dropped (a connection counted open until its task ends, however).
 struct GaugeGuard(prometheus_client::metrics::gauge::Gauge);
+
+impl GaugeGuard {
+    /// Counts one up on `gauge` until dropped.
+    fn up(gauge: &prometheus_client::metrics::gauge::Gauge) -> Self {
+        gauge.inc();
+        GaugeGuard(gauge.clone())
+    }
+}
 
 impl Drop for GaugeGuard {
     fn drop(&mut self) {
@@ -605,19 +610,15 @@ async fn serve_http1<T, S>(
             continue;
         }
         use tokio::io::AsyncWriteExt;
-        let woken = if io.inner.records_to_send() {
-            // TLS records of rustls's own (none are expected once the handshake is done): sent
-            // before parking, or, from a client that does not read them, the connection closed.
-            matches!(
+        // TLS records of rustls's own (none are expected once the handshake is done): sent
+        // before parking, or, from a client that does not read them, the connection closed.
+        let flushed = !io.inner.records_to_send()
+            || matches!(
                 tokio::time::timeout(CLOSE_BOUND, io.flush()).await,
                 Ok(Ok(())) if !io.inner.records_to_send()
-            )
-        } else {
-            true
-        };
-        let woken = woken && {
-            parked.inc();
-            let _parked = GaugeGuard(parked.clone());
+            );
+        let woken = flushed && {
+            let _parked = GaugeGuard::up(&parked);
             tokio::select! {
                 r = io.inner.tcp().readable() => r.is_ok(),
                 _ = activity.expired(head, idle, None) => false,
@@ -697,12 +698,11 @@ where
 /// Serves a connection until it ends; when draining starts or it has been idle too long, asks it
 /// to finish its in-flight requests; when closing starts, or a request head is too slow, drops it.
 /// When `expired` says `Park`, hands the connection back (with `phase`) instead.
-#[allow(clippy::type_complexity)]
 async fn drive<C: Graceful>(
     mut conn: std::pin::Pin<Box<C>>,
     mut phase: watch::Receiver<Phase>,
     expired: impl std::future::Future<Output = Expired>,
-) -> Option<(std::pin::Pin<Box<C>>, watch::Receiver<Phase>)> {
+) -> Option<Parked<C>> {
     tokio::select! {
         // The connection first: bytes it has not read yet must not be taken for idleness.
         biased;
@@ -729,6 +729,9 @@ async fn drive<C: Graceful>(
     }
     None
 }
+
+/// A connection [`drive`] handed back to be parked, with the shutdown phase it was watching.
+type Parked<C> = (std::pin::Pin<Box<C>>, watch::Receiver<Phase>);
 
 fn log_conn_end(r: Result<(), hyper::Error>) {
     if let Err(e) = r {

@@ -151,12 +151,18 @@ async fn until_parked(gw: &mut support::TestGateway, n: i64) {
     assert!(reached.is_ok(), "parked connections: {}, expected {n}", parked.get());
 }
 
-#[tokio::test]
-async fn an_idle_http11_connection_is_parked_and_then_serves_its_next_request() {
-    let mut gw = support::start(&parking("10m", "10m", "50ms")).await;
+/// A gateway on `toml` and one HTTP/1.1 connection that made a request and is now parked.
+async fn parked_connection(toml: &str) -> (support::TestGateway, tokio_rustls::client::TlsStream<TcpStream>) {
+    let mut gw = support::start(toml).await;
     let mut tls = tls_http11(gw.addr).await;
     assert_eq!(keep_alive_get(&mut tls).await, 404);
     until_parked(&mut gw, 1).await;
+    (gw, tls)
+}
+
+#[tokio::test]
+async fn an_idle_http11_connection_is_parked_and_then_serves_its_next_request() {
+    let (mut gw, mut tls) = parked_connection(&parking("10m", "10m", "50ms")).await;
     // The same connection, taken over by a new hyper connection when the client sends again.
     assert_eq!(keep_alive_get(&mut tls).await, 404);
     assert_eq!(keep_alive_get(&mut tls).await, 404);
@@ -206,20 +212,14 @@ async fn a_connection_whose_request_body_is_unfinished_is_not_parked_after_an_ea
 
 #[tokio::test]
 async fn a_parked_connection_is_closed_after_the_idle_timeout() {
-    let mut gw = support::start(&parking("10m", "1s", "50ms")).await;
-    let mut tls = tls_http11(gw.addr).await;
-    assert_eq!(keep_alive_get(&mut tls).await, 404);
-    until_parked(&mut gw, 1).await;
+    let (mut gw, mut tls) = parked_connection(&parking("10m", "1s", "50ms")).await;
     assert_closed_by_peer(&mut tls, Duration::from_secs(20)).await;
     until_parked(&mut gw, 0).await;
 }
 
 #[tokio::test]
 async fn shutdown_closes_parked_connections_at_once() {
-    let mut gw = support::start(&parking("10m", "10m", "50ms")).await;
-    let mut tls = tls_http11(gw.addr).await;
-    assert_eq!(keep_alive_get(&mut tls).await, 404);
-    until_parked(&mut gw, 1).await;
+    let (mut gw, mut tls) = parked_connection(&parking("10m", "10m", "50ms")).await;
     let mut running = gw.running.take().unwrap();
     running.stop_accepting().await;
     // Long before the 10 minutes of idle_timeout (the bound is a hang guard).
