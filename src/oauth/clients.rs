@@ -6,7 +6,6 @@ use std::collections::HashMap;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
 use crate::config::{ClientSettings, GrantType};
@@ -106,7 +105,7 @@ impl ClientRegistry {
         };
         match (&client.secret_sha256, secret) {
             (Some(expected), Some(secret)) => {
-                if !bool::from(sha256(secret.as_bytes()).ct_eq(expected)) {
+                if !crate::crypto::digest_eq(&sha256(secret.as_bytes()), expected) {
                     return Err(fail("unknown client or bad credentials"));
                 }
             }

@@ -79,8 +79,10 @@ impl Issuer {
             scope,
             sid: &sid,
         };
-        let claims = serde_json::to_vec(&claims).map_err(|_| MintError)?;
-        let jwt = self.keys.active().sign_jwt(&claims).map_err(|_| MintError)?;
+        // Sized for the usual claims: growing from serde_json's default of 128 bytes reallocates twice.
+        let mut json = Vec::with_capacity(320);
+        serde_json::to_writer(&mut json, &claims).map_err(|_| MintError)?;
+        let jwt = self.keys.active().sign_jwt(&json).map_err(|_| MintError)?;
         Ok(AccessToken { jwt, exp })
     }
 }

@@ -40,7 +40,9 @@ struct User {
 }
 
 pub struct UserStore {
-    by_name: HashMap<String, User>,
+    /// foldhash: the names are the config's, so there is no flooding to resist; SipHash was
+    /// a visible share of a refresh.
+    by_name: HashMap<String, User, foldhash::fast::RandomState>,
     decoy: Arc<StoredHash>,
     pool: Arc<PasswordPool>,
 }
