@@ -457,14 +457,19 @@ async fn connection(
             Work::Login => Counters::add(&counters.logins),
             Work::Refresh | Work::Lifecycle if refreshing => {
                 Counters::add(&counters.refreshes);
-                let v: Option<serde_json::Value> = serde_json::from_slice(resp.body()).ok();
-                let fields = v.as_ref().and_then(|v| {
-                    Some((
-                        v["access_token"].as_str()?.to_owned(),
-                        v["refresh_token"].as_str()?.to_owned(),
-                        v["expires_in"].as_u64()?,
-                    ))
-                });
+                // Only the fields the next request needs, borrowed from the body (a
+                // serde_json::Value would build a map of every field on each refresh).
+                #[derive(serde::Deserialize)]
+                struct Granted<'a> {
+                    #[serde(borrow)]
+                    access_token: std::borrow::Cow<'a, str>,
+                    #[serde(borrow)]
+                    refresh_token: std::borrow::Cow<'a, str>,
+                    expires_in: u64,
+                }
+                let fields = serde_json::from_slice::<Granted>(resp.body())
+                    .ok()
+                    .map(|g| (g.access_token.into_owned(), g.refresh_token.into_owned(), g.expires_in));
                 if let Some((at, rt, expires_in)) = fields {
                     issued = Instant::now();
                     token_expires = issued + Duration::from_secs(expires_in);
