@@ -7,7 +7,7 @@
 //! 64-bit digest prefixes), and a response copy is sealed under a key derived from the token it
 //! answered.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::crypto::Sealed;
@@ -362,9 +362,9 @@ pub fn decode_snapshot(buf: &[u8], interner: &Interner, mut each: impl FnMut(Res
                 };
                 let revoked = r.u8()? != 0;
                 let n_rotated = r.u16()?;
-                let mut rotated = VecDeque::with_capacity(n_rotated as usize);
+                let mut rotated = Vec::with_capacity(n_rotated as usize);
                 for _ in 0..n_rotated {
-                    rotated.push_back(RotatedToken {
+                    rotated.push(RotatedToken {
                         prefix: r.u64()?,
                         at_ms: r.u64()?,
                         expires_ms: r.u64()?,
@@ -385,7 +385,7 @@ pub fn decode_snapshot(buf: &[u8], interner: &Interner, mut each: impl FnMut(Res
                         // Older snapshots: the last rotation, else the login (exact unless that
                         // rotation's record was dropped when the token it retired expired).
                         current_issued_ms: issued
-                            .unwrap_or_else(|| rotated.back().map_or(created_ms, |r: &RotatedToken| r.at_ms)),
+                            .unwrap_or_else(|| rotated.last().map_or(created_ms, |r: &RotatedToken| r.at_ms)),
                         rotated,
                         revoked,
                     },
