@@ -3,8 +3,6 @@
 
 use std::sync::Arc;
 
-use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde::Serialize;
 
 use crate::config::TokenSettings;
@@ -65,7 +63,7 @@ impl Issuer {
         sid: SessionId,
         now_secs: u64,
     ) -> Result<AccessToken, MintError> {
-        let jti = URL_SAFE_NO_PAD.encode(random_bytes::<16>().map_err(|_| MintError)?);
+        let jti = crate::ids::b64url(&random_bytes::<16>().map_err(|_| MintError)?);
         let exp = now_secs + self.access_ttl_secs;
         let sid = sid.encode();
         let claims = AccessClaims {
