@@ -710,8 +710,8 @@ async fn drive<C: Graceful>(
             log_conn_end(r);
             return None;
         }
-        _ = reached(&mut phase, Phase::Draining) => {}
-        why = expired => {
+        _ = Gated::new(reached(&mut phase, Phase::Draining)) => {}
+        why = Gated::new(expired) => {
             if why == Expired::Park {
                 return Some((conn, phase));
             }
@@ -728,6 +728,58 @@ async fn drive<C: Graceful>(
         _ = reached(&mut phase, Phase::Closing) => {}
     }
     None
+}
+
+/// A future polled only when its own waker has fired (and at the first poll). `drive` polls the
+/// shutdown phase and the idle timer next to the connection, and the task is woken for the
+/// connection's I/O many times a request: without the gate each wake-up also polled the phase
+/// (a lock on the watch channel's waiter list) and the timer.
+struct Gated<F> {
+    fut: std::pin::Pin<Box<F>>,
+    gate: Arc<Gate>,
+    waker: std::task::Waker,
+}
+
+struct Gate {
+    fired: AtomicBool,
+    task: futures_util::task::AtomicWaker,
+}
+
+impl std::task::Wake for Gate {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.fired.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
+impl<F: std::future::Future> Gated<F> {
+    fn new(fut: F) -> Self {
+        let gate = Arc::new(Gate {
+            fired: AtomicBool::new(true),
+            task: futures_util::task::AtomicWaker::new(),
+        });
+        Gated {
+            fut: Box::pin(fut),
+            waker: std::task::Waker::from(gate.clone()),
+            gate,
+        }
+    }
+}
+
+impl<F: std::future::Future> std::future::Future for Gated<F> {
+    type Output = F::Output;
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<F::Output> {
+        // Registered before the flag is read: a wake between the two is not lost.
+        self.gate.task.register(cx.waker());
+        if !self.gate.fired.swap(false, Ordering::AcqRel) {
+            return std::task::Poll::Pending;
+        }
+        let this = &mut *self;
+        this.fut.as_mut().poll(&mut std::task::Context::from_waker(&this.waker))
+    }
 }
 
 /// A connection [`drive`] handed back to be parked, with the shutdown phase it was watching.
@@ -816,6 +868,53 @@ mod tests {
     /// The size of the future `f` returns, without running it.
     fn future_size<R>(_: impl FnOnce() -> R) -> usize {
         std::mem::size_of::<R>()
+    }
+
+    #[test]
+    fn a_gated_future_is_polled_only_when_its_own_waker_fired() {
+        use std::sync::atomic::AtomicUsize;
+        use std::task::{Context, Poll, Waker};
+        // Pending until told; counts its polls and keeps the waker it was given.
+        struct Probe {
+            polls: Arc<AtomicUsize>,
+            done: Arc<AtomicBool>,
+            waker: Arc<std::sync::Mutex<Option<Waker>>>,
+        }
+        impl std::future::Future for Probe {
+            type Output = ();
+            fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+                self.polls.fetch_add(1, Ordering::SeqCst);
+                *self.waker.lock().unwrap() = Some(cx.waker().clone());
+                if self.done.load(Ordering::SeqCst) {
+                    Poll::Ready(())
+                } else {
+                    Poll::Pending
+                }
+            }
+        }
+        let (polls, done, waker) = (
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicBool::new(false)),
+            Arc::default(),
+        );
+        let mut gated = Box::pin(Gated::new(Probe {
+            polls: polls.clone(),
+            done: done.clone(),
+            waker: Arc::clone(&waker),
+        }));
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(gated.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(polls.load(Ordering::SeqCst), 1, "the first poll goes through");
+        // The task woken for something else: the inner future is not looked at.
+        for _ in 0..5 {
+            assert!(gated.as_mut().poll(&mut cx).is_pending());
+        }
+        assert_eq!(polls.load(Ordering::SeqCst), 1);
+        // Its own waker fires: polled again, and finishes.
+        done.store(true, Ordering::SeqCst);
+        waker.lock().unwrap().take().unwrap().wake();
+        assert!(gated.as_mut().poll(&mut cx).is_ready());
+        assert_eq!(polls.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]
