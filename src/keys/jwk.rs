@@ -14,6 +14,7 @@ use serde_json::{Map, Value};
 use super::AlgSet;
 use crate::config::SigningAlg;
 use crate::crypto::sha256;
+use crate::ids::b64url as b64;
 
 /// The public parameters of an asymmetric key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,10 +25,6 @@ pub enum PublicKey {
     Ec { crv: &'static str, x: String, y: String },
     /// RFC 7518 §6.3: modulus and exponent, big-endian without leading zeros.
     Rsa { n: String, e: String },
-}
-
-fn b64(bytes: &[u8]) -> String {
-    URL_SAFE_NO_PAD.encode(bytes)
 }
 
 impl PublicKey {
