@@ -620,8 +620,7 @@ where
     // the timer (a registration in the runtime's wheel, and its removal) is only for a body that
     // is not.
     let mut collect = std::pin::pin!(Limited::new(body, MAX_FORM_BYTES).collect());
-    let first = std::future::poll_fn(|cx| std::task::Poll::Ready(collect.as_mut().poll(cx))).await;
-    let collected = match first {
+    let collected = match futures_util::poll!(collect.as_mut()) {
         std::task::Poll::Ready(c) => c,
         std::task::Poll::Pending => tokio::time::timeout(limit, collect)
             .await
