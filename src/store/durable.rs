@@ -307,8 +307,7 @@ mod tests {
                 return;
             }
             let rotated: Vec<String> = s
-                .rotated
-                .iter()
+                .rotated_oldest_first()
                 .map(|r| {
                     let sealed = r.sealed.as_ref().filter(|_| now < r.at_ms + grace).map(|b| b.0.clone());
                     format!("{:x}/{}/{}/{:?}", r.prefix, r.at_ms, r.expires_ms, sealed)
@@ -455,6 +454,68 @@ mod tests {
             let reopened = open(dir.path(), &clock, grace);
             prop_assert_eq!(picture(&reopened, now, grace), before);
         }
+    }
+
+    /// A session whose ring of rotated tokens wrapped (more rotations than it remembers) comes
+    /// back from a snapshot plus journal with the same tokens, in the same order.
+    #[test]
+    fn a_session_past_the_rotated_bound_survives_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(ManualClock::at_millis(1_800_000_000_000));
+        let grace = 10_000;
+        let store = open(dir.path(), &clock, grace);
+        let sid = SessionId(7);
+        let now = clock.now_millis();
+        store
+            .registry
+            .create(NewSession {
+                sid,
+                user: "ann".into(),
+                client: "web".into(),
+                scopes: "a b".into(),
+                now_ms: now,
+                session_expires_ms: now + 2 * 86_400_000,
+                access_exp_secs: now / 1000 + 900,
+                token: digest(0),
+                token_exp_ms: now + 86_400_000,
+                max_sessions_per_user: 3,
+            })
+            .unwrap();
+        let rotations = crate::store::registry::MAX_ROTATED_PER_SESSION as u64 + 40;
+        for i in 1..=rotations {
+            if i == rotations - 5 {
+                store.compact().unwrap(); // the snapshot holds a wrapped ring; the journal the rest
+            }
+            clock.advance(Duration::from_millis(1));
+            let now = clock.now_millis();
+            let (_, c) = store
+                .registry
+                .rotate(Rotation {
+                    sid,
+                    presented: digest(i - 1),
+                    successor: digest(i),
+                    successor_exp_ms: now + 86_400_000,
+                    access_exp_secs: now / 1000 + 900,
+                    sealed: Some(Sealed(vec![i as u8; 40])),
+                    now_ms: now,
+                })
+                .unwrap();
+            assert_eq!(c, Committed::Rotated);
+        }
+        let now = clock.now_millis();
+        let before = picture(&store, now, grace);
+        drop(store);
+        let reopened = open(dir.path(), &clock, grace);
+        assert_eq!(picture(&reopened, now, grace), before);
+        let mut prefixes = Vec::new();
+        reopened
+            .registry
+            .for_each_session(|_, s| prefixes = s.rotated_oldest_first().map(|r| r.prefix).collect());
+        let oldest = rotations - crate::store::registry::MAX_ROTATED_PER_SESSION as u64;
+        let expected: Vec<u64> = (oldest..rotations)
+            .map(|k| crate::store::registry::prefix_of(&digest(k)))
+            .collect();
+        assert_eq!(prefixes, expected);
     }
 
     #[test]

@@ -287,7 +287,7 @@ impl<W: std::io::Write> SnapshotWriter<W> {
         w.u64(s.current_issued_ms);
         w.u8(u8::from(s.revoked));
         w.u16(s.rotated.len().min(u16::MAX as usize) as u16);
-        for r in s.rotated.iter().take(u16::MAX as usize) {
+        for r in s.rotated_oldest_first().take(u16::MAX as usize) {
             w.u64(r.prefix);
             w.u64(r.at_ms);
             w.u64(r.expires_ms);
@@ -387,6 +387,7 @@ pub fn decode_snapshot(buf: &[u8], interner: &Interner, mut each: impl FnMut(Res
                         current_issued_ms: issued
                             .unwrap_or_else(|| rotated.last().map_or(created_ms, |r: &RotatedToken| r.at_ms)),
                         rotated,
+                        rotated_head: 0,
                         revoked,
                     },
                 ));
