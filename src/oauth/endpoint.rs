@@ -17,7 +17,7 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 
 use crate::config::{ClientSettings, GrantType, UserSettings};
 use crate::crypto::{self, Sealed};
-use crate::ids::{SessionId, mint_refresh_token, parse_refresh_token};
+use crate::ids::{IssueRandom, SessionId, mint_refresh_token, parse_refresh_token, refresh_token_from};
 use crate::oauth::clients::{Presented, parse_basic};
 use crate::oauth::error::{ErrorCode, INVALID_REFRESH_TOKEN, OAuthError};
 use crate::oauth::limiter::{Refused, Who};
@@ -336,6 +336,7 @@ impl<'a> OAuthServer<'a> {
             sid,
             now,
             Some((&refresh_token, refresh_expires_in)),
+            &crate::crypto::random_bytes::<16>().map_err(|_| OAuthError::Internal("no randomness".into()))?,
         )
         .map(Bytes::from)
     }
@@ -443,7 +444,8 @@ impl<'a> OAuthServer<'a> {
         if new_exp_ms <= now {
             return Err(invalid_refresh_token());
         }
-        let minted = mint_refresh_token(sid).map_err(|_| OAuthError::Internal("no randomness".into()))?;
+        let random = IssueRandom::draw().map_err(|_| OAuthError::Internal("no randomness".into()))?;
+        let minted = refresh_token_from(sid, &random.refresh);
         let body = self.token_response(
             user,
             client,
@@ -451,6 +453,7 @@ impl<'a> OAuthServer<'a> {
             sid,
             now,
             Some((&minted.token, (new_exp_ms - now) / 1000)),
+            &random.jti,
         )?;
         let committed = store
             .rotate(Rotation {
@@ -526,6 +529,7 @@ impl<'a> OAuthServer<'a> {
     }
 
     /// Signs the access token and renders the §5.1 body (with a refresh token when given).
+    #[allow(clippy::too_many_arguments)] // private; each is one field of the response or token
     fn token_response(
         &self,
         user: &UserSettings,
@@ -534,12 +538,13 @@ impl<'a> OAuthServer<'a> {
         sid: SessionId,
         now_ms: u64,
         refresh: Option<(&str, u64)>,
+        jti: &[u8; 16],
     ) -> Result<Vec<u8>, OAuthError> {
         let scope = self.snap.config.scopes.render(scope);
         let access = self
             .snap
             .issuer
-            .access_token(&user.username, &client.id, &scope, sid, now_ms / 1000)
+            .access_token_with_jti(&user.username, &client.id, &scope, sid, now_ms / 1000, jti)
             .map_err(|_| OAuthError::Internal("could not sign the access token".into()))?;
         Ok(self.response(&access.jwt, refresh, &scope))
     }

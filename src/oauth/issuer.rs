@@ -63,7 +63,22 @@ impl Issuer {
         sid: SessionId,
         now_secs: u64,
     ) -> Result<AccessToken, MintError> {
-        let jti = crate::ids::b64url(&random_bytes::<16>().map_err(|_| MintError)?);
+        let jti = random_bytes::<16>().map_err(|_| MintError)?;
+        self.access_token_with_jti(sub, client_id, scope, sid, now_secs, &jti)
+    }
+
+    /// [`Issuer::access_token`] with the jti's 16 random bytes drawn by the caller (a rotation
+    /// draws them with its refresh token's: [`crate::ids::IssueRandom`]).
+    pub fn access_token_with_jti(
+        &self,
+        sub: &str,
+        client_id: &str,
+        scope: &str,
+        sid: SessionId,
+        now_secs: u64,
+        jti: &[u8; 16],
+    ) -> Result<AccessToken, MintError> {
+        let jti = crate::ids::b64url(jti);
         let exp = now_secs + self.access_ttl_secs;
         let sid = sid.encode();
         let claims = AccessClaims {
