@@ -67,7 +67,9 @@ fn sealing_key(token: &str) -> Option<LessSafeKey> {
 /// a single-use token), so a fixed nonce is safe.
 pub fn seal(token: &str, body: &[u8]) -> Option<Sealed> {
     let key = sealing_key(token)?;
-    let mut buf = body.to_vec();
+    // Room for the tag: growing the Vec for it reallocated and copied the whole body.
+    let mut buf = Vec::with_capacity(body.len() + AES_256_GCM.tag_len());
+    buf.extend_from_slice(body);
     key.seal_in_place_append_tag(Nonce::assume_unique_for_key([0; 12]), Aad::empty(), &mut buf)
         .ok()?;
     Some(Sealed(buf))
