@@ -13,7 +13,7 @@ use bytes::Bytes;
 use http::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE};
 use http::{HeaderMap, Method};
 use http_body::Body;
-use http_body_util::{BodyExt, LengthLimitError, Limited};
+use http_body_util::BodyExt;
 
 use crate::config::{ClientSettings, GrantType, UserSettings};
 use crate::crypto::{self, Sealed};
@@ -624,27 +624,52 @@ where
     // A form usually arrives with its request head, so the body is complete at the first look;
     // the timer (a registration in the runtime's wheel, and its removal) is only for a body that
     // is not.
-    let mut collect = std::pin::pin!(Limited::new(body, MAX_FORM_BYTES).collect());
-    let collected = match futures_util::poll!(collect.as_mut()) {
+    let mut collect = std::pin::pin!(collect_form(body));
+    let bytes = match futures_util::poll!(collect.as_mut()) {
         std::task::Poll::Ready(c) => c,
         std::task::Poll::Pending => tokio::time::timeout(limit, collect)
             .await
             .map_err(|_| OAuthError::BodyTimeout)?,
-    };
-    let bytes = match collected {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) if e.is::<LengthLimitError>() => return Err(OAuthError::BodyTooLarge),
-        Err(e)
-            if e.downcast_ref::<ClientBodyError>()
-                .is_some_and(|e| matches!(e, ClientBodyError::Timeout(_))) =>
-        {
-            return Err(OAuthError::BodyTimeout);
-        }
-        Err(_) => {
-            return Err(OAuthError::invalid_request("the request body could not be read"));
-        }
-    };
+    }?;
     parse_form(&bytes)
+}
+
+/// The whole body, at most [`MAX_FORM_BYTES`]. A body in one frame (nearly every form) is kept as
+/// that frame, without a copy; http_body_util's `Collected` queued each frame in a `VecDeque` and
+/// copied them out again, 1 % of a refresh.
+async fn collect_form<B>(body: B) -> Result<Bytes, OAuthError>
+where
+    B: Body<Data = Bytes>,
+    B::Error: std::error::Error + Send + Sync + 'static,
+{
+    let mut body = std::pin::pin!(body);
+    let mut first = Bytes::new();
+    let mut joined: Vec<u8> = Vec::new();
+    while let Some(frame) = body.as_mut().frame().await {
+        let frame = frame.map_err(|e| {
+            let e: &(dyn std::error::Error + 'static) = &e;
+            match e.downcast_ref::<ClientBodyError>() {
+                Some(ClientBodyError::Timeout(_)) => OAuthError::BodyTimeout,
+                _ => OAuthError::invalid_request("the request body could not be read"),
+            }
+        })?;
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers
+        };
+        if first.len() + joined.len() + data.len() > MAX_FORM_BYTES {
+            return Err(OAuthError::BodyTooLarge);
+        }
+        if first.is_empty() && joined.is_empty() {
+            first = data;
+        } else {
+            if !first.is_empty() {
+                joined.extend_from_slice(&first);
+                first = Bytes::new();
+            }
+            joined.extend_from_slice(&data);
+        }
+    }
+    Ok(if joined.is_empty() { first } else { Bytes::from(joined) })
 }
 
 /// Parses a form body: UTF-8, each known parameter at most once. Only the parameters these
@@ -671,6 +696,43 @@ fn parse_form(bytes: &[u8]) -> Result<Form, OAuthError> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    fn frames(parts: Vec<http_body::Frame<Bytes>>) -> impl Body<Data = Bytes, Error = std::convert::Infallible> {
+        http_body_util::StreamBody::new(futures_util::stream::iter(parts.into_iter().map(Ok)))
+    }
+
+    #[tokio::test]
+    async fn form_bodies_are_joined_across_frames_and_bounded_as_a_whole() {
+        let data = |s: &str| http_body::Frame::data(Bytes::copy_from_slice(s.as_bytes()));
+        let one = collect_form(frames(vec![data("grant_type=refresh_token")]))
+            .await
+            .unwrap();
+        assert_eq!(one, "grant_type=refresh_token");
+        let mut trailers = HeaderMap::new();
+        trailers.insert("x-t", "1".parse().unwrap());
+        let split = vec![
+            data(""),
+            data("grant_"),
+            data("type=pass"),
+            http_body::Frame::trailers(trailers),
+            data("word"),
+        ];
+        assert_eq!(collect_form(frames(split)).await.unwrap(), "grant_type=password");
+        // Exactly the bound is read; one byte more in any frame is 413.
+        let half = "a".repeat(MAX_FORM_BYTES / 2);
+        let full = vec![data(&half), data(&half), data(&"a".repeat(MAX_FORM_BYTES % 2))];
+        assert_eq!(collect_form(frames(full)).await.unwrap().len(), MAX_FORM_BYTES);
+        let over = vec![data(&half), data(&half), data(&"a".repeat(MAX_FORM_BYTES % 2 + 1))];
+        assert!(matches!(
+            collect_form(frames(over)).await,
+            Err(OAuthError::BodyTooLarge)
+        ));
+        let over = vec![data(&"a".repeat(MAX_FORM_BYTES + 1))];
+        assert!(matches!(
+            collect_form(frames(over)).await,
+            Err(OAuthError::BodyTooLarge)
+        ));
+    }
 
     #[test]
     fn forms_keep_known_parameters_once() {
