@@ -464,7 +464,17 @@ fn write_quoted(out: &mut Vec<u8>, s: &str) {
     let bytes = s.as_bytes();
     out.reserve(bytes.len() + 2);
     out.push(b'"');
-    // Runs of bytes that need no escape are copied whole (the usual case: the whole value).
+    // The usual case, nothing to escape, is decided over the whole value at once: no early exit,
+    // so the compiler compares many bytes per instruction (the loop below looks at one at a time).
+    let plain = !bytes.iter().fold(false, |escape, &b| {
+        escape | (b < 0x20) | (b == 0x7f) | (b == b'"') | (b == b'\\')
+    });
+    if plain {
+        out.extend_from_slice(bytes);
+        out.push(b'"');
+        return;
+    }
+    // Runs of bytes that need no escape are copied whole.
     let mut clean = 0;
     for (i, &b) in bytes.iter().enumerate() {
         let escaped: &[u8] = match b {
