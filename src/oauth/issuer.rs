@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+#[cfg(test)]
 use serde::Serialize;
 
 use crate::config::TokenSettings;
@@ -10,8 +11,9 @@ use crate::crypto::random_bytes;
 use crate::ids::SessionId;
 use crate::keys::KeySet;
 
-/// The claims of an RFC 9068 access token.
-#[derive(Serialize)]
+/// The claims of an RFC 9068 access token, as [`claims_json`] writes them (serde_json is the
+/// reference its test compares with).
+#[cfg_attr(test, derive(Serialize))]
 struct AccessClaims<'a> {
     iss: &'a str,
     sub: &'a str,
@@ -92,10 +94,80 @@ impl Issuer {
             scope,
             sid: &sid,
         };
-        // Sized for the usual claims: growing from serde_json's default of 128 bytes reallocates twice.
-        let mut json = Vec::with_capacity(320);
-        serde_json::to_writer(&mut json, &claims).map_err(|_| MintError)?;
+        let json = claims_json(&claims);
         let jwt = self.keys.active().sign_jwt(&json).map_err(|_| MintError)?;
         Ok(AccessToken { jwt, exp })
+    }
+}
+
+/// The claims as compact JSON, byte for byte what serde_json writes for [`AccessClaims`] (the
+/// field order is the struct's), without its per-byte escaping of strings that need none.
+fn claims_json(c: &AccessClaims<'_>) -> Vec<u8> {
+    use crate::oauth::push_json_str;
+    use std::io::Write;
+    let strings = [c.iss, c.sub, c.aud, c.jti, c.client_id, c.scope, c.sid];
+    let mut out = Vec::with_capacity(strings.iter().map(|s| s.len()).sum::<usize>() + 128);
+    out.extend_from_slice(b"{\"iss\":");
+    push_json_str(&mut out, c.iss);
+    out.extend_from_slice(b",\"sub\":");
+    push_json_str(&mut out, c.sub);
+    out.extend_from_slice(b",\"aud\":");
+    push_json_str(&mut out, c.aud);
+    // Writing into a Vec cannot fail.
+    let _ = write!(out, ",\"exp\":{},\"iat\":{}", c.exp, c.iat);
+    out.extend_from_slice(b",\"jti\":");
+    push_json_str(&mut out, c.jti);
+    out.extend_from_slice(b",\"client_id\":");
+    push_json_str(&mut out, c.client_id);
+    out.extend_from_slice(b",\"scope\":");
+    push_json_str(&mut out, c.scope);
+    out.extend_from_slice(b",\"sid\":");
+    push_json_str(&mut out, c.sid);
+    out.push(b'}');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn claims<'a>(strings: &'a [String; 7], exp: u64, iat: u64) -> AccessClaims<'a> {
+        AccessClaims {
+            iss: &strings[0],
+            sub: &strings[1],
+            aud: &strings[2],
+            exp,
+            iat,
+            jti: &strings[3],
+            client_id: &strings[4],
+            scope: &strings[5],
+            sid: &strings[6],
+        }
+    }
+
+    #[test]
+    fn claims_are_the_json_serde_writes() {
+        let strings = [
+            "https://auth.example.com",
+            "ann",
+            "orders-api",
+            "qL0b5mD9aUPmMpmUUfgYxw",
+            "web",
+            "orders:read orders:write",
+            "AAECAwQFBgc",
+        ]
+        .map(String::from);
+        let c = claims(&strings, 1_800_000_900, 1_800_000_000);
+        assert_eq!(claims_json(&c), serde_json::to_vec(&c).unwrap());
+    }
+
+    proptest! {
+        /// Any subject, client or scope (quotes, backslashes, control characters, non-ASCII).
+        #[test]
+        fn claims_escape_what_json_needs(strings in proptest::array::uniform7("\\PC{0,24}|[\\x00-\\x7f]{0,24}"), exp in any::<u64>(), iat in any::<u64>()) {
+            let c = claims(&strings, exp, iat);
+            prop_assert_eq!(claims_json(&c), serde_json::to_vec(&c).unwrap());
+        }
     }
 }
