@@ -659,11 +659,24 @@ where
 /// endpoints use are kept (RFC 6749 §3.1: unknown ones are ignored), so a body of thousands of
 /// invented names costs one pass and no allocations.
 fn parse_form(bytes: &[u8]) -> Result<Form, OAuthError> {
-    if std::str::from_utf8(bytes).is_err() {
+    let Ok(text) = std::str::from_utf8(bytes) else {
         return Err(OAuthError::invalid_request("the body is not UTF-8"));
-    }
-    let mut pairs: Vec<(&'static str, zeroize::Zeroizing<String>)> = Vec::new();
-    for (k, v) in form_urlencoded::parse(bytes) {
+    };
+    let mut pairs: Vec<(&'static str, zeroize::Zeroizing<String>)> = Vec::with_capacity(4);
+    for piece in text.split('&').filter(|p| !p.is_empty()) {
+        // A pair with nothing encoded (no '%', no '+': the usual case) is its own decoding; the
+        // test checks it against form_urlencoded, which decodes the others. No early exit in
+        // the scan: the compiler compares many bytes per instruction.
+        let encoded = piece.bytes().fold(false, |e, b| e | (b == b'%') | (b == b'+'));
+        let (k, v) = if encoded {
+            match form_urlencoded::parse(piece.as_bytes()).next() {
+                Some(pair) => pair,
+                None => continue,
+            }
+        } else {
+            let (k, v) = piece.split_once('=').unwrap_or((piece, ""));
+            (k.into(), v.into())
+        };
         let Some(name) = KNOWN_PARAMETERS.iter().find(|n| **n == k) else {
             continue;
         };
@@ -715,6 +728,58 @@ mod tests {
             collect_form(frames(over)).await,
             Err(OAuthError::BodyTooLarge)
         ));
+    }
+
+    /// What `parse_form` was before its fast path: form_urlencoded for every pair.
+    fn parse_form_reference(bytes: &[u8]) -> Option<Vec<(&'static str, String)>> {
+        std::str::from_utf8(bytes).ok()?;
+        let mut pairs: Vec<(&'static str, String)> = Vec::new();
+        for (k, v) in form_urlencoded::parse(bytes) {
+            let Some(name) = KNOWN_PARAMETERS.iter().find(|n| **n == k) else {
+                continue;
+            };
+            if pairs.iter().any(|(seen, _)| seen == name) {
+                return None;
+            }
+            pairs.push((name, v.into_owned()));
+        }
+        Some(pairs)
+    }
+
+    proptest! {
+        /// Names (plain and encoded), values of '=', '+', good and broken percent escapes and
+        /// non-ASCII, empty pieces, and bad UTF-8.
+        #[test]
+        fn forms_decode_as_form_urlencoded_does(
+            pieces in proptest::collection::vec((
+                prop_oneof![
+                    Just("grant_type"), Just("scope"), Just("client_id"), Just("grant%5Ftype"),
+                    Just("scope+"), Just("sco%70e"), Just(""), Just("x"),
+                ],
+                proptest::option::of(proptest::collection::vec(prop_oneof![
+                    Just("+".to_string()), Just("=".to_string()), Just("%".to_string()), Just("%3D".to_string()),
+                    Just("%2".to_string()), Just("%zz".to_string()), Just("%C3%A9".to_string()), Just("%FF".to_string()),
+                    "[a-z0-9_.~-]{0,6}", "\\PC{0,3}",
+                ], 0..4)),
+            ), 0..6),
+            bad_utf8 in any::<bool>(),
+        ) {
+            let parts: Vec<String> = pieces
+                .iter()
+                .map(|(name, value)| match value {
+                    Some(v) => format!("{name}={}", v.concat().replace('&', "")),
+                    None => name.to_string(),
+                })
+                .collect();
+            let mut body = parts.join("&").into_bytes();
+            if bad_utf8 {
+                body.push(0xff);
+            }
+            let ours = parse_form(&body).ok().map(|f| {
+                f.0.iter().map(|(k, v)| (*k, v.to_string())).collect::<Vec<_>>()
+            });
+            prop_assert_eq!(ours, parse_form_reference(&body));
+        }
     }
 
     #[test]
