@@ -63,17 +63,29 @@ pub struct MintedRefreshToken {
     pub digest: Digest,
 }
 
-/// base64url without padding. Short inputs (ids, tokens) are encoded on the stack and copied once:
-/// 1,645 instructions for a 32-, a 16- and an 8-byte input against 1,977 for `Engine::encode`,
-/// which zeroes a heap buffer through calloc first (and 2,023 for `encode_string`, which clears a
-/// 1 KiB stack buffer per call).
-pub fn b64url(bytes: &[u8]) -> String {
+/// base64url without padding, appended to `out`: 48 input bytes at a time through a stack buffer
+/// and copied once. For ids and tokens, 1,645 instructions for a 32-, a 16- and an 8-byte input
+/// against 1,977 for `Engine::encode` (which zeroes a heap buffer through calloc first); for a
+/// JWT's claims and signature ~1k fewer than `encode_string`, whose chunked encoder clears a 1 KiB
+/// stack buffer per call.
+pub fn push_b64url(out: &mut String, bytes: &[u8]) {
     let mut buf = [0u8; 64];
-    match URL_SAFE_NO_PAD.encode_slice(bytes, &mut buf) {
-        // base64url is ASCII, so the conversion cannot fail.
-        Ok(n) => String::from_utf8(buf[..n].to_vec()).unwrap_or_default(),
-        Err(_) => URL_SAFE_NO_PAD.encode(bytes),
+    out.reserve(bytes.len().div_ceil(3) * 4);
+    // Whole multiples of 3 bytes encode without padding, so the pieces join into one encoding.
+    for chunk in bytes.chunks(48) {
+        match URL_SAFE_NO_PAD.encode_slice(chunk, &mut buf) {
+            // base64url is ASCII, so the conversion cannot fail.
+            Ok(n) => out.push_str(std::str::from_utf8(&buf[..n]).unwrap_or_default()),
+            Err(_) => URL_SAFE_NO_PAD.encode_string(chunk, out),
+        }
     }
+}
+
+/// base64url without padding, as a new string (see [`push_b64url`]).
+pub fn b64url(bytes: &[u8]) -> String {
+    let mut out = String::new();
+    push_b64url(&mut out, bytes);
+    out
 }
 
 pub fn mint_refresh_token(sid: SessionId) -> Result<MintedRefreshToken, RandomError> {
@@ -134,10 +146,24 @@ mod tests {
 
     #[test]
     fn b64url_is_base64url_without_padding_at_every_length() {
-        // 0..=60 bytes: the stack path (up to 48) and the fallback beyond it.
+        // 0..=60 bytes: one chunk (up to 48) and two.
         let bytes: Vec<u8> = (0..=60u8).map(|b| b.wrapping_mul(97)).collect();
         for n in 0..=bytes.len() {
             assert_eq!(b64url(&bytes[..n]), URL_SAFE_NO_PAD.encode(&bytes[..n]), "{n} bytes");
+        }
+    }
+
+    #[test]
+    fn pushed_b64url_is_base64url_without_padding_at_every_length() {
+        let bytes: Vec<u8> = (0..=200u16).map(|b| (b as u8).wrapping_mul(89)).collect();
+        for n in 0..=bytes.len() {
+            let mut out = String::from("head.");
+            push_b64url(&mut out, &bytes[..n]);
+            assert_eq!(
+                out,
+                format!("head.{}", URL_SAFE_NO_PAD.encode(&bytes[..n])),
+                "{n} bytes"
+            );
         }
     }
 

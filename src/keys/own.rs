@@ -185,10 +185,10 @@ impl OwnKey {
         let mut jwt = String::with_capacity(self.header_b64.len() + claims.len() * 4 / 3 + 360);
         jwt.push_str(&self.header_b64);
         jwt.push('.');
-        URL_SAFE_NO_PAD.encode_string(claims, &mut jwt);
+        crate::ids::push_b64url(&mut jwt, claims);
         let signature = self.signer.sign(jwt.as_bytes())?;
         jwt.push('.');
-        URL_SAFE_NO_PAD.encode_string(signature, &mut jwt);
+        crate::ids::push_b64url(&mut jwt, &signature);
         Ok(jwt)
     }
 
