@@ -182,14 +182,15 @@ impl OwnKey {
 
     /// A compact JWS of `claims` (a JSON object), signed by this key.
     pub fn sign_jwt(&self, claims: &[u8]) -> Result<String, SignError> {
-        let mut jwt = String::with_capacity(self.header_b64.len() + claims.len() * 4 / 3 + 360);
-        jwt.push_str(&self.header_b64);
-        jwt.push('.');
-        crate::ids::push_b64url(&mut jwt, claims);
-        let signature = self.signer.sign(jwt.as_bytes())?;
-        jwt.push('.');
-        crate::ids::push_b64url(&mut jwt, &signature);
-        Ok(jwt)
+        let mut jwt = Vec::with_capacity(self.header_b64.len() + claims.len() * 4 / 3 + 360);
+        jwt.extend_from_slice(self.header_b64.as_bytes());
+        jwt.push(b'.');
+        crate::ids::extend_b64url(&mut jwt, claims);
+        let signature = self.signer.sign(&jwt)?;
+        jwt.push(b'.');
+        crate::ids::extend_b64url(&mut jwt, &signature);
+        // ASCII throughout (a base64url header, claims and signature): never an error.
+        String::from_utf8(jwt).map_err(|_| SignError)
     }
 
     /// Whether `signature` (base64url) signs `message` under this key, with its own algorithm.
