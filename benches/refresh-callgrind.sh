@@ -38,7 +38,8 @@ run() {
     --duration "$d" >"$dir/out.txt" 2>"$dir/err.txt" || { cat "$dir/err.txt" >&2; exit 1; }
   n=$(grep -o 'refreshes [0-9]*' "$dir/out.txt" | awk '{print $2}')
   [ -n "$n" ] || { echo "no refresh count in the bench's output ($dir/out.txt)" >&2; exit 1; }
-  # The gateway's worker: the thread whose dump ran the token grant the most.
+  # The gateway's worker: of the threads that ran the token grant, the one that did the most
+  # work (with --gw-threads 1 there is one).
   for f in "$dir"/cg.*-*; do
     if grep -q token_grant "$f"; then
       ir=$(awk '/^totals:/ {print $2}' "$f")

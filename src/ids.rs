@@ -191,5 +191,7 @@ mod tests {
         assert_eq!(URL_SAFE_NO_PAD.decode(&c.token).unwrap()[8..], r.refresh);
         assert_eq!(parse_refresh_token(&c.token), Some((sid, c.digest)));
         assert_ne!(r.refresh[..16], r.jti, "the two parts are different bytes of the draw");
+        let again = IssueRandom::draw().unwrap();
+        assert!(again.refresh != r.refresh && again.jti != r.jti, "each draw is fresh");
     }
 }
