@@ -409,50 +409,49 @@ fn write_access_line(out: &mut Vec<u8>, r: &AccessRecord<'_>, json: bool, micros
         write_rfc3339(out, micros);
         out.extend_from_slice(b"  INFO tokengate::access:");
     }
-    let field = |out: &mut Vec<u8>, name: &str| {
-        if json {
-            out.extend_from_slice(b",\"");
-            out.extend_from_slice(name.as_bytes());
-            out.extend_from_slice(b"\":");
-        } else {
-            out.push(b' ');
-            out.extend_from_slice(name.as_bytes());
-            out.push(b'=');
-        }
-    };
+    // Each field's separator, name and `=` (text) or `":` (JSON) as one static string.
+    macro_rules! field {
+        ($out:expr, $name:literal) => {
+            $out.extend_from_slice(if json {
+                concat!(",\"", $name, "\":").as_bytes()
+            } else {
+                concat!(" ", $name, "=").as_bytes()
+            })
+        };
+    }
     let mut itoa = itoa::Buffer::new();
-    field(out, "method");
+    field!(out, "method");
     write_quoted(out, r.method);
-    field(out, "path");
+    field!(out, "path");
     write_quoted(out, r.path);
-    field(out, "status");
+    field!(out, "status");
     out.extend_from_slice(itoa.format(r.status).as_bytes());
-    field(out, "duration_us");
+    field!(out, "duration_us");
     out.extend_from_slice(itoa.format(r.duration_us).as_bytes());
-    field(out, "route");
+    field!(out, "route");
     write_quoted(out, r.route);
-    field(out, "request_id");
+    field!(out, "request_id");
     write_quoted(out, r.request_id);
-    field(out, "client");
+    field!(out, "client");
     write_quoted(out, r.client);
     if let Some(sub) = r.sub {
-        field(out, "sub");
+        field!(out, "sub");
         write_quoted(out, sub);
     }
     if let Some(client_id) = r.client_id {
-        field(out, "client_id");
+        field!(out, "client_id");
         write_quoted(out, client_id);
     }
-    field(out, "bytes_in");
+    field!(out, "bytes_in");
     out.extend_from_slice(itoa.format(r.bytes_in).as_bytes());
-    field(out, "bytes_out");
+    field!(out, "bytes_out");
     out.extend_from_slice(itoa.format(r.bytes_out).as_bytes());
     if let Some(us) = r.upstream_us {
-        field(out, "upstream_us");
+        field!(out, "upstream_us");
         out.extend_from_slice(itoa.format(us).as_bytes());
     }
     if let Some(ua) = r.user_agent {
-        field(out, "user_agent");
+        field!(out, "user_agent");
         write_quoted(out, ua);
     }
     out.extend_from_slice(if json { b"}\n" } else { b"\n" });
@@ -572,7 +571,12 @@ mod tests {
             text,
             "2026-11-27T10:59:20.123456Z  INFO tokengate::access: method=\"GET\" path=\"/api/\\\"x\\\"\" status=200 duration_us=151 route=\"/api\" request_id=\"abc-1\" client=\"192.0.2.7\" sub=\"ann\" client_id=\"web\" bytes_in=0 bytes_out=12 upstream_us=90 user_agent=\"curl/8\"\n"
         );
-        let json: serde_json::Value = serde_json::from_slice(&access_line(&r, true, 1_795_777_160_123_456)).unwrap();
+        let line = access_line(&r, true, 1_795_777_160_123_456);
+        assert_eq!(
+            String::from_utf8(line.clone()).unwrap(),
+            "{\"timestamp\":\"2026-11-27T10:59:20.123456Z\",\"level\":\"INFO\",\"target\":\"tokengate::access\",\"method\":\"GET\",\"path\":\"/api/\\\"x\\\"\",\"status\":200,\"duration_us\":151,\"route\":\"/api\",\"request_id\":\"abc-1\",\"client\":\"192.0.2.7\",\"sub\":\"ann\",\"client_id\":\"web\",\"bytes_in\":0,\"bytes_out\":12,\"upstream_us\":90,\"user_agent\":\"curl/8\"}\n"
+        );
+        let json: serde_json::Value = serde_json::from_slice(&line).unwrap();
         assert_eq!(json["path"], "/api/\"x\"");
         assert_eq!(json["status"], 200);
         assert_eq!(json["target"], "tokengate::access");
