@@ -14,7 +14,8 @@ use http::{HeaderMap, HeaderValue};
 use tokengate::auth::bearer::parse_bearer;
 use tokengate::auth::{RevokedSessions, Validator};
 use tokengate::config::{Config, SigningAlg};
-use tokengate::ids::{SessionId, mint_refresh_token};
+use tokengate::crypto::random_bytes;
+use tokengate::ids::{IssueRandom, SessionId, mint_refresh_token, refresh_token_from};
 use tokengate::keys::KeySet;
 use tokengate::oauth::issuer::Issuer;
 use tokengate::proxy::headers::{Identity, RequestContext, upstream_request_headers};
@@ -95,7 +96,14 @@ fn setup(cache_capacity: u64, alg: SigningAlg) -> Setup {
 impl Setup {
     fn token(&self, i: u64) -> String {
         self.issuer
-            .access_token(&format!("user-{i}"), "web", "orders:read", SessionId(i), now())
+            .access_token(
+                &format!("user-{i}"),
+                "web",
+                "orders:read",
+                SessionId(i),
+                now(),
+                &random_bytes::<16>().unwrap(),
+            )
             .unwrap()
             .jwt
     }
@@ -225,7 +233,14 @@ fn bench_issue(c: &mut Criterion) {
         g.bench_function(format!("{name}/login"), |b| {
             b.iter(|| {
                 let at = issuer
-                    .access_token("ann", "web", "orders:read", SessionId(7), 1_800_000_000)
+                    .access_token(
+                        "ann",
+                        "web",
+                        "orders:read",
+                        SessionId(7),
+                        1_800_000_000,
+                        &random_bytes::<16>().unwrap(),
+                    )
                     .unwrap();
                 let rt = mint_refresh_token(SessionId(7)).unwrap();
                 black_box((at, rt))
@@ -234,10 +249,12 @@ fn bench_issue(c: &mut Criterion) {
         let presented = mint_refresh_token(SessionId(7)).unwrap().token;
         g.bench_function(format!("{name}/refresh"), |b| {
             b.iter(|| {
+                // As a rotation does: one draw for the refresh token and the jti.
+                let random = IssueRandom::draw().unwrap();
+                let rt = refresh_token_from(SessionId(7), &random.refresh);
                 let at = issuer
-                    .access_token("ann", "web", "orders:read", SessionId(7), 1_800_000_000)
+                    .access_token("ann", "web", "orders:read", SessionId(7), 1_800_000_000, &random.jti)
                     .unwrap();
-                let rt = mint_refresh_token(SessionId(7)).unwrap();
                 let body = format!("{{\"access_token\":\"{}\",\"refresh_token\":\"{}\"}}", at.jwt, rt.token);
                 black_box(tokengate::crypto::seal(&presented, body.as_bytes()))
             })

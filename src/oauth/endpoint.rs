@@ -319,7 +319,7 @@ impl<'a> OAuthServer<'a> {
             sid,
             now,
             Some((&refresh_token, refresh_expires_in)),
-            &crate::crypto::random_bytes::<16>().map_err(|_| OAuthError::Internal("no randomness".into()))?,
+            &crypto::random_bytes::<16>().map_err(|_| OAuthError::Internal("no randomness".into()))?,
         )
         .map(Bytes::from)
     }
@@ -503,10 +503,11 @@ impl<'a> OAuthServer<'a> {
         let sid = SessionId::random().map_err(|_| OAuthError::Internal("no randomness".into()))?;
         let now = self.state.clock.now_millis();
         let scope = self.snap.config.scopes.render(granted);
+        let jti = crypto::random_bytes::<16>().map_err(|_| OAuthError::Internal("no randomness".into()))?;
         let access = self
             .snap
             .issuer
-            .access_token(&client.id, &client.id, &scope, sid, now / 1000)
+            .access_token(&client.id, &client.id, &scope, sid, now / 1000, &jti)
             .map_err(|_| OAuthError::Internal("could not sign the access token".into()))?;
         Ok(Bytes::from(self.response(&access.jwt, None, &scope)))
     }
@@ -527,7 +528,7 @@ impl<'a> OAuthServer<'a> {
         let access = self
             .snap
             .issuer
-            .access_token_with_jti(&user.username, &client.id, &scope, sid, now_ms / 1000, jti)
+            .access_token(&user.username, &client.id, &scope, sid, now_ms / 1000, jti)
             .map_err(|_| OAuthError::Internal("could not sign the access token".into()))?;
         Ok(self.response(&access.jwt, refresh, &scope))
     }

@@ -7,7 +7,6 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use crate::config::TokenSettings;
-use crate::crypto::random_bytes;
 use crate::ids::SessionId;
 use crate::keys::KeySet;
 
@@ -56,22 +55,9 @@ impl Issuer {
         self.access_ttl_secs
     }
 
-    /// Signs an access token issued at `now_secs`.
+    /// Signs an access token issued at `now_secs`, its jti made of 16 random bytes the caller drew
+    /// (a rotation draws them with its refresh token's: [`crate::ids::IssueRandom`]).
     pub fn access_token(
-        &self,
-        sub: &str,
-        client_id: &str,
-        scope: &str,
-        sid: SessionId,
-        now_secs: u64,
-    ) -> Result<AccessToken, MintError> {
-        let jti = random_bytes::<16>().map_err(|_| MintError)?;
-        self.access_token_with_jti(sub, client_id, scope, sid, now_secs, &jti)
-    }
-
-    /// [`Issuer::access_token`] with the jti's 16 random bytes drawn by the caller (a rotation
-    /// draws them with its refresh token's: [`crate::ids::IssueRandom`]).
-    pub fn access_token_with_jti(
         &self,
         sub: &str,
         client_id: &str,
