@@ -221,13 +221,7 @@ impl Session {
             expires_ms: self.current_expires_ms,
             sealed: sealed.map(Box::new),
         };
-        if self.rotated.len() > MAX_ROTATED_PER_SESSION {
-            // Only a session restored with more than the bound: trim once, oldest first.
-            self.normalize_rotated();
-            let excess = self.rotated.len() - MAX_ROTATED_PER_SESSION;
-            self.rotated.drain(..excess);
-        }
-        if self.rotated.len() == MAX_ROTATED_PER_SESSION {
+        if self.rotated.len() >= MAX_ROTATED_PER_SESSION {
             let head = self.head();
             self.rotated[head] = entry;
             self.rotated_head = ((head + 1) % MAX_ROTATED_PER_SESSION) as u8;
@@ -534,7 +528,12 @@ impl<R: Recorder> Registry<R> {
 
     /// Inserts a session as a snapshot holds it (recovery). The per-user index is rebuilt by
     /// [`Registry::rebuild_user_index`] once everything is in.
-    pub fn restore(&self, sid: SessionId, s: Session) {
+    pub fn restore(&self, sid: SessionId, mut s: Session) {
+        // Within the bound, as `rotate` expects (a snapshot is written oldest first; one from a
+        // build with a higher bound, or edited, may hold more): the newest are kept.
+        s.normalize_rotated();
+        let excess = s.rotated.len().saturating_sub(MAX_ROTATED_PER_SESSION);
+        s.rotated.drain(..excess);
         if let Entry::Vacant(v) = self.sessions.entry(sid) {
             v.insert(s);
         }
@@ -703,6 +702,53 @@ mod tests {
         rotate(rotations + 1);
         let expected: Vec<(u64, u64)> = (16..=rotations).map(|k| (k, T0 + k + 1)).collect();
         assert_eq!(remembered(&reg), expected);
+    }
+
+    /// A restored session holding more rotated tokens than the bound (a snapshot from elsewhere)
+    /// keeps the newest, and rotates as any other.
+    #[test]
+    fn a_restored_session_over_the_rotated_bound_keeps_the_newest() {
+        let reg = Registry::new(Arc::new(RevokedSessions::new()), NoRecorder, 10_000);
+        let over = MAX_ROTATED_PER_SESSION as u64 + 44;
+        let rotated = (0..over)
+            .map(|k| RotatedToken {
+                prefix: k,
+                at_ms: T0 + k,
+                expires_ms: T0 + 86_400_000,
+                sealed: None,
+            })
+            .collect();
+        reg.restore(
+            SessionId(1),
+            Session {
+                user: "ann".into(),
+                client: "web".into(),
+                scopes: "a".into(),
+                created_ms: T0,
+                session_expires_ms: T0 + 86_400_000,
+                access_exp_secs: T0 / 1000 + 900,
+                current: [9; 32],
+                current_expires_ms: T0 + 86_400_000,
+                current_issued_ms: T0 + over,
+                rotated,
+                rotated_head: 0,
+                revoked: false,
+            },
+        );
+        let prefixes = |reg: &Registry| {
+            let mut v = Vec::new();
+            reg.for_each_session(|_, s| v = s.rotated_oldest_first().map(|r| r.prefix).collect());
+            v
+        };
+        assert_eq!(prefixes(&reg), (44..over).collect::<Vec<_>>());
+        let r = Rotation {
+            presented: [9; 32],
+            ..rotation(1, 0, 10, T0 + over + 1)
+        };
+        assert_eq!(reg.rotate(r).unwrap().1, Committed::Rotated);
+        let mut expected: Vec<u64> = (45..over).collect();
+        expected.push(prefix_of(&[9; 32]));
+        assert_eq!(prefixes(&reg), expected);
     }
 
     #[test]
