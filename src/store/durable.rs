@@ -380,6 +380,22 @@ mod tests {
         d
     }
 
+    /// A login of "ann" at `now` with refresh token `token`, valid until `token_exp_ms`.
+    fn ann(sid: SessionId, token: Digest, now: u64, token_exp_ms: u64) -> NewSession {
+        NewSession {
+            sid,
+            user: "ann".into(),
+            client: "web".into(),
+            scopes: "a".into(),
+            now_ms: now,
+            session_expires_ms: now + 2 * 86_400_000,
+            access_exp_secs: now / 1000 + 900,
+            token,
+            token_exp_ms,
+            max_sessions_per_user: 100,
+        }
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(48))]
 
@@ -468,18 +484,7 @@ mod tests {
         let now = clock.now_millis();
         store
             .registry
-            .create(NewSession {
-                sid,
-                user: "ann".into(),
-                client: "web".into(),
-                scopes: "a b".into(),
-                now_ms: now,
-                session_expires_ms: now + 2 * 86_400_000,
-                access_exp_secs: now / 1000 + 900,
-                token: digest(0),
-                token_exp_ms: now + 86_400_000,
-                max_sessions_per_user: 3,
-            })
+            .create(ann(sid, digest(0), now, now + 86_400_000))
             .unwrap();
         let rotations = crate::store::registry::MAX_ROTATED_PER_SESSION as u64 + 40;
         for i in 1..=rotations {
@@ -528,18 +533,7 @@ mod tests {
             let token_exp_ms = if i < 4 { now + 1_000 } else { now + 86_400_000 };
             store
                 .registry
-                .create(NewSession {
-                    sid: SessionId(i + 1),
-                    user: "ann".into(),
-                    client: "web".into(),
-                    scopes: "a".into(),
-                    now_ms: now,
-                    session_expires_ms: now + 2 * 86_400_000,
-                    access_exp_secs: now / 1000 + 900,
-                    token: digest(i),
-                    token_exp_ms,
-                    max_sessions_per_user: 100,
-                })
+                .create(ann(SessionId(i + 1), digest(i), now, token_exp_ms))
                 .unwrap();
         }
         clock.advance(Duration::from_secs(2));
