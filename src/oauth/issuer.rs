@@ -91,24 +91,30 @@ impl Issuer {
 fn claims_json(c: &AccessClaims<'_>) -> Vec<u8> {
     use crate::oauth::push_json_str;
     use std::io::Write;
-    let strings = [c.iss, c.sub, c.aud, c.jti, c.client_id, c.scope, c.sid];
-    let mut out = Vec::with_capacity(strings.iter().map(|s| s.len()).sum::<usize>() + 128);
-    out.extend_from_slice(b"{\"iss\":");
-    push_json_str(&mut out, c.iss);
-    out.extend_from_slice(b",\"sub\":");
-    push_json_str(&mut out, c.sub);
-    out.extend_from_slice(b",\"aud\":");
-    push_json_str(&mut out, c.aud);
+    // Each member's separator and name, then its value; exp and iat sit between the strings.
+    let before: [(&[u8], &str); 3] = [(b"{\"iss\":", c.iss), (b",\"sub\":", c.sub), (b",\"aud\":", c.aud)];
+    let after: [(&[u8], &str); 4] = [
+        (b",\"jti\":", c.jti),
+        (b",\"client_id\":", c.client_id),
+        (b",\"scope\":", c.scope),
+        (b",\"sid\":", c.sid),
+    ];
+    let len = before
+        .iter()
+        .chain(&after)
+        .map(|(k, v)| k.len() + v.len())
+        .sum::<usize>();
+    let mut out = Vec::with_capacity(len + 64);
+    for (key, value) in before {
+        out.extend_from_slice(key);
+        push_json_str(&mut out, value);
+    }
     // Writing into a Vec cannot fail.
     let _ = write!(out, ",\"exp\":{},\"iat\":{}", c.exp, c.iat);
-    out.extend_from_slice(b",\"jti\":");
-    push_json_str(&mut out, c.jti);
-    out.extend_from_slice(b",\"client_id\":");
-    push_json_str(&mut out, c.client_id);
-    out.extend_from_slice(b",\"scope\":");
-    push_json_str(&mut out, c.scope);
-    out.extend_from_slice(b",\"sid\":");
-    push_json_str(&mut out, c.sid);
+    for (key, value) in after {
+        out.extend_from_slice(key);
+        push_json_str(&mut out, value);
+    }
     out.push(b'}');
     out
 }
