@@ -170,6 +170,12 @@ impl App {
                 r
             }
         };
+        // Marked sensitive: HTTP/2's HPACK then sends it as a literal and keeps it out of the
+        // connection's header table. Every response's id is new, so an indexed copy is never
+        // reused; indexing it would only evict useful entries and, since h2 chains entries of
+        // one name, make every later response compare its id against ~50 dead ones.
+        let mut request_id = request_id;
+        request_id.set_sensitive(true);
         response.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
         log.status = response.status().as_u16();
         response.map(|b| ResponseBody::new(b, log))

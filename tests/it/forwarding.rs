@@ -723,3 +723,177 @@ async fn an_https_upstream_is_reached_through_tls_with_the_routes_ca_file() {
     // Without the CA file the system roots do not trust the dev CA: 502, not a silent downgrade.
     assert_eq!(c.get(&gw.url("/untrusted/x"), &[]).await.status, 502);
 }
+
+/// A stream that keeps a copy of every byte read through it.
+struct Recording<S> {
+    inner: S,
+    seen: Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Recording<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        let new = buf.filled()[before..].to_vec();
+        self.seen.lock().unwrap().extend_from_slice(&new);
+        r
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Recording<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// How an HPACK header block (RFC 7541 §6) represents each of its fields: the first byte of each
+/// representation, classified without decoding names or values.
+#[derive(Debug, PartialEq, Clone, Copy)]
+enum Field {
+    Indexed,
+    /// Literal, added to the header table; `literal_name`: the name is spelled out.
+    WithIndexing {
+        literal_name: bool,
+    },
+    WithoutIndexing {
+        literal_name: bool,
+    },
+    NeverIndexed {
+        literal_name: bool,
+    },
+}
+
+fn hpack_fields(mut block: &[u8]) -> Vec<Field> {
+    // An integer with an N-bit prefix (§5.1), from the front of `block`.
+    fn int(block: &mut &[u8], prefix: u8) -> usize {
+        let max = (1usize << prefix) - 1;
+        let mut v = usize::from(block[0]) & max;
+        *block = &block[1..];
+        if v == max {
+            let mut shift = 0;
+            loop {
+                let b = block[0];
+                *block = &block[1..];
+                v += usize::from(b & 0x7f) << shift;
+                shift += 7;
+                if b & 0x80 == 0 {
+                    break;
+                }
+            }
+        }
+        v
+    }
+    fn string(block: &mut &[u8]) {
+        let len = int(block, 7);
+        *block = &block[len..];
+    }
+    let mut fields = Vec::new();
+    while !block.is_empty() {
+        let first = block[0];
+        let (prefix, kind): (u8, fn(bool) -> Field) = match first {
+            b if b & 0x80 != 0 => {
+                int(&mut block, 7);
+                fields.push(Field::Indexed);
+                continue;
+            }
+            b if b & 0xc0 == 0x40 => (6, |l| Field::WithIndexing { literal_name: l }),
+            b if b & 0xe0 == 0x20 => {
+                int(&mut block, 5); // table size update
+                continue;
+            }
+            b if b & 0xf0 == 0x10 => (4, |l| Field::NeverIndexed { literal_name: l }),
+            _ => (4, |l| Field::WithoutIndexing { literal_name: l }),
+        };
+        let literal_name = int(&mut block, prefix) == 0;
+        if literal_name {
+            string(&mut block);
+        }
+        string(&mut block);
+        fields.push(kind(literal_name));
+    }
+    fields
+}
+
+/// The header blocks of the HEADERS frames in `bytes` (HTTP/2 frames as a client receives them).
+fn header_blocks(mut bytes: &[u8]) -> Vec<Vec<u8>> {
+    let mut blocks = Vec::new();
+    while bytes.len() >= 9 {
+        let len = usize::from(bytes[0]) << 16 | usize::from(bytes[1]) << 8 | usize::from(bytes[2]);
+        let (kind, flags) = (bytes[3], bytes[4]);
+        let payload = &bytes[9..9 + len];
+        if kind == 0x1 {
+            assert_eq!(flags & 0x4, 0x4, "a response head split into CONTINUATION frames");
+            let pad = if flags & 0x8 != 0 {
+                usize::from(payload[0]) + 1
+            } else {
+                0
+            };
+            let start = if flags & 0x8 != 0 { 1 } else { 0 } + if flags & 0x20 != 0 { 5 } else { 0 };
+            blocks.push(payload[start..payload.len() - pad].to_vec());
+        }
+        bytes = &bytes[9 + len..];
+    }
+    blocks
+}
+
+#[tokio::test]
+async fn an_http2_response_sends_its_request_id_outside_the_header_table() {
+    // Every response's X-Request-Id is new: indexing it in the connection's HPACK table only
+    // evicts entries that would be reused, and h2 then compares each later id with the dead ones.
+    let up = Upstream::recording().await;
+    let gw = support::start_with_routes("", &[("/in", &up.url(), "auth = \"none\"")]).await;
+    let seen: Arc<std::sync::Mutex<Vec<u8>>> = Arc::default();
+    let tls = Recording {
+        inner: support::client::raw_tls(gw.addr, b"h2").await,
+        seen: seen.clone(),
+    };
+    let (mut send, conn) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(conn);
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let req = Request::get(format!("https://localhost:{}/in/x", gw.addr.port()))
+            .body(())
+            .unwrap();
+        let (resp, _) = send.send_request(req, true).unwrap();
+        let resp = within("a response", resp).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        ids.push(resp.headers()["x-request-id"].clone());
+        let mut body = resp.into_body();
+        while let Some(chunk) = within("the body", body.data()).await {
+            chunk.unwrap();
+        }
+    }
+    assert!(ids[0] != ids[1] && ids[1] != ids[2], "{ids:?}");
+    let blocks = header_blocks(&seen.lock().unwrap());
+    assert_eq!(blocks.len(), 3, "one HEADERS frame per response");
+    for (i, block) in blocks.iter().enumerate() {
+        let fields = hpack_fields(block);
+        // The request id is the one field the gateway marks never-indexed; its name is not in
+        // the static table and is never added to the dynamic one, so it is spelled out each time.
+        let never = fields
+            .iter()
+            .filter(|f| **f == Field::NeverIndexed { literal_name: true })
+            .count();
+        assert_eq!(never, 1, "response {i}: {fields:?}");
+    }
+}
