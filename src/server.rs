@@ -604,6 +604,9 @@ async fn serve_http1<T, S>(
         } else {
             Bytes::copy_from_slice(&parts.read_buf)
         };
+        // Now, not at the end of this loop's body: `parts` lives on through the wait below, and
+        // its read buffer is hyper's whole 8 KiB allocation.
+        drop(parts.read_buf);
         // The new hyper connection is polled first (see `drive`), so it reads what is waiting
         // before the next look at the clock could park it again.
         if !io.unread.is_empty() || io.inner.readable_now() {

@@ -7,6 +7,11 @@
 
 mod support;
 
+/// Counts the bytes allocated and freed (for tests of what the gateway keeps; see
+/// `server::a_parked_http11_connection_keeps_none_of_hypers_buffers`).
+#[global_allocator]
+pub static ALLOC: &stats_alloc::StatsAlloc<std::alloc::System> = &stats_alloc::INSTRUMENTED_SYSTEM;
+
 mod cli;
 mod config_errors;
 mod crash;
