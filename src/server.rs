@@ -34,7 +34,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_rustls::TlsAcceptor;
@@ -173,8 +173,9 @@ async fn serve_connection(
     // The connection's clock for its head and idle timeouts starts once the handshake is done.
     let activity = Arc::new(Activity::new());
     // The per-connection service. `$handled` runs the request: over HTTP/2, boxed, since hyper
-    // spawns each stream's future as a task (which moves it) and the request's state machine is
-    // several KiB, so a pointer moves cheaply; over HTTP/1.1 it is polled in place, unboxed.
+    // hands each stream's future to its executor (which moves it, see `StreamQueue`) and the
+    // request's state machine is several KiB, so a pointer moves cheaply; over HTTP/1.1 it is
+    // polled in place, unboxed.
     macro_rules! service {
         ($app:ident, $req:ident, $info:ident => $handled:expr) => {{
             let activity = activity.clone();
@@ -652,20 +653,104 @@ where
     S::Future: Send + 'static,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let conn = Box::pin(
-        http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            // Also detects peers that vanished without closing.
-            .keep_alive_interval(Some(Duration::from_secs(30)))
-            .keep_alive_timeout(Duration::from_secs(10))
-            .max_header_list_size(settings.max_header_bytes.try_into().unwrap_or(u32::MAX))
-            .serve_connection(io, service),
-    );
+    let queue = StreamQueue::default();
+    let conn = Box::pin(H2Conn {
+        conn: Box::pin(
+            http2::Builder::new(queue.clone())
+                .timer(TokioTimer::new())
+                // Also detects peers that vanished without closing.
+                .keep_alive_interval(Some(Duration::from_secs(30)))
+                .keep_alive_timeout(Duration::from_secs(10))
+                .max_header_list_size(settings.max_header_bytes.try_into().unwrap_or(u32::MAX))
+                .serve_connection(io, service),
+        ),
+        queue,
+        streams: futures_util::stream::FuturesUnordered::new(),
+        ended: None,
+    });
     // No request in flight for `idle_timeout` (or no first request within
     // `header_read_timeout`): close with GOAWAY.
     let (head, idle) = (settings.header_read_timeout, settings.idle_timeout);
     async move {
         drive(conn, phase, async move { activity.expired(head, idle, None).await }).await;
+    }
+}
+
+/// A stream's future, as hyper hands it to its executor.
+type StreamFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// hyper's executor for an HTTP/2 connection's streams: instead of a task each, the streams
+/// wait here to be polled by their connection's own task ([`H2Conn`]), which is where their
+/// requests arrive and their responses leave. A task per stream cost an aligned allocation,
+/// a spawn, and two cross-task wake-ups per request.
+#[derive(Clone, Default)]
+struct StreamQueue(Arc<std::sync::Mutex<Vec<StreamFuture>>>);
+
+impl<F: std::future::Future<Output = ()> + Send + 'static> hyper::rt::Executor<F> for StreamQueue {
+    fn execute(&self, fut: F) {
+        use futures_util::FutureExt;
+        // A panic ends its stream only, as it would end its own task.
+        let fut = std::panic::AssertUnwindSafe(fut).catch_unwind().map(|r| {
+            if r.is_err() {
+                tracing::error!("an HTTP/2 stream's handler panicked; the stream was reset");
+            }
+        });
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(Box::pin(fut));
+    }
+}
+
+/// An HTTP/2 connection and its streams, polled together in one task. It ends when the
+/// connection has ended and its last stream has finished; dropping it drops the streams (as
+/// dropping an HTTP/1.1 connection drops its request).
+struct H2Conn<C> {
+    conn: std::pin::Pin<Box<C>>,
+    queue: StreamQueue,
+    streams: futures_util::stream::FuturesUnordered<StreamFuture>,
+    ended: Option<Result<(), hyper::Error>>,
+}
+
+impl<C> H2Conn<C> {
+    /// Polls the streams until none is ready; they register the task's waker.
+    fn poll_streams(&mut self, cx: &mut std::task::Context<'_>) {
+        use futures_util::StreamExt;
+        while let std::task::Poll::Ready(Some(())) = self.streams.poll_next_unpin(cx) {}
+    }
+
+    /// Takes in the streams hyper accepted; whether there were any.
+    fn adopt(&mut self) -> bool {
+        let mut queued = self.queue.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let any = !queued.is_empty();
+        for fut in queued.drain(..) {
+            self.streams.push(fut);
+        }
+        any
+    }
+}
+
+impl<C: std::future::Future<Output = Result<(), hyper::Error>>> std::future::Future for H2Conn<C> {
+    type Output = Result<(), hyper::Error>;
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        let this = &mut *self;
+        // Streams first: the responses they finish are then written by the connection's poll.
+        this.poll_streams(cx);
+        if this.ended.is_none()
+            && let std::task::Poll::Ready(r) = this.conn.as_mut().poll(cx)
+        {
+            this.ended = Some(r);
+        }
+        // Streams that poll accepted start now.
+        if this.adopt() {
+            this.poll_streams(cx);
+        }
+        if this.streams.is_empty()
+            && let Some(r) = this.ended.take()
+        {
+            return std::task::Poll::Ready(r);
+        }
+        std::task::Poll::Pending
     }
 }
 
@@ -686,15 +771,17 @@ where
     }
 }
 
-impl<I, S> Graceful for http2::Connection<I, S, TokioExecutor>
+impl<I, S> Graceful for H2Conn<http2::Connection<I, S, StreamQueue>>
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     S: hyper::service::HttpService<Incoming, ResBody = ConnBody> + Send,
     S::Future: Send + 'static,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    fn begin_graceful_shutdown(self: std::pin::Pin<&mut Self>) {
-        self.graceful_shutdown();
+    fn begin_graceful_shutdown(mut self: std::pin::Pin<&mut Self>) {
+        if self.ended.is_none() {
+            self.conn.as_mut().graceful_shutdown();
+        }
     }
 }
 

@@ -897,3 +897,41 @@ async fn an_http2_response_sends_its_request_id_outside_the_header_table() {
         assert_eq!(never, 1, "response {i}: {fields:?}");
     }
 }
+
+#[tokio::test]
+async fn the_streams_of_one_http2_connection_are_served_at_once() {
+    // The upstream answers none of them until all have arrived: served one after another (or
+    // one blocking the next), they would never be answered.
+    const STREAMS: usize = 8;
+    let all_in = Arc::new(tokio::sync::Barrier::new(STREAMS));
+    let handler: Handler = Arc::new(move |_req| {
+        let all_in = all_in.clone();
+        Box::pin(async move {
+            all_in.wait().await;
+            Response::new(full("together"))
+        })
+    });
+    let up = upstream::serve(handler).await;
+    let gw = support::start_with_routes("", &[("/in", &format!("http://{up}"), "auth = \"none\"")]).await;
+    let tls = support::client::raw_tls(gw.addr, b"h2").await;
+    let (send, conn) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(conn);
+    let mut send = within("the connection", send.ready()).await.unwrap();
+    let mut responses = Vec::new();
+    for i in 0..STREAMS {
+        let req = Request::get(format!("https://localhost:{}/in/{i}", gw.addr.port()))
+            .body(())
+            .unwrap();
+        responses.push(send.send_request(req, true).unwrap().0);
+    }
+    for resp in responses {
+        let resp = within("every stream's response", resp).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let mut body = resp.into_body();
+        let mut got = Vec::new();
+        while let Some(chunk) = within("the body", body.data()).await {
+            got.extend_from_slice(&chunk.unwrap());
+        }
+        assert_eq!(got, b"together");
+    }
+}
