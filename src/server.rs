@@ -173,9 +173,9 @@ async fn serve_connection(
     // The connection's clock for its head and idle timeouts starts once the handshake is done.
     let activity = Arc::new(Activity::new());
     // The per-connection service. `$handled` runs the request: over HTTP/2, boxed, since hyper
-    // hands each stream's future to its executor (which moves it, see `StreamQueue`) and the
-    // request's state machine is several KiB, so a pointer moves cheaply; over HTTP/1.1 it is
-    // polled in place, unboxed.
+    // moves each stream's future several times on its way to the executor (`StreamQueue`, which
+    // boxes it) and the request's state machine is several KiB, so a pointer moves cheaply; over
+    // HTTP/1.1 it is polled in place, unboxed.
     macro_rules! service {
         ($app:ident, $req:ident, $info:ident => $handled:expr) => {{
             let activity = activity.clone();
@@ -654,20 +654,16 @@ where
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let queue = StreamQueue::default();
-    let conn = Box::pin(H2Conn {
-        conn: Box::pin(
-            http2::Builder::new(queue.clone())
-                .timer(TokioTimer::new())
-                // Also detects peers that vanished without closing.
-                .keep_alive_interval(Some(Duration::from_secs(30)))
-                .keep_alive_timeout(Duration::from_secs(10))
-                .max_header_list_size(settings.max_header_bytes.try_into().unwrap_or(u32::MAX))
-                .serve_connection(io, service),
-        ),
+    let conn = Box::pin(H2Conn::new(
+        http2::Builder::new(queue.clone())
+            .timer(TokioTimer::new())
+            // Also detects peers that vanished without closing.
+            .keep_alive_interval(Some(Duration::from_secs(30)))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .max_header_list_size(settings.max_header_bytes.try_into().unwrap_or(u32::MAX))
+            .serve_connection(io, service),
         queue,
-        streams: futures_util::stream::FuturesUnordered::new(),
-        ended: None,
-    });
+    ));
     // No request in flight for `idle_timeout` (or no first request within
     // `header_read_timeout`): close with GOAWAY.
     let (head, idle) = (settings.header_read_timeout, settings.idle_timeout);
@@ -704,22 +700,47 @@ impl<F: std::future::Future<Output = ()> + Send + 'static> hyper::rt::Executor<F
 
 /// An HTTP/2 connection and its streams, polled together in one task. It ends when the
 /// connection has ended and its last stream has finished; dropping it drops the streams (as
-/// dropping an HTTP/1.1 connection drops its request).
+/// dropping an HTTP/1.1 connection drops its request). A connection's streams thus share one
+/// task: one connection uses at most one core at a time.
 struct H2Conn<C> {
-    conn: std::pin::Pin<Box<C>>,
+    /// `None` once it has ended: dropped then, since h2 fails the streams still open only when
+    /// its connection is dropped (a keep-alive timeout ends the connection without resetting
+    /// them, and a stream still sending would wait for its peer's window forever).
+    conn: Option<std::pin::Pin<Box<C>>>,
     queue: StreamQueue,
+    /// The streams, and one future that never completes (see [`H2Conn::new`]).
     streams: futures_util::stream::FuturesUnordered<StreamFuture>,
     ended: Option<Result<(), hyper::Error>>,
 }
 
 impl<C> H2Conn<C> {
+    fn new(conn: C, queue: StreamQueue) -> Self {
+        let streams = futures_util::stream::FuturesUnordered::new();
+        // FuturesUnordered wakes its task again whenever one call has polled every future it
+        // holds (so that futures that keep waking cannot starve other tasks). With one stream
+        // in flight that was every wake-up: the connection was polled twice for each. A future
+        // that never wakes is never polled after its first poll, so this cannot happen.
+        streams.push(Box::pin(std::future::pending()) as StreamFuture);
+        H2Conn {
+            conn: Some(Box::pin(conn)),
+            queue,
+            streams,
+            ended: None,
+        }
+    }
+
+    /// Streams in flight.
+    fn streams(&self) -> usize {
+        self.streams.len() - 1
+    }
+
     /// Polls the streams until none is ready; they register the task's waker.
     fn poll_streams(&mut self, cx: &mut std::task::Context<'_>) {
         use futures_util::StreamExt;
         while let std::task::Poll::Ready(Some(())) = self.streams.poll_next_unpin(cx) {}
     }
 
-    /// Takes in the streams hyper accepted; whether there were any.
+    /// Takes in the futures hyper handed to the executor; whether there were any.
     fn adopt(&mut self) -> bool {
         let mut queued = self.queue.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let any = !queued.is_empty();
@@ -736,16 +757,18 @@ impl<C: std::future::Future<Output = Result<(), hyper::Error>>> std::future::Fut
         let this = &mut *self;
         // Streams first: the responses they finish are then written by the connection's poll.
         this.poll_streams(cx);
-        if this.ended.is_none()
-            && let std::task::Poll::Ready(r) = this.conn.as_mut().poll(cx)
+        if let Some(conn) = &mut this.conn
+            && let std::task::Poll::Ready(r) = conn.as_mut().poll(cx)
         {
             this.ended = Some(r);
+            this.conn = None;
         }
-        // Streams that poll accepted start now.
-        if this.adopt() {
+        // Streams the connection accepted start now (and whatever a stream's poll hands to the
+        // executor: hyper does for an upgrade).
+        while this.adopt() {
             this.poll_streams(cx);
         }
-        if this.streams.is_empty()
+        if this.streams() == 0
             && let Some(r) = this.ended.take()
         {
             return std::task::Poll::Ready(r);
@@ -779,8 +802,8 @@ where
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     fn begin_graceful_shutdown(mut self: std::pin::Pin<&mut Self>) {
-        if self.ended.is_none() {
-            self.conn.as_mut().graceful_shutdown();
+        if let Some(conn) = &mut self.conn {
+            conn.as_mut().graceful_shutdown();
         }
     }
 }
@@ -954,6 +977,125 @@ async fn admin_response(req: &Request<Incoming>, ready: bool, app: &App) -> Resp
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A stand-in for hyper's HTTP/2 connection: hands `streams` to the executor at its first
+    /// poll, then ends at once (`ends`) or never; holds `held` until it is dropped.
+    struct FakeH2 {
+        queue: StreamQueue,
+        streams: Vec<StreamFuture>,
+        ends: bool,
+        polls: Arc<AtomicUsize>,
+        _held: Option<tokio::sync::oneshot::Sender<()>>,
+    }
+
+    impl std::future::Future for FakeH2 {
+        type Output = Result<(), hyper::Error>;
+        fn poll(mut self: std::pin::Pin<&mut Self>, _: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+            self.polls.fetch_add(1, Ordering::SeqCst);
+            for s in std::mem::take(&mut self.streams) {
+                hyper::rt::Executor::execute(&self.queue, s);
+            }
+            if self.ends {
+                std::task::Poll::Ready(Ok(()))
+            } else {
+                std::task::Poll::Pending
+            }
+        }
+    }
+
+    fn fake_h2(
+        streams: Vec<StreamFuture>,
+        ends: bool,
+        held: Option<tokio::sync::oneshot::Sender<()>>,
+    ) -> H2Conn<FakeH2> {
+        let queue = StreamQueue::default();
+        let conn = FakeH2 {
+            queue: queue.clone(),
+            streams,
+            ends,
+            polls: Arc::default(),
+            _held: held,
+        };
+        H2Conn::new(conn, queue)
+    }
+
+    /// A waker that counts its wake-ups.
+    #[derive(Default)]
+    struct CountingWaker(AtomicUsize);
+
+    impl std::task::Wake for CountingWaker {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[tokio::test]
+    async fn an_http2_connection_that_ended_is_dropped_so_that_its_streams_can_end() {
+        // Like h2, which fails the streams still open when its connection is dropped (not when
+        // it ends): the stream waits for the connection to be dropped.
+        let (held, dropped) = tokio::sync::oneshot::channel::<()>();
+        let stream: StreamFuture = Box::pin(async move {
+            let _ = dropped.await;
+        });
+        let conn = fake_h2(vec![stream], true, Some(held));
+        let ended = tokio::time::timeout(Duration::from_secs(20), conn).await;
+        assert!(
+            matches!(ended, Ok(Ok(()))),
+            "the connection ended, and its stream was left waiting"
+        );
+    }
+
+    #[test]
+    fn a_future_a_stream_hands_to_the_executor_is_started_in_the_same_poll() {
+        let queue_of_conn: Arc<std::sync::Mutex<Option<StreamQueue>>> = Arc::default();
+        let started = Arc::new(AtomicBool::new(false));
+        let (q, flag) = (queue_of_conn.clone(), started.clone());
+        // A stream that, when polled, hands one more future to the executor (as hyper does for
+        // an upgrade) and waits.
+        let stream: StreamFuture = Box::pin(async move {
+            let queue = q.lock().unwrap().clone().unwrap();
+            hyper::rt::Executor::execute(&queue, async move {
+                flag.store(true, Ordering::SeqCst);
+            });
+            std::future::pending::<()>().await
+        });
+        let mut conn = Box::pin(fake_h2(vec![stream], false, None));
+        *queue_of_conn.lock().unwrap() = Some(conn.queue.clone());
+        let waker = std::task::Waker::from(Arc::new(CountingWaker::default()));
+        let mut cx = std::task::Context::from_waker(&waker);
+        assert!(conn.as_mut().poll(&mut cx).is_pending());
+        assert!(
+            started.load(Ordering::SeqCst),
+            "the future a stream handed over waits for another wake-up"
+        );
+    }
+
+    #[test]
+    fn a_stream_woken_alone_costs_its_connection_one_poll() {
+        // One stream in flight, waiting to be woken.
+        let stream_waker: Arc<std::sync::Mutex<Option<std::task::Waker>>> = Arc::default();
+        let w = stream_waker.clone();
+        let stream: StreamFuture = Box::pin(std::future::poll_fn(move |cx| {
+            *w.lock().unwrap() = Some(cx.waker().clone());
+            std::task::Poll::<()>::Pending
+        }));
+        let mut conn = Box::pin(fake_h2(vec![stream], false, None));
+        let wakes = Arc::new(CountingWaker::default());
+        let waker = std::task::Waker::from(wakes.clone());
+        let mut cx = std::task::Context::from_waker(&waker);
+        assert!(conn.as_mut().poll(&mut cx).is_pending());
+        let before = wakes.0.load(Ordering::SeqCst);
+        // Its wake-up wakes the connection's task once; that poll must not ask for another.
+        stream_waker.lock().unwrap().take().unwrap().wake();
+        assert_eq!(wakes.0.load(Ordering::SeqCst), before + 1);
+        assert!(conn.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(
+            wakes.0.load(Ordering::SeqCst),
+            before + 1,
+            "polling the woken stream woke the connection's task again"
+        );
+        assert_eq!(conn.conn.as_ref().unwrap().polls.load(Ordering::SeqCst), 2);
+    }
 
     /// The size of the future `f` returns, without running it.
     fn future_size<R>(_: impl FnOnce() -> R) -> usize {

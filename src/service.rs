@@ -171,9 +171,10 @@ impl App {
             }
         };
         // Marked sensitive: HTTP/2's HPACK then sends it as a literal and keeps it out of the
-        // connection's header table. Every response's id is new, so an indexed copy is never
-        // reused; indexing it would only evict useful entries and, since h2 chains entries of
-        // one name, make every later response compare its id against ~50 dead ones.
+        // connection's header table. A generated id is new in every response (a client's own
+        // is echoed back), so an indexed copy is hardly ever reused; indexing it would only
+        // evict useful entries and, since h2 chains entries of one name, make every later
+        // response compare its id against ~50 dead ones.
         let mut request_id = request_id;
         request_id.set_sensitive(true);
         response.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
