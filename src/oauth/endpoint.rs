@@ -89,6 +89,11 @@ fn invalid_refresh_token() -> OAuthError {
     OAuthError::new(ErrorCode::InvalidGrant, INVALID_REFRESH_TOKEN)
 }
 
+/// The system's random generator failed (for `map_err`).
+fn no_randomness<E>(_: E) -> OAuthError {
+    OAuthError::Internal("no randomness".into())
+}
+
 impl From<StoreError> for OAuthError {
     fn from(e: StoreError) -> Self {
         match e {
@@ -319,7 +324,7 @@ impl<'a> OAuthServer<'a> {
             sid,
             now,
             Some((&refresh_token, refresh_expires_in)),
-            &crypto::random_bytes::<16>().map_err(|_| OAuthError::Internal("no randomness".into()))?,
+            &crypto::random_bytes::<16>().map_err(no_randomness)?,
         )
         .map(Bytes::from)
     }
@@ -338,8 +343,8 @@ impl<'a> OAuthServer<'a> {
         let token_exp_ms = (now + ms(t.refresh_ttl)).min(session_expires_ms);
         let scopes: std::sync::Arc<str> = self.snap.config.scopes.render(granted).into();
         for _ in 0..SESSION_ID_ATTEMPTS {
-            let sid = SessionId::random().map_err(|_| OAuthError::Internal("no randomness".into()))?;
-            let minted = mint_refresh_token(sid).map_err(|_| OAuthError::Internal("no randomness".into()))?;
+            let sid = SessionId::random().map_err(no_randomness)?;
+            let minted = mint_refresh_token(sid).map_err(no_randomness)?;
             let created = self
                 .state
                 .store
@@ -427,7 +432,7 @@ impl<'a> OAuthServer<'a> {
         if new_exp_ms <= now {
             return Err(invalid_refresh_token());
         }
-        let random = IssueRandom::draw().map_err(|_| OAuthError::Internal("no randomness".into()))?;
+        let random = IssueRandom::draw().map_err(no_randomness)?;
         let minted = refresh_token_from(sid, &random.refresh);
         let body = self.token_response(
             user,
@@ -500,10 +505,10 @@ impl<'a> OAuthServer<'a> {
                 "no requested scope may be granted",
             ));
         }
-        let sid = SessionId::random().map_err(|_| OAuthError::Internal("no randomness".into()))?;
+        let sid = SessionId::random().map_err(no_randomness)?;
         let now = self.state.clock.now_millis();
         let scope = self.snap.config.scopes.render(granted);
-        let jti = crypto::random_bytes::<16>().map_err(|_| OAuthError::Internal("no randomness".into()))?;
+        let jti = crypto::random_bytes::<16>().map_err(no_randomness)?;
         let access = self
             .snap
             .issuer
