@@ -5,6 +5,7 @@ pub mod body;
 pub mod echo;
 pub mod forward;
 pub mod forwarded;
+pub mod h1;
 pub mod headers;
 pub mod tunnel;
 

@@ -1,6 +1,13 @@
-//! The upstream hop: per route, a LIFO pool of HTTP/1.1 keep-alive connections
-//! (`hyper::client::conn::http1`), https through rustls with the system roots or the route's CA
-//! file, the route's connect timeout and response-head timeout.
+//! The upstream hop: per route, a LIFO pool of HTTP/1.1 keep-alive connections, https through
+//! rustls with the system roots or the route's CA file, the route's connect timeout and
+//! response-head timeout.
+//!
+//! Two clients share the pool's sockets. A request without a body and without an upgrade (nearly
+//! every API call) is exchanged by the gateway's own client ([`super::h1`]) in the request's task,
+//! on a connection the request holds until its response body has been read. A request with a body
+//! or an upgrade goes through hyper's client (`hyper::client::conn::http1`), which drives the
+//! connection from a task of its own; an idle connection of the first kind is handed over to it
+//! when such a request takes it (and stays with hyper's client from then on).
 //!
 //! Bodies stream both ways: the client's body ([`ClientBody`]) is the upstream request's body, and the
 //! upstream's body is handed to the client wrapped in [`PooledBody`], which returns the connection
@@ -8,16 +15,19 @@
 //! end; a body dropped early takes its connection with it.
 //!
 //! Bounds: at most `max_connections` connections per route exist at once, idle or busy. Each holds
-//! a [`Slot`] from the moment its socket is opened; the slot lives in the spawned connection task
-//! (and, for a WebSocket, in the tunnel too), so it frees exactly when the socket closes, whatever
-//! happens to the request that opened it. A request that finds neither a ready idle connection nor
+//! a [`Slot`] from the moment its socket is opened; the slot lives with the socket (in the
+//! connection the request or the pool holds, or in hyper's connection task, and for a WebSocket in
+//! the tunnel too), so it frees exactly when the socket closes, whatever happens to the request
+//! that opened it. A request that finds neither a ready idle connection nor
 //! a free slot waits, up to the route's `timeout`, in a queue of at most `max_connections`; when
 //! the queue is full it is refused at once ([`ForwardError::QueueFull`], 503).
 //!
 //! Keep-alive races: an upstream closes an idle connection when it likes, and a request sent at
 //! that moment is lost. So an idle connection is reused only within the route's `idle_timeout`
 //! (and the upstream's own `Keep-Alive: timeout=N`, less a second), measured on the gateway's
-//! [`Clock`](crate::clock::Clock); [`Forwarder::sweep`] closes older ones. A body-less idempotent
+//! [`Clock`](crate::clock::Clock); [`Forwarder::sweep`] closes older ones. An idle connection whose
+//! socket has become readable (the upstream's close, or bytes nobody asked for) is never reused. A
+//! body-less idempotent
 //! request that still fails on a reused connection before any response is retried once on a new
 //! connection; one with a body is not (its body is gone).
 //!
@@ -39,6 +49,8 @@ use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
+
+use super::h1::{self, Decoder, Io, Wire};
 use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
@@ -108,14 +120,41 @@ struct Idle {
     reuse_until: UnixMillis,
 }
 
-/// The request side of one upstream connection.
-struct Conn {
+/// One upstream connection, as the pool holds it.
+enum Conn {
+    /// Driven by hyper's client from a task of its own (requests with a body, upgrades).
+    Hyper(HyperConn),
+    /// Driven by the request that holds it, through [`h1`].
+    Lean(LeanConn),
+}
+
+/// The request side of a connection hyper's client drives.
+struct HyperConn {
     sender: SendRequest<UpstreamBody>,
     /// The connection's slot, owned by its task; a WebSocket tunnel takes a share of it.
     slot: Weak<Slot>,
 }
 
-/// One of a route's `max_connections`. Dropping it frees the place and wakes a waiter.
+/// A connection the gateway's own client drives: the socket and its slot, together.
+struct LeanConn {
+    wire: Wire,
+    _slot: Slot,
+}
+
+impl Conn {
+    /// Can this idle connection take a request now? `None`: it never will (closed, or readable
+    /// when it should be quiet); `Some(false)`: not yet (hyper's connection is still busy).
+    fn readiness(&mut self) -> Option<bool> {
+        match self {
+            Conn::Hyper(c) if c.sender.is_closed() => None,
+            Conn::Hyper(c) => Some(c.sender.is_ready()),
+            Conn::Lean(c) => c.wire.is_quiet().then_some(true),
+        }
+    }
+}
+
+/// One of a route's `max_connections`. Dropping it frees the place and wakes a waiter: it takes the
+/// pool's lock, so a connection is never dropped while that lock is held.
 struct Slot {
     pool: Arc<Pool>,
 }
@@ -162,19 +201,25 @@ impl Pool {
     }
 
     /// Without waiting: the newest ready idle connection, else a free slot. `fresh`: a slot only;
-    /// at the cap, the oldest idle connection is closed to make room (its slot frees when its task
-    /// ends, which wakes a waiter).
-    fn try_lease(self: &Arc<Self>, state: &mut PoolState, fresh: bool) -> Option<Lease> {
+    /// at the cap, the oldest idle connection is closed to make room (its slot frees when it is
+    /// dropped, which wakes a waiter). Connections found dead go to `dead`, for the caller to drop
+    /// once the lock is released (a slot takes the lock when it frees).
+    fn try_lease(self: &Arc<Self>, state: &mut PoolState, fresh: bool, dead: &mut Vec<Idle>) -> Option<Lease> {
         if !fresh && !state.idle.is_empty() {
             let now = self.clock.now_millis();
             let mut i = state.idle.len();
             while i > 0 {
                 i -= 1;
-                let idle = &state.idle[i];
-                if idle.conn.sender.is_closed() || now >= idle.reuse_until {
-                    state.idle.remove(i);
-                } else if idle.conn.sender.is_ready() {
-                    return Some(Lease::Idle(state.idle.remove(i).conn));
+                let idle = &mut state.idle[i];
+                let readiness = if now >= idle.reuse_until {
+                    None
+                } else {
+                    idle.conn.readiness()
+                };
+                match readiness {
+                    None => dead.push(state.idle.remove(i)),
+                    Some(true) => return Some(Lease::Idle(state.idle.remove(i).conn)),
+                    Some(false) => {}
                 }
             }
         }
@@ -183,16 +228,18 @@ impl Pool {
             return Some(Lease::New(Slot { pool: self.clone() }));
         }
         if fresh && !state.idle.is_empty() {
-            state.idle.remove(0);
+            dead.push(state.idle.remove(0));
         }
         None
     }
 
     /// A connection or a slot, waiting for one (until `deadline`) when there is none.
     async fn lease(self: &Arc<Self>, deadline: Instant, fresh: bool) -> Result<Lease, ForwardError> {
+        let mut dead = Vec::new();
         {
             let mut state = self.lock();
-            if let Some(lease) = self.try_lease(&mut state, fresh) {
+            if let Some(lease) = self.try_lease(&mut state, fresh, &mut dead) {
+                drop(state);
                 return Ok(lease);
             }
             if state.waiting >= self.max_connections {
@@ -200,13 +247,16 @@ impl Pool {
             }
             state.waiting += 1;
         }
+        drop(dead);
         let _queued = Queued(self);
         loop {
             // Registered before looking, so a vacancy between the look and the wait is not missed.
             let vacancy = self.vacancy.notified();
             tokio::pin!(vacancy);
             vacancy.as_mut().enable();
-            let lease = self.try_lease(&mut self.lock(), fresh);
+            let mut dead = Vec::new();
+            let lease = self.try_lease(&mut self.lock(), fresh, &mut dead);
+            drop(dead);
             if let Some(lease) = lease {
                 return Ok(lease);
             }
@@ -219,12 +269,14 @@ impl Pool {
     /// A connection whose response was read to the end. Kept for `reuse_for` milliseconds (0:
     /// closed now).
     fn checkin(&self, conn: Conn, reuse_for: u64) {
-        if reuse_for == 0 || conn.sender.is_closed() {
+        if reuse_for == 0 || matches!(&conn, Conn::Hyper(c) if c.sender.is_closed()) {
             return;
         }
         let reuse_until = self.clock.now_millis().saturating_add(reuse_for);
         let mut state = self.lock();
         if state.retired {
+            drop(state);
+            drop(conn);
             return;
         }
         state.idle.push(Idle { conn, reuse_until });
@@ -310,9 +362,12 @@ impl Forwarder {
     pub fn sweep(&self) {
         let now = self.pool.clock.now_millis();
         let mut state = self.pool.lock();
-        state
+        let dead: Vec<Idle> = state
             .idle
-            .retain(|idle| now < idle.reuse_until && !idle.conn.sender.is_closed());
+            .extract_if(.., |idle| now >= idle.reuse_until || idle.conn.readiness().is_none())
+            .collect();
+        drop(state);
+        drop(dead);
     }
 
     pub fn stats(&self) -> PoolStats {
@@ -331,6 +386,8 @@ impl Forwarder {
         let bodyless = body.is_end_stream();
         let replayable = bodyless && is_idempotent(&parts.method);
         let upgrade = parts.headers.contains_key(header::UPGRADE);
+        // The gateway's own client takes what it can: no body to send, no upgrade.
+        let lean = bodyless && !upgrade;
         let body = if bodyless {
             Either::Right(Empty::new())
         } else {
@@ -340,11 +397,33 @@ impl Forwarder {
         // After a failure on a reused connection: a new connection only, and no further retry.
         let mut fresh = false;
         loop {
-            let (mut conn, reused) = match self.pool.lease(deadline, fresh).await? {
+            let (conn, reused) = match self.pool.lease(deadline, fresh).await? {
                 Lease::Idle(conn) => (conn, true),
                 // Boxed: connecting (TCP, TLS, HTTP/1.1 handshake) is the rare path, and its
                 // state machine is KiBs that every request's future would otherwise carry.
-                Lease::New(slot) => (Box::pin(self.connect(slot)).await?, false),
+                Lease::New(slot) => (Box::pin(self.connect(slot, lean)).await?, false),
+            };
+            let mut conn = match conn {
+                Conn::Lean(conn) if lean => {
+                    match tokio::time::timeout_at(deadline, self.exchange(conn, &req)).await {
+                        Err(_) => return Err(ForwardError::Timeout),
+                        Ok(Ok(resp)) => return Ok(resp),
+                        Ok(Err(e)) if reused && replayable && e.lost_unanswered() => {
+                            tracing::debug!(error = %e, "reused upstream connection failed; retrying on a new one");
+                            fresh = true;
+                            continue;
+                        }
+                        Ok(Err(h1::HeadError::Invalid(why))) => return Err(ForwardError::Protocol(why)),
+                        Ok(Err(e)) => return Err(ForwardError::Reset(e.to_string())),
+                    }
+                }
+                // A request with a body (or an upgrade) on a connection of the gateway's own
+                // client: hyper's client takes the socket over.
+                Conn::Lean(LeanConn { wire, _slot: slot }) => match wire.into_io() {
+                    Some(io) => Box::pin(handshake(TokioIo::new(io), slot)).await?,
+                    None => continue,
+                },
+                Conn::Hyper(conn) => conn,
             };
             match tokio::time::timeout_at(deadline, conn.sender.ready()).await {
                 Err(_) => return Err(ForwardError::Timeout),
@@ -367,13 +446,15 @@ impl Forwarder {
                         if let Some(slot) = tunnel_slot {
                             resp.extensions_mut().insert(TunnelSlot { _held: slot });
                         }
-                        return Ok(resp.map(|inner| PooledBody { inner, on_end: None }));
+                        return Ok(resp.map(|inner| PooledBody(Kind::Hyper { inner, on_end: None })));
                     }
                     let reuse_for = self.reuse_for(resp.headers());
                     let pool = self.pool.clone();
-                    return Ok(resp.map(|inner| PooledBody {
-                        inner,
-                        on_end: Some(Return { conn, pool, reuse_for }),
+                    return Ok(resp.map(|inner| {
+                        PooledBody(Kind::Hyper {
+                            inner,
+                            on_end: Some(Return { conn, pool, reuse_for }),
+                        })
                     }));
                 }
                 Ok(Err(mut e)) => {
@@ -405,6 +486,36 @@ impl Forwarder {
         }
     }
 
+    /// A body-less request on a connection of the gateway's own client, up to the response head.
+    /// The request is only borrowed: on a lost connection it is sent again.
+    async fn exchange(&self, mut conn: LeanConn, req: &Request<UpstreamBody>) -> Result<Response<PooledBody>, h1::HeadError> {
+        let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+        let mut head = Vec::with_capacity(1024);
+        h1::encode_head(req.method(), target, req.headers(), &mut head);
+        conn.wire.send(&head).await.map_err(h1::HeadError::Io)?;
+        let head = conn.wire.read_head(req.method()).await?;
+        let reuse_for = if head.keep_alive {
+            self.reuse_for(&head.headers)
+        } else {
+            0
+        };
+        let mut body = PooledBody(Kind::Lean {
+            conn: Some(conn),
+            decoder: Decoder::new(head.framing),
+            pool: self.pool.clone(),
+            reuse_for,
+        });
+        // Nothing to read: the connection goes back at once (a server does not poll an empty body).
+        if body.is_end_stream() {
+            body.release();
+        }
+        let mut resp = Response::new(body);
+        *resp.status_mut() = head.status;
+        *resp.version_mut() = head.version;
+        *resp.headers_mut() = head.headers;
+        Ok(resp)
+    }
+
     /// How long the connection of a response with these headers may be reused: the route's
     /// `idle_timeout`, or less when the upstream announces `Keep-Alive: timeout=N`. It closes at N,
     /// so the gateway stops one second earlier (0: not reused).
@@ -416,7 +527,19 @@ impl Forwarder {
         ms
     }
 
-    async fn connect(&self, slot: Slot) -> Result<Conn, ForwardError> {
+    /// A new connection: for the gateway's own client when `lean`, else for hyper's.
+    async fn connect(&self, slot: Slot, lean: bool) -> Result<Conn, ForwardError> {
+        let io = self.connect_io().await?;
+        if lean {
+            return Ok(Conn::Lean(LeanConn {
+                wire: Wire::new(io),
+                _slot: slot,
+            }));
+        }
+        Ok(Conn::Hyper(handshake(TokioIo::new(io), slot).await?))
+    }
+
+    async fn connect_io(&self) -> Result<Io, ForwardError> {
         let unavailable = |what: &str, e: &dyn std::fmt::Display| ForwardError::Connect(format!("{what}: {e}"));
         let tcp = tokio::time::timeout(self.connect_timeout, connect_tcp(&self.connect_to))
             .await
@@ -424,13 +547,13 @@ impl Forwarder {
             .map_err(|e| unavailable(&format!("connect to {}", self.connect_to), &e))?;
         let _ = tcp.set_nodelay(true);
         match &self.tls {
-            None => handshake(TokioIo::new(tcp), slot).await,
+            None => Ok(Io::Plain(tcp)),
             Some((connector, name)) => {
                 let tls = tokio::time::timeout(self.connect_timeout, connector.connect(name.clone(), tcp))
                     .await
                     .map_err(|_| ForwardError::Connect("upstream TLS handshake timed out".into()))?
                     .map_err(|e| unavailable("upstream TLS handshake", &e))?;
-                handshake(TokioIo::new(tls), slot).await
+                Ok(Io::Tls(Box::new(tls)))
             }
         }
     }
@@ -517,7 +640,7 @@ async fn connect_tcp(addr: &str) -> std::io::Result<TcpStream> {
 }
 
 /// The HTTP/1.1 handshake; the connection task takes the slot and frees it when the socket closes.
-async fn handshake<T>(io: TokioIo<T>, slot: Slot) -> Result<Conn, ForwardError>
+async fn handshake<T>(io: TokioIo<T>, slot: Slot) -> Result<HyperConn, ForwardError>
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -532,52 +655,117 @@ where
         }
         drop(slot);
     });
-    Ok(Conn { sender, slot: share })
+    Ok(HyperConn { sender, slot: share })
 }
 
 /// An upstream response body that returns its connection to the pool once it has been read to
 /// the end.
-pub struct PooledBody {
-    inner: Incoming,
-    on_end: Option<Return>,
+pub struct PooledBody(Kind);
+
+enum Kind {
+    /// Read by hyper's client.
+    Hyper { inner: Incoming, on_end: Option<Return> },
+    /// Read by the gateway's own client, from the connection it holds (`None` once given back or
+    /// broken).
+    Lean {
+        conn: Option<LeanConn>,
+        decoder: Decoder,
+        pool: Arc<Pool>,
+        /// Milliseconds the connection may wait in the pool (0: closed at the end).
+        reuse_for: u64,
+    },
 }
 
 struct Return {
-    conn: Conn,
+    conn: HyperConn,
     pool: Arc<Pool>,
     /// Milliseconds the connection may wait in the pool.
     reuse_for: u64,
 }
 
 impl PooledBody {
+    /// The body was read to its end: the connection goes back to the pool (or is closed).
     fn release(&mut self) {
-        if let Some(Return { conn, pool, reuse_for }) = self.on_end.take() {
-            pool.checkin(conn, reuse_for);
+        match &mut self.0 {
+            Kind::Hyper { on_end, .. } => {
+                if let Some(Return { conn, pool, reuse_for }) = on_end.take() {
+                    pool.checkin(Conn::Hyper(conn), reuse_for);
+                }
+            }
+            Kind::Lean {
+                conn, pool, reuse_for, ..
+            } => {
+                // Bytes beyond the response: the upstream is not speaking HTTP as we read it.
+                if let Some(conn) = conn.take()
+                    && conn.wire.is_drained()
+                {
+                    pool.checkin(Conn::Lean(conn), *reuse_for);
+                }
+            }
         }
     }
 }
 
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 impl Body for PooledBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(None) => self.release(),
-            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.release(),
-            Poll::Ready(Some(Err(_))) => self.on_end = None,
-            _ => {}
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match &mut self.0 {
+            Kind::Hyper { inner, on_end } => {
+                let polled = Pin::new(&mut *inner).poll_frame(cx);
+                match &polled {
+                    Poll::Ready(None) => self.release(),
+                    Poll::Ready(Some(Ok(_))) if inner.is_end_stream() => self.release(),
+                    Poll::Ready(Some(Err(_))) => *on_end = None,
+                    _ => {}
+                }
+                polled.map_err(Into::into)
+            }
+            Kind::Lean { conn, decoder, .. } => {
+                let Some(c) = conn else {
+                    return Poll::Ready(None);
+                };
+                match c.wire.poll_body(cx, decoder) {
+                    Poll::Pending => Poll::Pending,
+                    Poll::Ready(None) => {
+                        self.release();
+                        Poll::Ready(None)
+                    }
+                    Poll::Ready(Some(Ok(data))) => {
+                        if decoder.is_done() {
+                            self.release();
+                        }
+                        Poll::Ready(Some(Ok(Frame::data(data))))
+                    }
+                    Poll::Ready(Some(Err(e))) => {
+                        // The connection is closed with the error, never reused.
+                        *conn = None;
+                        Poll::Ready(Some(Err(e.into())))
+                    }
+                }
+            }
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.0 {
+            Kind::Hyper { inner, .. } => inner.is_end_stream(),
+            Kind::Lean { decoder, .. } => decoder.is_done(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.0 {
+            Kind::Hyper { inner, .. } => inner.size_hint(),
+            Kind::Lean { decoder, .. } => match decoder {
+                Decoder::Done => SizeHint::with_exact(0),
+                Decoder::Length(n) => SizeHint::with_exact(*n),
+                _ => SizeHint::default(),
+            },
+        }
     }
 }
 
