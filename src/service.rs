@@ -286,20 +286,22 @@ impl App {
             upgrade,
             request_id,
         };
-        let headers = headers::upstream_request_headers(std::mem::take(&mut parts.headers), &ctx);
         let query = parts.uri.query();
         let Some(forwarder) = forwarder else {
+            let headers = headers::upstream_request_headers(std::mem::take(&mut parts.headers), &ctx);
             return Ok(echo::respond(&parts.method, forward_path, query, &headers).map(Either::Left));
         };
+        // The gateway's own headers are added by the forwarder, as its client needs them.
+        headers::strip_request_headers(&mut parts.headers, &ctx);
         let uri = forwarder
             .uri(forward_path, query)
             .ok_or(GatewayError::BadPath(PathError::NotOriginForm))?;
         let mut upstream_req = Request::new(body);
         *upstream_req.method_mut() = parts.method;
         *upstream_req.uri_mut() = uri;
-        *upstream_req.headers_mut() = headers;
+        *upstream_req.headers_mut() = parts.headers;
         let sent = Instant::now();
-        let result = forwarder.send(upstream_req).await;
+        let result = forwarder.send(upstream_req, &ctx).await;
         log.upstream_us = Some(sent.elapsed().as_micros() as u64);
         let mut resp = match result {
             Ok(r) => r,

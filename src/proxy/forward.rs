@@ -43,7 +43,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery};
-use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
@@ -51,6 +51,7 @@ use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 
 use super::h1::{self, Decoder, Io, Wire};
+use super::headers::{RequestContext, added_request_headers};
 use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
@@ -379,13 +380,21 @@ impl Forwarder {
         }
     }
 
-    /// Sends a request on a pooled connection (or a new one) and waits for the response head.
-    pub async fn send(&self, req: Request<ClientBody>) -> Result<Response<PooledBody>, ForwardError> {
+    /// Sends a request on a pooled connection (or a new one) and waits for the response head. The
+    /// request's headers are the client's, stripped ([`strip_request_headers`]); the gateway's own
+    /// are added here, from `ctx`.
+    ///
+    /// [`strip_request_headers`]: super::headers::strip_request_headers
+    pub async fn send(
+        &self,
+        req: Request<ClientBody>,
+        ctx: &RequestContext<'_>,
+    ) -> Result<Response<PooledBody>, ForwardError> {
         let deadline = Instant::now() + self.timeout;
         let (parts, body) = req.into_parts();
         let bodyless = body.is_end_stream();
         let replayable = bodyless && is_idempotent(&parts.method);
-        let upgrade = parts.headers.contains_key(header::UPGRADE);
+        let upgrade = ctx.upgrade;
         // The gateway's own client takes what it can: no body to send, no upgrade.
         let lean = bodyless && !upgrade;
         let body = if bodyless {
@@ -394,6 +403,9 @@ impl Forwarder {
             Either::Left(body)
         };
         let mut req = Request::from_parts(parts, body);
+        // hyper's client sends the header map: the gateway's headers go into it once, when the
+        // request first goes that way.
+        let mut added = false;
         // After a failure on a reused connection: a new connection only, and no further retry.
         let mut fresh = false;
         loop {
@@ -405,7 +417,7 @@ impl Forwarder {
             };
             let mut conn = match conn {
                 Conn::Lean(conn) if lean => {
-                    match tokio::time::timeout_at(deadline, self.exchange(conn, &req)).await {
+                    match tokio::time::timeout_at(deadline, self.exchange(conn, &req, ctx)).await {
                         Err(_) => return Err(ForwardError::Timeout),
                         Ok(Ok(resp)) => return Ok(resp),
                         Ok(Err(e)) if reused && replayable && e.lost_unanswered() => {
@@ -425,6 +437,14 @@ impl Forwarder {
                 },
                 Conn::Hyper(conn) => conn,
             };
+            if !added {
+                let headers = req.headers_mut();
+                headers.reserve(10);
+                added_request_headers(ctx, |name, value| {
+                    headers.append(name.clone(), value.clone());
+                });
+                added = true;
+            }
             match tokio::time::timeout_at(deadline, conn.sender.ready()).await {
                 Err(_) => return Err(ForwardError::Timeout),
                 Ok(Err(_)) if reused => {
@@ -488,10 +508,20 @@ impl Forwarder {
 
     /// A body-less request on a connection of the gateway's own client, up to the response head.
     /// The request is only borrowed: on a lost connection it is sent again.
-    async fn exchange(&self, mut conn: LeanConn, req: &Request<UpstreamBody>) -> Result<Response<PooledBody>, h1::HeadError> {
+    async fn exchange(
+        &self,
+        mut conn: LeanConn,
+        req: &Request<UpstreamBody>,
+        ctx: &RequestContext<'_>,
+    ) -> Result<Response<PooledBody>, h1::HeadError> {
         let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
         let mut head = Vec::with_capacity(1024);
-        h1::encode_head(req.method(), target, req.headers(), &mut head);
+        h1::encode_request_line(req.method(), target, &mut head);
+        added_request_headers(ctx, |name, value| h1::encode_field(name, value, &mut head));
+        for (name, value) in req.headers() {
+            h1::encode_field(name, value, &mut head);
+        }
+        head.extend_from_slice(b"\r\n");
         conn.wire.send(&head).await.map_err(h1::HeadError::Io)?;
         let head = conn.wire.read_head(req.method()).await?;
         let reuse_for = if head.keep_alive {

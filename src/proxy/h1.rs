@@ -322,19 +322,19 @@ impl Wire {
     }
 }
 
-/// Writes the head of a body-less request: `method target HTTP/1.1`, then every field of `headers`
-/// as it is (the caller has removed what must not go upstream), into `out`.
-pub fn encode_head(method: &Method, target: &str, headers: &HeaderMap, out: &mut Vec<u8>) {
+/// Starts the head of a body-less request: `method target HTTP/1.1`.
+pub fn encode_request_line(method: &Method, target: &str, out: &mut Vec<u8>) {
     out.extend_from_slice(method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in headers {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
+}
+
+/// One field line. Header names and values cannot hold CR or LF, so nothing can be smuggled in.
+pub fn encode_field(name: &HeaderName, value: &HeaderValue, out: &mut Vec<u8>) {
+    out.extend_from_slice(name.as_str().as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value.as_bytes());
     out.extend_from_slice(b"\r\n");
 }
 
@@ -347,34 +347,28 @@ enum Parsed {
 
 /// Parses a response head at the start of `buf`; a complete one is taken out of `buf`.
 fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Parsed, HeadError> {
-    // Spans of names and values in `buf`, so that the values can share its bytes once it is split.
-    let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
-    let (len, code, version, count) = {
-        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut resp = httparse::Response::new(&mut fields);
-        let len = match resp.parse(buf) {
-            Ok(httparse::Status::Complete(len)) => len,
-            Ok(httparse::Status::Partial) => return Ok(Parsed::Partial),
-            Err(e) => return Err(HeadError::Invalid(format!("malformed response head: {e}"))),
-        };
-        let code = resp.code.unwrap_or(0);
-        let version = if resp.version == Some(0) {
-            Version::HTTP_10
-        } else {
-            Version::HTTP_11
-        };
-        let base = buf.as_ptr() as usize;
-        for (span, field) in spans.iter_mut().zip(resp.headers.iter()) {
-            let name = field.name.as_bytes();
-            *span = (
-                name.as_ptr() as usize - base,
-                name.len(),
-                field.value.as_ptr() as usize - base,
-                field.value.len(),
-            );
-        }
-        (len, code, version, resp.headers.len())
+    // Names, and where the values are in `buf`, so that the values can share its bytes once the
+    // head is split off. No array is zeroed here: at ~100 fields that cost more than the parse.
+    let mut fields = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut []);
+    let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut resp, buf, &mut fields) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(Parsed::Partial),
+        Err(e) => return Err(HeadError::Invalid(format!("malformed response head: {e}"))),
     };
+    let code = resp.code.unwrap_or(0);
+    let version = if resp.version == Some(0) {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
+    };
+    let base = buf.as_ptr() as usize;
+    let mut named = Vec::with_capacity(resp.headers.len());
+    for field in resp.headers.iter() {
+        let name = HeaderName::from_bytes(field.name.as_bytes())
+            .map_err(|_| HeadError::Invalid("invalid response header name".into()))?;
+        named.push((name, field.value.as_ptr() as usize - base, field.value.len()));
+    }
     let status =
         StatusCode::from_u16(code).map_err(|_| HeadError::Invalid(format!("invalid response status {code}")))?;
     if status.is_informational() {
@@ -385,11 +379,9 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Parsed, HeadError> 
         return Ok(Parsed::Informational);
     }
     let bytes = buf.split_to(len).freeze();
-    let mut headers = HeaderMap::with_capacity(count);
-    for &(name_at, name_len, value_at, value_len) in &spans[..count] {
-        let name = HeaderName::from_bytes(&bytes[name_at..name_at + name_len])
-            .map_err(|_| HeadError::Invalid("invalid response header name".into()))?;
-        let value = HeaderValue::from_maybe_shared(bytes.slice(value_at..value_at + value_len))
+    let mut headers = HeaderMap::with_capacity(named.len());
+    for (name, at, len) in named {
+        let value = HeaderValue::from_maybe_shared(bytes.slice(at..at + len))
             .map_err(|_| HeadError::Invalid(format!("invalid value of response header {name}")))?;
         headers.append(name, value);
     }

@@ -7,7 +7,8 @@
 //! keeps only the entries trusted proxies vouch for: see [`crate::proxy::forwarded`]); header names
 //! with underscores, `Forwarded` and `X-Real-IP` are dropped.
 //! The client's map is edited in place: one scan over its names finds what must go (usually just
-//! Host and Authorization), only those are removed, then the gateway's own headers are set.
+//! Host and Authorization), only those are removed; the gateway's own headers are then added to
+//! the map, or written straight after the request line by the upstream hop's own client.
 
 use http::HeaderMap;
 use http::header::{self, HeaderName, HeaderValue};
@@ -134,30 +135,36 @@ pub struct RequestContext<'a> {
     pub request_id: &'a HeaderValue,
 }
 
-/// The headers to send upstream, made from the client's in place: one scan over the names finds
-/// what must go (usually just Authorization), then the gateway's own headers are set.
+/// The headers to send upstream, made from the client's in place: [`strip_request_headers`], then
+/// every field of [`added_request_headers`].
 pub fn upstream_request_headers(mut headers: HeaderMap, ctx: &RequestContext<'_>) -> HeaderMap {
+    strip_request_headers(&mut headers, ctx);
+    headers.reserve(10);
+    added_request_headers(ctx, |name, value| {
+        headers.append(name.clone(), value.clone());
+    });
+    headers
+}
+
+/// Removes from the client's headers, in place, what must not go upstream and every name the
+/// gateway sets itself ([`added_request_headers`]): one scan over the names finds them (usually
+/// just Host and Authorization). `Upgrade` stays for an allowed upgrade.
+pub fn strip_request_headers(headers: &mut HeaderMap, ctx: &RequestContext<'_>) {
     let named = if headers.contains_key(header::CONNECTION) {
-        connection_named(&headers)
+        connection_named(headers)
     } else {
         Vec::new()
     };
-    let upgrade_value = if ctx.upgrade {
-        headers.get(header::UPGRADE).cloned()
-    } else {
-        None
-    };
-    let host = ctx.upstream_host.or(ctx.original_host.as_ref());
-    // Names set again below replace the client's values in place (`insert`), so only the others
-    // are removed first: X-Forwarded-For, X-Forwarded-Proto and X-Request-Id always, Host and
-    // X-Forwarded-Host when there is one to send (a remove costs a hash, a probe and a shift).
     let mut doomed: Vec<HeaderName> = Vec::new();
     for name in headers.keys() {
-        if is_hop_by_hop(name)
+        if (is_hop_by_hop(name) && !(ctx.upgrade && name == header::UPGRADE))
             || is_identity(name)
             || is_refused(name)
-            || (name == header::HOST && host.is_none())
-            || (name == X_FORWARDED_HOST && ctx.original_host.is_none())
+            || name == header::HOST
+            || name == X_FORWARDED_FOR
+            || name == X_FORWARDED_PROTO
+            || name == X_FORWARDED_HOST
+            || name == X_REQUEST_ID
             || (name == header::AUTHORIZATION && !ctx.keep_authorization)
             || named.contains(name)
         {
@@ -167,35 +174,37 @@ pub fn upstream_request_headers(mut headers: HeaderMap, ctx: &RequestContext<'_>
     for name in &doomed {
         headers.remove(name);
     }
-    headers.reserve(12);
+}
 
-    headers.insert(X_FORWARDED_FOR.clone(), ctx.forwarded_for.clone());
-    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(ctx.proto));
-    if let Some(host) = &ctx.original_host {
-        headers.insert(X_FORWARDED_HOST.clone(), host.clone());
+/// The gateway's own request headers, in the order they are sent (Host first, as RFC 9110 §7.2
+/// asks of a user agent): Host, X-Forwarded-For/Proto/Host, the identity, X-Request-Id, and
+/// `Connection: upgrade` for an allowed upgrade.
+pub fn added_request_headers(ctx: &RequestContext<'_>, mut add: impl FnMut(&HeaderName, &HeaderValue)) {
+    if let Some(host) = ctx.upstream_host.or(ctx.original_host.as_ref()) {
+        add(&header::HOST, host);
     }
-    if let Some(h) = host {
-        headers.insert(header::HOST, h.clone());
+    add(&X_FORWARDED_FOR, ctx.forwarded_for);
+    add(&X_FORWARDED_PROTO, &HeaderValue::from_static(ctx.proto));
+    if let Some(host) = &ctx.original_host {
+        add(&X_FORWARDED_HOST, host);
     }
     if let Some(id) = ctx.identity {
-        headers.insert(X_AUTH_SUBJECT.clone(), id.subject.clone());
+        add(&X_AUTH_SUBJECT, &id.subject);
         if let Some(client_id) = &id.client_id {
-            headers.insert(X_AUTH_CLIENT_ID.clone(), client_id.clone());
+            add(&X_AUTH_CLIENT_ID, client_id);
         }
-        headers.insert(X_AUTH_SCOPE.clone(), id.scope.clone());
+        add(&X_AUTH_SCOPE, &id.scope);
         if let Some(sid) = &id.session {
-            headers.insert(X_AUTH_SESSION.clone(), sid.clone());
+            add(&X_AUTH_SESSION, sid);
         }
         if let Some(iss) = &id.issuer {
-            headers.insert(X_AUTH_ISSUER.clone(), iss.clone());
+            add(&X_AUTH_ISSUER, iss);
         }
     }
-    headers.insert(X_REQUEST_ID.clone(), ctx.request_id.clone());
-    if let Some(upgrade) = upgrade_value {
-        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        headers.insert(header::UPGRADE, upgrade);
+    add(&X_REQUEST_ID, ctx.request_id);
+    if ctx.upgrade {
+        add(&header::CONNECTION, &HeaderValue::from_static("upgrade"));
     }
-    headers
 }
 
 /// Strips hop-by-hop headers from an upstream response in place (kept for a 101 handshake).
