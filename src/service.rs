@@ -345,7 +345,9 @@ impl App {
                 }
             }
         }
-        headers::clean_response_headers(resp.headers_mut(), switching);
+        if !resp.body().headers_cleaned() {
+            headers::clean_response_headers(resp.headers_mut(), switching);
+        }
         Ok(resp.map(Either::Right))
     }
 

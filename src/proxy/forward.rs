@@ -468,7 +468,7 @@ impl Forwarder {
                         }
                         return Ok(resp.map(|inner| PooledBody(Kind::Hyper { inner, on_end: None })));
                     }
-                    let reuse_for = self.reuse_for(resp.headers());
+                    let reuse_for = self.reuse_for(super::headers::keep_alive_timeout(resp.headers()));
                     let pool = self.pool.clone();
                     return Ok(resp.map(|inner| {
                         PooledBody(Kind::Hyper {
@@ -525,7 +525,7 @@ impl Forwarder {
         conn.wire.send(&head).await.map_err(h1::HeadError::Io)?;
         let head = conn.wire.read_head(req.method()).await?;
         let reuse_for = if head.keep_alive {
-            self.reuse_for(&head.headers)
+            self.reuse_for(head.keep_alive_secs)
         } else {
             0
         };
@@ -534,6 +534,7 @@ impl Forwarder {
             decoder: Decoder::new(head.framing),
             pool: self.pool.clone(),
             reuse_for,
+            cleaned: head.cleaned,
         });
         // Nothing to read: the connection goes back at once (a server does not poll an empty body).
         if body.is_end_stream() {
@@ -546,12 +547,12 @@ impl Forwarder {
         Ok(resp)
     }
 
-    /// How long the connection of a response with these headers may be reused: the route's
-    /// `idle_timeout`, or less when the upstream announces `Keep-Alive: timeout=N`. It closes at N,
+    /// How long the connection of a response may be reused: the route's `idle_timeout`, or less
+    /// when the upstream announces `Keep-Alive: timeout=N` (`keep_alive_secs`). It closes at N,
     /// so the gateway stops one second earlier (0: not reused).
-    fn reuse_for(&self, headers: &HeaderMap) -> u64 {
+    fn reuse_for(&self, keep_alive_secs: Option<u64>) -> u64 {
         let mut ms = self.pool.idle_timeout_ms;
-        if let Some(secs) = super::headers::keep_alive_timeout(headers) {
+        if let Some(secs) = keep_alive_secs {
             ms = ms.min(secs.saturating_sub(1).saturating_mul(1000));
         }
         ms
@@ -703,6 +704,8 @@ enum Kind {
         pool: Arc<Pool>,
         /// Milliseconds the connection may wait in the pool (0: closed at the end).
         reuse_for: u64,
+        /// The response's headers hold no hop-by-hop field.
+        cleaned: bool,
     },
 }
 
@@ -714,6 +717,12 @@ struct Return {
 }
 
 impl PooledBody {
+    /// The response's header map already holds no hop-by-hop field (the gateway's own client
+    /// leaves them out as it parses).
+    pub fn headers_cleaned(&self) -> bool {
+        matches!(self.0, Kind::Lean { cleaned: true, .. })
+    }
+
     /// The body was read to its end: the connection goes back to the pool (or is closed).
     fn release(&mut self) {
         match &mut self.0 {

@@ -114,6 +114,10 @@ pub struct Head {
     pub framing: Framing,
     /// The upstream keeps the connection open after this response.
     pub keep_alive: bool,
+    /// The `timeout=N` of its Keep-Alive field: when the upstream closes an idle connection.
+    pub keep_alive_secs: Option<u64>,
+    /// No hop-by-hop field is left in `headers`.
+    pub cleaned: bool,
 }
 
 /// Why no response head was read.
@@ -345,7 +349,72 @@ enum Parsed {
     Complete(Head),
 }
 
+/// What the framing and connection fields of a response head say, gathered in the one pass
+/// that builds its header map.
+#[derive(Default)]
+struct Fields {
+    /// Content-Length: `Some(Ok(n))` when every value agrees, `Some(Err(()))` when not.
+    length: Option<Result<u64, ()>>,
+    /// Transfer-Encoding was present; its last coding is `chunked`.
+    encoded: bool,
+    chunked: bool,
+    close: bool,
+    keep_alive: bool,
+    /// Connection names fields beyond `close`, `keep-alive` and `upgrade`: the map keeps the
+    /// Connection field, for [`crate::proxy::headers::clean_response_headers`] to act on.
+    names_others: bool,
+    keep_alive_secs: Option<u64>,
+}
+
+impl Fields {
+    /// Takes note of a field; `false`: it is hop-by-hop and stays out of the map.
+    fn note(&mut self, name: &HeaderName, value: &[u8]) -> bool {
+        if *name == header::CONTENT_LENGTH {
+            let prev = self.length.take();
+            self.length = Some(match (prev, content_length(value)) {
+                (Some(Err(())), _) | (_, None) => Err(()),
+                (Some(Ok(a)), Some(b)) if a != b => Err(()),
+                (_, Some(b)) => Ok(b),
+            });
+            return true;
+        }
+        if *name == header::TRANSFER_ENCODING {
+            self.encoded = true;
+            self.chunked = value
+                .rsplit(|&b| b == b',')
+                .next()
+                .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            return false;
+        }
+        if *name == header::CONNECTION {
+            for token in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                if token.eq_ignore_ascii_case(b"close") {
+                    self.close = true;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                    self.keep_alive = true;
+                } else if !token.is_empty() && !token.eq_ignore_ascii_case(b"upgrade") {
+                    self.names_others = true;
+                }
+            }
+            return self.names_others;
+        }
+        if name.as_str() == "keep-alive" {
+            let secs = HeaderValue::from_bytes(value)
+                .ok()
+                .and_then(|v| crate::proxy::headers::keep_alive_timeout_of(&v));
+            self.keep_alive_secs = match (self.keep_alive_secs, secs) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            return false;
+        }
+        !crate::proxy::headers::is_hop_by_hop(name)
+    }
+}
+
 /// Parses a response head at the start of `buf`; a complete one is taken out of `buf`.
+/// Hop-by-hop fields are left out of its map (RFC 9110 §7.6.1), unless Connection names others:
+/// then [`Head::cleaned`] is false and the caller cleans the map.
 fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Parsed, HeadError> {
     // Names, and where the values are in `buf`, so that the values can share its bytes once the
     // head is split off. No array is zeroed here: at ~100 fields that cost more than the parse.
@@ -357,18 +426,6 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Parsed, HeadError> 
         Err(e) => return Err(HeadError::Invalid(format!("malformed response head: {e}"))),
     };
     let code = resp.code.unwrap_or(0);
-    let version = if resp.version == Some(0) {
-        Version::HTTP_10
-    } else {
-        Version::HTTP_11
-    };
-    let base = buf.as_ptr() as usize;
-    let mut named = Vec::with_capacity(resp.headers.len());
-    for field in resp.headers.iter() {
-        let name = HeaderName::from_bytes(field.name.as_bytes())
-            .map_err(|_| HeadError::Invalid("invalid response header name".into()))?;
-        named.push((name, field.value.as_ptr() as usize - base, field.value.len()));
-    }
     let status =
         StatusCode::from_u16(code).map_err(|_| HeadError::Invalid(format!("invalid response status {code}")))?;
     if status.is_informational() {
@@ -378,19 +435,38 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Parsed, HeadError> 
         buf.advance(len);
         return Ok(Parsed::Informational);
     }
+    let version = if resp.version == Some(0) {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
+    };
+    let base = buf.as_ptr() as usize;
+    let mut noted = Fields::default();
+    let mut kept = Vec::with_capacity(resp.headers.len());
+    for field in resp.headers.iter() {
+        let name = HeaderName::from_bytes(field.name.as_bytes())
+            .map_err(|_| HeadError::Invalid("invalid response header name".into()))?;
+        if noted.note(&name, field.value) {
+            kept.push((name, field.value.as_ptr() as usize - base, field.value.len()));
+        }
+    }
     let bytes = buf.split_to(len).freeze();
-    let mut headers = HeaderMap::with_capacity(named.len());
-    for (name, at, len) in named {
+    let mut headers = HeaderMap::with_capacity(kept.len());
+    for (name, at, len) in kept {
         let value = HeaderValue::from_maybe_shared(bytes.slice(at..at + len))
             .map_err(|_| HeadError::Invalid(format!("invalid value of response header {name}")))?;
         headers.append(name, value);
     }
-    let (framing, reusable) = framing(&mut headers, status, version, method)?;
+    let (framing, reusable) = framing(&noted, status, version, method)?;
+    if noted.encoded && noted.length.is_some() {
+        // Transfer-Encoding wins, and the Content-Length must not travel on (RFC 9112 §6.3).
+        headers.remove(header::CONTENT_LENGTH);
+    }
     let keep_alive = reusable
         && framing != Framing::Close
         && match version {
-            Version::HTTP_11 => !connection_has(&headers, "close"),
-            _ => connection_has(&headers, "keep-alive"),
+            Version::HTTP_11 => !noted.close,
+            _ => noted.keep_alive && !noted.close,
         };
     Ok(Parsed::Complete(Head {
         status,
@@ -398,73 +474,49 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Parsed, HeadError> 
         headers,
         framing,
         keep_alive,
+        keep_alive_secs: noted.keep_alive_secs,
+        cleaned: !noted.names_others,
     }))
 }
 
 /// How the body is delimited, and whether the connection may be reused after it.
-fn framing(
-    headers: &mut HeaderMap,
-    status: StatusCode,
-    version: Version,
-    method: &Method,
-) -> Result<(Framing, bool), HeadError> {
+fn framing(noted: &Fields, status: StatusCode, version: Version, method: &Method) -> Result<(Framing, bool), HeadError> {
     if *method == Method::HEAD || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
         return Ok((Framing::Empty, true));
     }
-    if headers.contains_key(header::TRANSFER_ENCODING) {
+    if noted.encoded {
         if version == Version::HTTP_10 {
             return Err(HeadError::Invalid("Transfer-Encoding in an HTTP/1.0 response".into()));
         }
-        // Both: Transfer-Encoding wins, and the Content-Length must not travel on (RFC 9112
-        // §6.3); the upstream is confused, so its connection is not reused.
-        let both = headers.remove(header::CONTENT_LENGTH).is_some();
-        let chunked = headers
-            .get_all(header::TRANSFER_ENCODING)
-            .iter()
-            .next_back()
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.rsplit(',').next())
-            .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"));
-        return Ok(if chunked {
-            (Framing::Chunked, !both)
+        // With a Content-Length too, the upstream is confused: its connection is not reused.
+        return Ok(if noted.chunked {
+            (Framing::Chunked, noted.length.is_none())
         } else {
             (Framing::Close, false)
         });
     }
-    if headers.contains_key(header::CONTENT_LENGTH) {
-        return match content_length(headers) {
-            Some(n) => Ok((Framing::Length(n), true)),
-            None => Err(HeadError::Invalid("invalid or conflicting Content-Length".into())),
-        };
+    match noted.length {
+        Some(Ok(n)) => Ok((Framing::Length(n), true)),
+        Some(Err(())) => Err(HeadError::Invalid("invalid or conflicting Content-Length".into())),
+        None => Ok((Framing::Close, false)),
     }
-    Ok((Framing::Close, false))
 }
 
-/// The Content-Length, when every value (and every comma-separated item) is the same number.
-fn content_length(headers: &HeaderMap) -> Option<u64> {
+/// A Content-Length value: one number, or a list of the same number.
+fn content_length(value: &[u8]) -> Option<u64> {
     let mut length = None;
-    for value in headers.get_all(header::CONTENT_LENGTH) {
-        for item in value.as_bytes().split(|&b| b == b',') {
-            let item = item.trim_ascii();
-            if item.is_empty() || item.len() > 19 || !item.iter().all(u8::is_ascii_digit) {
-                return None;
-            }
-            let n = item.iter().fold(0u64, |n, &d| n * 10 + u64::from(d - b'0'));
-            match length {
-                Some(l) if l != n => return None,
-                _ => length = Some(n),
-            }
+    for item in value.split(|&b| b == b',') {
+        let item = item.trim_ascii();
+        if item.is_empty() || item.len() > 19 || !item.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        let n = item.iter().fold(0u64, |n, &d| n * 10 + u64::from(d - b'0'));
+        match length {
+            Some(l) if l != n => return None,
+            _ => length = Some(n),
         }
     }
     length
-}
-
-fn connection_has(headers: &HeaderMap, token: &str) -> bool {
-    headers.get_all(header::CONNECTION).iter().any(|v| {
-        v.as_bytes()
-            .split(|&b| b == b',')
-            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
-    })
 }
 
 enum Step {

@@ -27,7 +27,7 @@ static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 
 /// Always hop-by-hop (RFC 9110 §7.6.1, plus the legacy `Proxy-Connection` and `Keep-Alive`).
-fn is_hop_by_hop(name: &HeaderName) -> bool {
+pub(crate) fn is_hop_by_hop(name: &HeaderName) -> bool {
     name == header::CONNECTION
         || name == KEEP_ALIVE
         || name == PROXY_CONNECTION
@@ -237,11 +237,15 @@ pub fn clean_response_headers(headers: &mut HeaderMap, switching_protocols: bool
 /// will close the connection if idle. The smallest if given more than once; `None` if absent or
 /// unreadable.
 pub fn keep_alive_timeout(headers: &HeaderMap) -> Option<u64> {
-    headers
-        .get_all(&KEEP_ALIVE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
+    headers.get_all(&KEEP_ALIVE).iter().filter_map(keep_alive_timeout_of).min()
+}
+
+/// The `timeout=N` of one `Keep-Alive` value (the smallest if given more than once).
+pub(crate) fn keep_alive_timeout_of(value: &HeaderValue) -> Option<u64> {
+    value
+        .to_str()
+        .ok()?
+        .split(',')
         .filter_map(|param| {
             let (name, value) = param.split_once('=')?;
             if !name.trim().eq_ignore_ascii_case("timeout") {
