@@ -264,7 +264,9 @@ impl Wire {
                     Parsed::Partial => {}
                 }
             }
-            let n = std::future::poll_fn(|cx| self.poll_fill(cx)).await.map_err(HeadError::Io)?;
+            let n = std::future::poll_fn(|cx| self.poll_fill(cx))
+                .await
+                .map_err(HeadError::Io)?;
             if n == 0 {
                 return Err(HeadError::Closed { answered });
             }
@@ -480,7 +482,12 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Parsed, HeadError> 
 }
 
 /// How the body is delimited, and whether the connection may be reused after it.
-fn framing(noted: &Fields, status: StatusCode, version: Version, method: &Method) -> Result<(Framing, bool), HeadError> {
+fn framing(
+    noted: &Fields,
+    status: StatusCode,
+    version: Version,
+    method: &Method,
+) -> Result<(Framing, bool), HeadError> {
     if *method == Method::HEAD || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
         return Ok((Framing::Empty, true));
     }
@@ -547,16 +554,20 @@ fn step_chunked(buf: &mut BytesMut, state: &mut Chunk) -> io::Result<Step> {
             if digits == 0 || digits > 16 {
                 return Err(invalid("invalid chunk size"));
             }
-            let size = line[..digits]
-                .iter()
-                .fold(0u64, |n, &d| (n << 4) | u64::from((d as char).to_digit(16).unwrap_or(0)));
+            let size = line[..digits].iter().fold(0u64, |n, &d| {
+                (n << 4) | u64::from((d as char).to_digit(16).unwrap_or(0))
+            });
             let rest = &line[digits..];
             let rest = &rest[rest.iter().take_while(|&&b| b == b' ' || b == b'\t').count()..];
             if !(rest.is_empty() || rest[0] == b';') || rest.contains(&b'\r') {
                 return Err(invalid("invalid chunk size line"));
             }
             buf.advance(nl + 1);
-            *state = if size == 0 { Chunk::Trailers(0) } else { Chunk::Data(size) };
+            *state = if size == 0 {
+                Chunk::Trailers(0)
+            } else {
+                Chunk::Data(size)
+            };
             Ok(Step::Again)
         }
         Chunk::Data(left) => {
@@ -600,5 +611,337 @@ fn step_chunked(buf: &mut BytesMut, state: &mut Chunk) -> io::Result<Step> {
             *seen += nl + 1;
             Ok(Step::Again)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(raw: &str, method: &Method) -> (Result<Parsed, HeadError>, BytesMut) {
+        let mut buf = BytesMut::from(raw);
+        let parsed = parse_head(&mut buf, method);
+        (parsed, buf)
+    }
+
+    fn head(raw: &str) -> (Head, BytesMut) {
+        match parse(raw, &Method::GET) {
+            (Ok(Parsed::Complete(head)), rest) => (head, rest),
+            (other, _) => panic!("not a complete head: {:?}", other.err()),
+        }
+    }
+
+    fn refused(raw: &str) -> String {
+        match parse(raw, &Method::GET).0 {
+            Err(HeadError::Invalid(why)) => why,
+            Err(e) => panic!("refused, but not as invalid: {e}"),
+            Ok(_) => panic!("accepted: {raw:?}"),
+        }
+    }
+
+    #[test]
+    fn a_head_is_split_off_and_its_body_bytes_stay_in_the_buffer() {
+        let (h, rest) = head("HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\r\nhel");
+        assert_eq!(h.status, StatusCode::OK);
+        assert_eq!(h.framing, Framing::Length(5));
+        assert!(h.keep_alive && h.cleaned);
+        assert_eq!(h.headers["content-type"], "text/plain");
+        assert_eq!(h.headers["content-length"], "5");
+        assert_eq!(&rest[..], b"hel");
+    }
+
+    #[test]
+    fn a_partial_head_leaves_the_buffer_as_it_was() {
+        let (parsed, rest) = parse("HTTP/1.1 200 OK\r\nContent-Len", &Method::GET);
+        assert!(matches!(parsed, Ok(Parsed::Partial)));
+        assert_eq!(&rest[..], b"HTTP/1.1 200 OK\r\nContent-Len");
+    }
+
+    #[test]
+    fn hop_by_hop_fields_stay_out_of_the_map_and_keep_alive_timeout_is_read() {
+        let (h, _) = head(
+            "HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5, max=100\r\n\
+             Proxy-Authenticate: Basic\r\nTrailer: x\r\nUpgrade: h2c\r\nContent-Length: 0\r\nX-Kept: 1\r\n\r\n",
+        );
+        let names: Vec<&str> = h.headers.keys().map(|n| n.as_str()).collect();
+        assert_eq!(names, ["content-length", "x-kept"]);
+        assert!(h.cleaned);
+        assert_eq!(h.keep_alive_secs, Some(5));
+    }
+
+    #[test]
+    fn a_connection_field_naming_others_is_kept_for_the_caller_to_clean() {
+        let (h, _) = head("HTTP/1.1 200 OK\r\nConnection: x-internal\r\nX-Internal: s\r\nContent-Length: 0\r\n\r\n");
+        assert!(!h.cleaned);
+        assert_eq!(h.headers["connection"], "x-internal");
+        let mut headers = h.headers;
+        crate::proxy::headers::clean_response_headers(&mut headers, false);
+        assert!(headers.get("x-internal").is_none() && headers.get("connection").is_none());
+    }
+
+    #[test]
+    fn informational_responses_are_consumed_and_101_is_refused() {
+        let mut buf = BytesMut::from("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n");
+        assert!(matches!(parse_head(&mut buf, &Method::GET), Ok(Parsed::Informational)));
+        assert!(matches!(
+            parse_head(&mut buf, &Method::GET),
+            Ok(Parsed::Complete(Head {
+                framing: Framing::Empty,
+                ..
+            }))
+        ));
+        assert!(buf.is_empty());
+        assert!(refused("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n").contains("101"));
+    }
+
+    #[test]
+    fn framing_follows_rfc_9112() {
+        let framing = |raw: &str, method: &Method| match parse(raw, method).0 {
+            Ok(Parsed::Complete(h)) => (h.framing, h.keep_alive),
+            _ => panic!("{raw:?}"),
+        };
+        let get = &Method::GET;
+        // No body for HEAD, 204 and 304, whatever the length says.
+        assert_eq!(
+            framing("HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n", &Method::HEAD),
+            (Framing::Empty, true)
+        );
+        assert_eq!(
+            framing("HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n", get),
+            (Framing::Empty, true)
+        );
+        // A list of one repeated length is that length.
+        assert_eq!(
+            framing("HTTP/1.1 200 OK\r\nContent-Length: 3, 3\r\n\r\n", get),
+            (Framing::Length(3), true)
+        );
+        // Chunked last: chunked; another coding last: to the close.
+        assert_eq!(
+            framing("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", get),
+            (Framing::Chunked, true)
+        );
+        assert_eq!(
+            framing("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n", get),
+            (Framing::Close, false)
+        );
+        // Neither: to the close, and the connection is not reused.
+        assert_eq!(framing("HTTP/1.1 200 OK\r\n\r\n", get), (Framing::Close, false));
+        // Connection: close, and HTTP/1.0 unless it asks for keep-alive.
+        assert_eq!(
+            framing("HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n", get),
+            (Framing::Length(0), false)
+        );
+        assert_eq!(
+            framing("HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n", get),
+            (Framing::Length(0), false)
+        );
+        assert_eq!(
+            framing(
+                "HTTP/1.0 200 OK\r\nConnection: Keep-Alive\r\nContent-Length: 0\r\n\r\n",
+                get
+            ),
+            (Framing::Length(0), true)
+        );
+    }
+
+    #[test]
+    fn both_a_length_and_chunked_is_chunked_without_the_length_and_not_reused() {
+        let (h, _) = head("HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n");
+        assert_eq!((h.framing, h.keep_alive), (Framing::Chunked, false));
+        assert!(h.headers.get("content-length").is_none() && h.headers.get("transfer-encoding").is_none());
+    }
+
+    #[test]
+    fn malformed_heads_are_refused() {
+        refused("HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n");
+        refused("HTTP/1.1 200 OK\r\nContent-Length: 5, 6\r\n\r\n");
+        refused("HTTP/1.1 200 OK\r\nContent-Length: +5\r\n\r\n");
+        refused("HTTP/1.1 200 OK\r\nContent-Length: 99999999999999999999\r\n\r\n");
+        refused("HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n");
+        refused("SMTP ready\r\n\r\n");
+        refused("HTTP/1.1 200 OK\r\nBad Name: x\r\n\r\n");
+        let many: String = (0..=MAX_HEADERS).map(|i| format!("X-{i}: v\r\n")).collect();
+        refused(&format!("HTTP/1.1 200 OK\r\n{many}\r\n"));
+    }
+
+    /// Feeds `wire` to the chunked decoder `step` bytes at a time; the body, or the error.
+    fn dechunk(wire: &[u8], step: usize) -> Result<(Vec<u8>, BytesMut), io::Error> {
+        let mut buf = BytesMut::new();
+        let mut state = Chunk::Size;
+        let mut body = Vec::new();
+        let mut fed = 0;
+        loop {
+            match step_chunked(&mut buf, &mut state)? {
+                Step::Data(d) => body.extend_from_slice(&d),
+                Step::End => return Ok((body, buf)),
+                Step::Again => {}
+                Step::NeedMore => {
+                    if fed == wire.len() {
+                        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "ran out"));
+                    }
+                    let n = step.min(wire.len() - fed);
+                    buf.extend_from_slice(&wire[fed..fed + n]);
+                    fed += n;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_chunked_body_decodes_whole_at_any_split_with_extensions_and_trailers_dropped() {
+        let wire = b"5;name=value\r\nhello\r\nA \r\n, chunked!\r\n0\r\nX-Trailer: t\r\nY: u\r\n\r\nNEXT";
+        for step in [1, 2, 3, 7, wire.len()] {
+            let (body, rest) = dechunk(wire, step).unwrap();
+            assert_eq!(body, b"hello, chunked!", "step {step}");
+            // Nothing past the end is consumed: it belongs to whatever comes next.
+            assert!(b"NEXT".starts_with(&rest), "step {step}: {rest:?}");
+        }
+    }
+
+    #[test]
+    fn malformed_or_oversized_chunking_is_an_error() {
+        let bad: [&[u8]; 6] = [
+            b"x\r\nhello\r\n0\r\n\r\n",            // not hex
+            b"5\r\nhelloXX0\r\n\r\n",              // no CRLF after the data
+            b"5\nhello\r\n0\r\n\r\n",              // bare LF
+            b"11111111111111111\r\n",              // 17 hex digits
+            b"5 x\r\nhello\r\n0\r\n\r\n",          // junk after the size
+            b"5\r\nhello\r\n0\r\nX: y\nZ\r\n\r\n", // bare LF in the trailers
+        ];
+        for wire in bad {
+            let e = dechunk(wire, 1).expect_err(&String::from_utf8_lossy(wire));
+            assert_eq!(
+                e.kind(),
+                io::ErrorKind::InvalidData,
+                "{:?}",
+                String::from_utf8_lossy(wire)
+            );
+        }
+        // A size line or a trailer section that never ends is cut at its bound.
+        let long_line = format!("5;{}", "e".repeat(MAX_CHUNK_LINE));
+        assert_eq!(
+            dechunk(long_line.as_bytes(), 512).unwrap_err().kind(),
+            io::ErrorKind::InvalidData
+        );
+        let long_trailers = format!("0\r\n{}", "X: y\r\n".repeat(MAX_TRAILER_BYTES / 6 + 1));
+        assert_eq!(
+            dechunk(long_trailers.as_bytes(), 512).unwrap_err().kind(),
+            io::ErrorKind::InvalidData
+        );
+    }
+
+    async fn pair() -> (Wire, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        (Wire::new(Io::Plain(client)), server)
+    }
+
+    async fn readable(wire: &Wire) {
+        let Io::Plain(s) = &wire.io else { unreachable!() };
+        s.readable().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_is_quiet_until_the_upstream_speaks_or_closes() {
+        let (mut wire, mut server) = pair().await;
+        assert!(wire.is_quiet());
+        server.write_all(b"HTTP/1.1 408 Request Timeout\r\n\r\n").await.unwrap();
+        readable(&wire).await;
+        assert!(!wire.is_quiet(), "unsolicited bytes");
+
+        let (mut wire, server) = pair().await;
+        assert!(wire.is_quiet());
+        drop(server);
+        readable(&wire).await;
+        assert!(!wire.is_quiet(), "closed by the upstream");
+    }
+
+    async fn body(wire: &mut Wire, framing: Framing) -> io::Result<Vec<u8>> {
+        let mut dec = Decoder::new(framing);
+        let mut out = Vec::new();
+        while let Some(piece) = std::future::poll_fn(|cx| wire.poll_body(cx, &mut dec)).await {
+            out.extend_from_slice(&piece?);
+        }
+        assert!(dec.is_done());
+        Ok(out)
+    }
+
+    #[tokio::test]
+    async fn a_response_is_read_across_reads_and_leaves_the_connection_drained() {
+        let (mut wire, mut server) = pair().await;
+        wire.send(b"GET / HTTP/1.1\r\nhost: u\r\n\r\n").await.unwrap();
+        let mut got = [0u8; 27];
+        tokio::io::AsyncReadExt::read_exact(&mut server, &mut got)
+            .await
+            .unwrap();
+        assert_eq!(&got, b"GET / HTTP/1.1\r\nhost: u\r\n\r\n");
+        let writer = tokio::spawn(async move {
+            for piece in ["HTTP/1.1 200 OK\r\nContent-", "Length: 11\r\n\r\nhello", " world"] {
+                server.write_all(piece.as_bytes()).await.unwrap();
+                tokio::task::yield_now().await;
+            }
+            server
+        });
+        let head = wire.read_head(&Method::GET).await.unwrap();
+        assert_eq!(body(&mut wire, head.framing).await.unwrap(), b"hello world");
+        assert!(wire.is_drained());
+        drop(writer.await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_close_delimited_body_ends_at_the_close_and_a_short_one_is_an_error() {
+        let (mut wire, mut server) = pair().await;
+        server.write_all(b"HTTP/1.1 200 OK\r\n\r\nuntil the end").await.unwrap();
+        drop(server);
+        let head = wire.read_head(&Method::GET).await.unwrap();
+        assert!(!head.keep_alive);
+        assert_eq!(body(&mut wire, head.framing).await.unwrap(), b"until the end");
+
+        let (mut wire, mut server) = pair().await;
+        server
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort")
+            .await
+            .unwrap();
+        drop(server);
+        let head = wire.read_head(&Method::GET).await.unwrap();
+        let e = body(&mut wire, head.framing).await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[tokio::test]
+    async fn a_close_before_any_byte_is_lost_unanswered_and_one_within_the_head_is_not() {
+        let (mut wire, server) = pair().await;
+        drop(server);
+        let e = wire.read_head(&Method::GET).await.unwrap_err();
+        assert!(e.lost_unanswered(), "{e}");
+
+        let (mut wire, mut server) = pair().await;
+        server.write_all(b"HTTP/1.1 200 OK\r\nContent-").await.unwrap();
+        drop(server);
+        let e = wire.read_head(&Method::GET).await.unwrap_err();
+        assert!(!e.lost_unanswered(), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_head_that_never_ends_is_refused_at_its_bound() {
+        let (mut wire, mut server) = pair().await;
+        let writer = tokio::spawn(async move {
+            let _ = server.write_all(b"HTTP/1.1 200 OK\r\n").await;
+            let line = format!("X-Filler: {}\r\n", "f".repeat(1000));
+            // More than the bound, never the blank line; stops when the client has gone.
+            for _ in 0..(2 * MAX_HEAD_BYTES / line.len()) {
+                if server.write_all(line.as_bytes()).await.is_err() {
+                    break;
+                }
+            }
+        });
+        match wire.read_head(&Method::GET).await {
+            Err(HeadError::Invalid(why)) => assert!(why.contains("larger than"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(wire.buf.len() < MAX_HEAD_BYTES + READ_CHUNK + 1024);
+        drop(wire);
+        writer.await.unwrap();
     }
 }

@@ -237,7 +237,11 @@ pub fn clean_response_headers(headers: &mut HeaderMap, switching_protocols: bool
 /// will close the connection if idle. The smallest if given more than once; `None` if absent or
 /// unreadable.
 pub fn keep_alive_timeout(headers: &HeaderMap) -> Option<u64> {
-    headers.get_all(&KEEP_ALIVE).iter().filter_map(keep_alive_timeout_of).min()
+    headers
+        .get_all(&KEEP_ALIVE)
+        .iter()
+        .filter_map(keep_alive_timeout_of)
+        .min()
 }
 
 /// The `timeout=N` of one `Keep-Alive` value (the smallest if given more than once).

@@ -360,3 +360,162 @@ async fn a_response_with_content_length_and_chunked_arrives_whole() {
         assert!(!r.headers.contains_key("content-length"), "{proto:?}: {:?}", r.headers);
     }
 }
+
+// The gateway's own HTTP/1.1 client (body-less requests): what it reads from an upstream.
+
+#[tokio::test]
+async fn an_upstream_response_reaches_the_client_without_its_hop_by_hop_fields() {
+    // The always-hop-by-hop fields (left out as the head is parsed), and fields the Connection
+    // field names (removed afterwards).
+    let plain = RawUpstream::start(Raw::Scripted {
+        response: "HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nKeep-Alive: timeout=30\r\n\
+                   Proxy-Authenticate: Basic\r\nTrailer: x-t\r\nUpgrade: h2c\r\nX-Kept: yes\r\n\
+                   Content-Length: 2\r\n\r\nok",
+        close: false,
+    })
+    .await;
+    let named = RawUpstream::start(Raw::Scripted {
+        response: "HTTP/1.1 200 OK\r\nConnection: keep-alive, x-internal\r\nX-Internal: secret\r\n\
+                   X-Kept: yes\r\nContent-Length: 2\r\n\r\nok",
+        close: false,
+    })
+    .await;
+    let gw = support::start_with_routes(
+        "",
+        &[
+            ("/plain", &plain.url(), "auth = \"none\""),
+            ("/named", &named.url(), "auth = \"none\""),
+        ],
+    )
+    .await;
+    for proto in [Proto::Http1, Proto::Http2] {
+        for path in ["/plain", "/named"] {
+            let r = Client::new(proto).get(&gw.url(path), &[]).await;
+            assert_eq!((r.status, r.text().as_str()), (200, "ok"), "{proto:?} {path}");
+            assert_eq!(r.header("x-kept"), "yes");
+            for name in ["x-internal", "keep-alive", "proxy-authenticate", "trailer", "upgrade"] {
+                assert!(
+                    !r.headers.contains_key(name),
+                    "{proto:?} {path}: {name} reached the client: {:?}",
+                    r.headers
+                );
+            }
+            assert!(
+                r.headers.get("connection").is_none_or(|v| v == "keep-alive"),
+                "{proto:?} {path}: {:?}",
+                r.headers
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn informational_responses_are_skipped_and_a_chunked_body_arrives_whole_on_a_reused_connection() {
+    let up = RawUpstream::start(Raw::Scripted {
+        response: "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n\
+                   HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\
+                   6;ext=1\r\nhello,\r\n7\r\n chunks\r\n0\r\nX-Trailer: t\r\n\r\n",
+        close: false,
+    })
+    .await;
+    let gw = support::start_with_routes("", &[("/chunked", &up.url(), "auth = \"none\"")]).await;
+    let c = Client::new(Proto::Http1);
+    for i in 0..3 {
+        let r = c.get(&gw.url("/chunked"), &[]).await;
+        assert_eq!((r.status, r.text().as_str()), (200, "hello, chunks"), "request {i}");
+    }
+    assert_eq!(
+        up.seen().connections,
+        1,
+        "a chunked response read to its end leaves a reusable connection"
+    );
+}
+
+#[tokio::test]
+async fn a_body_delimited_by_the_close_arrives_whole_and_its_connection_is_not_reused() {
+    let up = RawUpstream::start(Raw::Scripted {
+        response: "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nall of it, until the close",
+        close: true,
+    })
+    .await;
+    let gw = support::start_with_routes("", &[("/eof", &up.url(), "auth = \"none\"")]).await;
+    let c = Client::new(Proto::Http1);
+    for i in 0..2 {
+        let r = c.get(&gw.url("/eof"), &[]).await;
+        assert_eq!(
+            (r.status, r.text().as_str()),
+            (200, "all of it, until the close"),
+            "request {i}"
+        );
+    }
+    let seen = up.seen();
+    assert_eq!((seen.connections, seen.requests.len()), (2, 2), "{seen:?}");
+}
+
+#[tokio::test]
+async fn malformed_upstream_responses_are_502() {
+    let oversized: &'static str = Box::leak(
+        // 80 KiB in 40 fields: past the head's byte bound, within its field count.
+        format!(
+            "HTTP/1.1 200 OK\r\n{}\r\nok",
+            format!("X-Filler: {}\r\n", "f".repeat(2048)).repeat(40)
+        )
+        .into_boxed_str(),
+    );
+    let scripts = [
+        "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok",
+        "HTTP/1.1 200 OK\r\nContent-Length: 2, 3\r\n\r\nok",
+        "HTTP/1.1 200 OK\r\nContent-Length: -2\r\n\r\nok",
+        "HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+        "HTTP/1.1 2000 OK\r\nContent-Length: 2\r\n\r\nok",
+        "not http at all\r\n\r\n",
+        oversized,
+    ];
+    for script in scripts {
+        let up = RawUpstream::start(Raw::Scripted {
+            response: script,
+            close: false,
+        })
+        .await;
+        let gw = support::start_with_routes("", &[("/bad", &up.url(), "auth = \"none\"")]).await;
+        let r = within("the answer", Client::new(Proto::Http1).get(&gw.url("/bad"), &[])).await;
+        assert_eq!(r.status, 502, "{:?}", &script[..script.len().min(60)]);
+    }
+}
+
+#[tokio::test]
+async fn a_connection_of_the_gateways_client_is_handed_to_hypers_client_for_a_body() {
+    let up = RawUpstream::start(Raw::KeepAlive("")).await;
+    let gw = support::start_with_routes("", &[("/mixed", &up.url(), "auth = \"none\"\nmax_connections = 1")]).await;
+    let c = Client::new(Proto::Http1);
+    assert_eq!(c.get(&gw.url("/mixed"), &[]).await.status, 200);
+    let r = c
+        .request(Method::POST, &gw.url("/mixed"), &[], Bytes::from("payload"))
+        .await;
+    assert_eq!((r.status, r.text().as_str()), (200, "ok"));
+    assert_eq!(c.get(&gw.url("/mixed"), &[]).await.status, 200);
+    let seen = up.seen();
+    let lines: Vec<&str> = seen.requests.iter().map(|(_, l)| l.as_str()).collect();
+    assert_eq!(
+        lines,
+        ["GET /mixed HTTP/1.1", "POST /mixed HTTP/1.1", "GET /mixed HTTP/1.1"]
+    );
+    assert_eq!(seen.connections, 1, "one connection served all three: {seen:?}");
+}
+
+#[tokio::test]
+async fn bytes_beyond_a_response_are_never_read_as_the_next_one() {
+    let up = RawUpstream::start(Raw::Scripted {
+        response: "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged",
+        close: false,
+    })
+    .await;
+    let gw = support::start_with_routes("", &[("/extra", &up.url(), "auth = \"none\"")]).await;
+    let c = Client::new(Proto::Http1);
+    for i in 0..2 {
+        let r = c.get(&gw.url("/extra"), &[]).await;
+        assert_eq!((r.status, r.text().as_str()), (200, "ok"), "request {i}");
+    }
+    assert_eq!(up.seen().connections, 2, "a connection with unread bytes was reused");
+}

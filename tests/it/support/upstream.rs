@@ -169,6 +169,9 @@ pub enum Raw {
     NeverAnswers,
     /// A chunked body under both `Content-Length: 5` and `Transfer-Encoding: chunked`.
     LengthAndChunked,
+    /// Answers every request with exactly these bytes, and closes the connection after each
+    /// answer when `close` is set.
+    Scripted { response: &'static str, close: bool },
 }
 
 /// A hand-written HTTP/1.1 upstream on raw TCP, for what a well-behaved server never does.
@@ -323,8 +326,12 @@ async fn raw_connection(mut stream: tokio::net::TcpStream, n: usize, behaviour: 
                     b.len()
                 )
             }
+            Raw::Scripted { response, .. } => response.to_owned(),
         };
         if stream.write_all(response.as_bytes()).await.is_err() {
+            return;
+        }
+        if let Raw::Scripted { close: true, .. } = behaviour {
             return;
         }
         served = true;
