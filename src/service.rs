@@ -291,8 +291,8 @@ impl App {
             let headers = headers::upstream_request_headers(std::mem::take(&mut parts.headers), &ctx);
             return Ok(echo::respond(&parts.method, forward_path, query, &headers).map(Either::Left));
         };
-        // The gateway's own headers are added by the forwarder, as its client needs them.
-        headers::strip_request_headers(&mut parts.headers, &ctx);
+        // The client's headers go to the forwarder as they came: it strips them and adds the
+        // gateway's own (`ctx`) as its client needs.
         let uri = forwarder
             .uri(forward_path, query)
             .ok_or(GatewayError::BadPath(PathError::NotOriginForm))?;

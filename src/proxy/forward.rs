@@ -51,7 +51,7 @@ use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 
 use super::h1::{self, Decoder, Io, Wire};
-use super::headers::{RequestContext, added_request_headers};
+use super::headers::{RequestContext, Strip, added_request_headers, strip_request_headers};
 use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
@@ -381,10 +381,8 @@ impl Forwarder {
     }
 
     /// Sends a request on a pooled connection (or a new one) and waits for the response head. The
-    /// request's headers are the client's, stripped ([`strip_request_headers`]); the gateway's own
-    /// are added here, from `ctx`.
-    ///
-    /// [`strip_request_headers`]: super::headers::strip_request_headers
+    /// request's headers are the client's as they came: what must not go upstream is left out
+    /// ([`Strip`]) and the gateway's own headers are added ([`added_request_headers`]), from `ctx`.
     pub async fn send(
         &self,
         req: Request<ClientBody>,
@@ -439,6 +437,7 @@ impl Forwarder {
             };
             if !added {
                 let headers = req.headers_mut();
+                strip_request_headers(headers, ctx);
                 headers.reserve(10);
                 added_request_headers(ctx, |name, value| {
                     headers.append(name.clone(), value.clone());
@@ -515,14 +514,17 @@ impl Forwarder {
         ctx: &RequestContext<'_>,
     ) -> Result<Response<PooledBody>, h1::HeadError> {
         let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
-        let mut head = Vec::with_capacity(1024);
-        h1::encode_request_line(req.method(), target, &mut head);
-        added_request_headers(ctx, |name, value| h1::encode_field(name, value, &mut head));
+        let head = conn.wire.head_buf();
+        h1::encode_request_line(req.method(), target, head);
+        added_request_headers(ctx, |name, value| h1::encode_field(name, value, head));
+        let strip = Strip::new(req.headers(), ctx);
         for (name, value) in req.headers() {
-            h1::encode_field(name, value, &mut head);
+            if !strip.drops(name) {
+                h1::encode_field(name, value, head);
+            }
         }
         head.extend_from_slice(b"\r\n");
-        conn.wire.send(&head).await.map_err(h1::HeadError::Io)?;
+        conn.wire.send_head().await.map_err(h1::HeadError::Io)?;
         let head = conn.wire.read_head(req.method()).await?;
         let reuse_for = if head.keep_alive {
             self.reuse_for(head.keep_alive_secs)

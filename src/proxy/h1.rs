@@ -203,7 +203,13 @@ impl Decoder {
 pub struct Wire {
     io: Io,
     buf: BytesMut,
+    /// The request head being written, kept between requests (up to [`KEPT_HEAD_BUFFER`]) so
+    /// that writing one allocates nothing.
+    out: Vec<u8>,
 }
+
+/// The largest request-head buffer kept for the next request.
+const KEPT_HEAD_BUFFER: usize = 4 * 1024;
 
 fn invalid(why: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, why.into())
@@ -214,6 +220,7 @@ impl Wire {
         Wire {
             io,
             buf: BytesMut::new(),
+            out: Vec::new(),
         }
     }
 
@@ -241,10 +248,20 @@ impl Wire {
         tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf)
     }
 
-    /// Writes (and flushes) a request head.
-    pub async fn send(&mut self, head: &[u8]) -> io::Result<()> {
-        self.io.write_all(head).await?;
-        self.io.flush().await
+    /// An empty buffer to write a request head into, for [`Wire::send_head`].
+    pub fn head_buf(&mut self) -> &mut Vec<u8> {
+        self.out.clear();
+        &mut self.out
+    }
+
+    /// Writes (and flushes) the head written into [`Wire::head_buf`].
+    pub async fn send_head(&mut self) -> io::Result<()> {
+        self.io.write_all(&self.out).await?;
+        self.io.flush().await?;
+        if self.out.capacity() > KEPT_HEAD_BUFFER {
+            self.out = Vec::new();
+        }
+        Ok(())
     }
 
     /// Reads the head of the response to a `method` request, skipping 1xx responses.
@@ -870,7 +887,8 @@ mod tests {
     #[tokio::test]
     async fn a_response_is_read_across_reads_and_leaves_the_connection_drained() {
         let (mut wire, mut server) = pair().await;
-        wire.send(b"GET / HTTP/1.1\r\nhost: u\r\n\r\n").await.unwrap();
+        wire.head_buf().extend_from_slice(b"GET / HTTP/1.1\r\nhost: u\r\n\r\n");
+        wire.send_head().await.unwrap();
         let mut got = [0u8; 27];
         tokio::io::AsyncReadExt::read_exact(&mut server, &mut got)
             .await

@@ -150,14 +150,33 @@ pub fn upstream_request_headers(mut headers: HeaderMap, ctx: &RequestContext<'_>
 /// gateway sets itself ([`added_request_headers`]): one scan over the names finds them (usually
 /// just Host and Authorization). `Upgrade` stays for an allowed upgrade.
 pub fn strip_request_headers(headers: &mut HeaderMap, ctx: &RequestContext<'_>) {
-    let named = if headers.contains_key(header::CONNECTION) {
-        connection_named(headers)
-    } else {
-        Vec::new()
-    };
-    let mut doomed: Vec<HeaderName> = Vec::new();
-    for name in headers.keys() {
-        if (is_hop_by_hop(name) && !(ctx.upgrade && name == header::UPGRADE))
+    let strip = Strip::new(headers, ctx);
+    let doomed: Vec<HeaderName> = headers.keys().filter(|name| strip.drops(name)).cloned().collect();
+    for name in &doomed {
+        headers.remove(name);
+    }
+}
+
+/// Which of a request's fields do not go upstream: [`strip_request_headers`] removes them; the
+/// upstream hop's own client skips them as it writes the head.
+pub struct Strip<'a> {
+    ctx: &'a RequestContext<'a>,
+    /// The names the Connection field lists.
+    named: Vec<HeaderName>,
+}
+
+impl<'a> Strip<'a> {
+    pub fn new(headers: &HeaderMap, ctx: &'a RequestContext<'a>) -> Self {
+        let named = if headers.contains_key(header::CONNECTION) {
+            connection_named(headers)
+        } else {
+            Vec::new()
+        };
+        Strip { ctx, named }
+    }
+
+    pub fn drops(&self, name: &HeaderName) -> bool {
+        (is_hop_by_hop(name) && !(self.ctx.upgrade && name == header::UPGRADE))
             || is_identity(name)
             || is_refused(name)
             || name == header::HOST
@@ -165,14 +184,8 @@ pub fn strip_request_headers(headers: &mut HeaderMap, ctx: &RequestContext<'_>) 
             || name == X_FORWARDED_PROTO
             || name == X_FORWARDED_HOST
             || name == X_REQUEST_ID
-            || (name == header::AUTHORIZATION && !ctx.keep_authorization)
-            || named.contains(name)
-        {
-            doomed.push(name.clone());
-        }
-    }
-    for name in &doomed {
-        headers.remove(name);
+            || (name == header::AUTHORIZATION && !self.ctx.keep_authorization)
+            || self.named.contains(name)
     }
 }
 
