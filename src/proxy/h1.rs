@@ -355,6 +355,7 @@ pub fn encode_request_line(method: &Method, target: &str, out: &mut Vec<u8>) {
 
 /// One field line. Header names and values cannot hold CR or LF, so nothing can be smuggled in.
 pub fn encode_field(name: &HeaderName, value: &HeaderValue, out: &mut Vec<u8>) {
+    out.reserve(name.as_str().len() + value.len() + 4);
     out.extend_from_slice(name.as_str().as_bytes());
     out.extend_from_slice(b": ");
     out.extend_from_slice(value.as_bytes());
