@@ -429,6 +429,8 @@ impl Forwarder {
                 }
                 // A request with a body (or an upgrade) on a connection of the gateway's own
                 // client: hyper's client takes the socket over.
+                // (An idle connection is quiet, so nothing read is lost; `into_io` refuses one that
+                // is not, and the request takes another.)
                 Conn::Lean(LeanConn { wire, _slot: slot }) => match wire.into_io() {
                     Some(io) => Box::pin(handshake(TokioIo::new(io), slot)).await?,
                     None => continue,
@@ -469,12 +471,18 @@ impl Forwarder {
                     }
                     let reuse_for = self.reuse_for(super::headers::keep_alive_timeout(resp.headers()));
                     let pool = self.pool.clone();
-                    return Ok(resp.map(|inner| {
+                    let mut resp = resp.map(|inner| {
                         PooledBody(Kind::Hyper {
                             inner,
                             on_end: Some(Return { conn, pool, reuse_for }),
                         })
-                    }));
+                    });
+                    // Nothing to read (HEAD, 204, 304, a zero length): back at once, as a server
+                    // does not poll an empty body.
+                    if resp.body().is_end_stream() {
+                        resp.body_mut().release();
+                    }
+                    return Ok(resp);
                 }
                 Ok(Err(mut e)) => {
                     // Refused before anything was written (the connection was found closed):
@@ -524,7 +532,10 @@ impl Forwarder {
             }
         }
         head.extend_from_slice(b"\r\n");
-        conn.wire.send_head().await.map_err(h1::HeadError::Io)?;
+        conn.wire
+            .send_head()
+            .await
+            .map_err(|error| h1::HeadError::Io { error, answered: false })?;
         let head = conn.wire.read_head(req.method()).await?;
         let reuse_for = if head.keep_alive {
             self.reuse_for(head.keep_alive_secs)
@@ -677,7 +688,11 @@ async fn handshake<T>(io: TokioIo<T>, slot: Slot) -> Result<HyperConn, ForwardEr
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let (sender, conn) = http1::handshake(io)
+    // The same bound on a response head as the gateway's own client (hyper's read buffer holds
+    // the head while it is parsed; its default allows ~400 KiB).
+    let (sender, conn) = http1::Builder::new()
+        .max_buf_size(h1::MAX_HEAD_BYTES)
+        .handshake(io)
         .await
         .map_err(|e| ForwardError::Connect(format!("upstream HTTP handshake: {e}")))?;
     let slot = Arc::new(slot);

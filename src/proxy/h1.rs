@@ -21,7 +21,7 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Version};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -123,8 +123,8 @@ pub struct Head {
 /// Why no response head was read.
 #[derive(Debug)]
 pub enum HeadError {
-    /// The socket failed.
-    Io(io::Error),
+    /// The socket failed; `answered`: after part of a response had come.
+    Io { error: io::Error, answered: bool },
     /// The upstream closed the connection; `answered`: after sending part of a response.
     Closed { answered: bool },
     /// What came is not an HTTP/1.1 response head we accept.
@@ -137,12 +137,13 @@ impl HeadError {
     pub fn lost_unanswered(&self) -> bool {
         match self {
             HeadError::Closed { answered } => !answered,
-            HeadError::Io(e) => {
+            HeadError::Io { error, answered } => {
                 use std::io::ErrorKind::*;
-                matches!(
-                    e.kind(),
-                    ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof | NotConnected
-                )
+                !answered
+                    && matches!(
+                        error.kind(),
+                        ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof | NotConnected
+                    )
             }
             HeadError::Invalid(_) => false,
         }
@@ -152,10 +153,10 @@ impl HeadError {
 impl std::fmt::Display for HeadError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            HeadError::Io(e) => write!(f, "upstream connection failed: {e}"),
+            HeadError::Io { error, .. } => write!(f, "upstream connection failed: {error}"),
             HeadError::Closed { answered: false } => f.write_str("upstream closed the connection before responding"),
             HeadError::Closed { answered: true } => {
-                f.write_str("upstream closed the connection in the middle of the response head")
+                f.write_str("upstream closed the connection in the middle of a response")
             }
             HeadError::Invalid(why) => f.write_str(why),
         }
@@ -238,14 +239,20 @@ impl Wire {
             return false;
         }
         let mut cx = Context::from_waker(std::task::Waker::noop());
-        self.poll_fill(&mut cx).is_pending()
+        // Outside tokio's task budget: once a busy task (an HTTP/2 connection serving many
+        // streams) has spent it, tokio answers every readiness poll `Pending` without looking,
+        // which would pass a closed connection, or one holding stray bytes, as quiet.
+        let look = tokio::task::coop::unconstrained(std::future::poll_fn(|cx| self.poll_fill(cx, usize::MAX)));
+        std::pin::pin!(look).poll(&mut cx).is_pending()
     }
 
-    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+    /// Reads what the socket has, at most `limit` bytes.
+    fn poll_fill(&mut self, cx: &mut Context<'_>, limit: usize) -> Poll<io::Result<usize>> {
         if self.buf.capacity() - self.buf.len() < 1024 {
             self.buf.reserve(READ_CHUNK);
         }
-        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf)
+        let buf = &mut self.buf;
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut buf.limit(limit))
     }
 
     /// An empty buffer to write a request head into, for [`Wire::send_head`].
@@ -281,9 +288,12 @@ impl Wire {
                     Parsed::Partial => {}
                 }
             }
-            let n = std::future::poll_fn(|cx| self.poll_fill(cx))
+            // Never more than the bound: a head is refused at MAX_HEAD_BYTES, not at whatever one
+            // read past it happened to complete.
+            let room = MAX_HEAD_BYTES - self.buf.len();
+            let n = std::future::poll_fn(|cx| self.poll_fill(cx, room))
                 .await
-                .map_err(HeadError::Io)?;
+                .map_err(|error| HeadError::Io { error, answered })?;
             if n == 0 {
                 return Err(HeadError::Closed { answered });
             }
@@ -322,7 +332,7 @@ impl Wire {
                     Ok(Step::NeedMore) => {}
                 },
             }
-            let n = match ready!(self.poll_fill(cx)) {
+            let n = match ready!(self.poll_fill(cx, usize::MAX)) {
                 Ok(n) => n,
                 Err(e) => return Poll::Ready(Some(Err(e))),
             };
@@ -959,8 +969,62 @@ mod tests {
             Err(HeadError::Invalid(why)) => assert!(why.contains("larger than"), "{why}"),
             other => panic!("{other:?}"),
         }
-        assert!(wire.buf.len() < MAX_HEAD_BYTES + READ_CHUNK + 1024);
+        assert!(wire.buf.len() <= MAX_HEAD_BYTES);
         drop(wire);
         writer.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_head_past_the_bound_is_refused_even_when_one_read_would_complete_it() {
+        let (mut wire, mut server) = pair().await;
+        let line = format!("X-F: {}\r\n", "f".repeat(1993));
+        // Just under the bound already read, and the rest of a head past it in the socket.
+        let mut pre = BytesMut::from("HTTP/1.1 200 OK\r\n");
+        while pre.len() + line.len() < MAX_HEAD_BYTES {
+            pre.extend_from_slice(line.as_bytes());
+        }
+        wire.buf = pre;
+        let mut rest = line.repeat(30);
+        rest.push_str("Content-Length: 0\r\n\r\n");
+        server.write_all(rest.as_bytes()).await.unwrap();
+        readable(&wire).await;
+        match wire.read_head(&Method::GET).await {
+            Err(HeadError::Invalid(why)) => assert!(why.contains("larger than"), "{why}"),
+            Ok(h) => panic!("accepted a head of {} fields", h.headers.len()),
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_reset_after_part_of_a_head_is_not_lost_unanswered() {
+        let (mut wire, mut server) = pair().await;
+        server.write_all(b"HTTP/1.1 200 OK\r\nContent-").await.unwrap();
+        readable(&wire).await;
+        // The partial head is read, then the connection is reset (RST, not FIN).
+        let reader = tokio::spawn(async move {
+            let e = wire.read_head(&Method::GET).await.unwrap_err();
+            (e.lost_unanswered(), e.to_string())
+        });
+        tokio::task::yield_now().await;
+        server.set_zero_linger().unwrap();
+        drop(server);
+        let (lost, why) = reader.await.unwrap();
+        assert!(!lost, "{why}");
+    }
+
+    #[tokio::test]
+    async fn a_closed_connection_is_not_quiet_even_when_the_tasks_budget_is_spent() {
+        let (mut wire, server) = pair().await;
+        drop(server);
+        readable(&wire).await;
+        // Spend the task's cooperative budget without yielding.
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        for i in 0..200 {
+            tx.send(i).unwrap();
+        }
+        while tokio::task::coop::has_budget_remaining() {
+            rx.recv().await.unwrap();
+        }
+        assert!(!wire.is_quiet(), "closed by the upstream, yet quiet");
     }
 }

@@ -199,6 +199,8 @@ pub struct RawSeen {
     pub requests: Vec<(usize, String)>,
     /// Requests that arrived on a connection after `close_idle` doomed it.
     pub on_doomed: usize,
+    /// The request heads, whole.
+    pub heads: Vec<String>,
 }
 
 pub const RAW_BODY: &str = "hello world, the whole body";
@@ -282,6 +284,7 @@ async fn raw_connection(mut stream: tokio::net::TcpStream, n: usize, behaviour: 
         {
             let mut seen = st.seen.lock().unwrap();
             seen.requests.push((n, head.lines().next().unwrap_or("").to_owned()));
+            seen.heads.push(head.clone());
             if doomed && matches!(behaviour, Raw::KeepAlive(_)) {
                 seen.on_doomed += 1;
             }
