@@ -467,15 +467,18 @@ impl Forwarder {
                         if let Some(slot) = tunnel_slot {
                             resp.extensions_mut().insert(TunnelSlot { _held: slot });
                         }
-                        return Ok(resp.map(|inner| PooledBody(Kind::Hyper { inner, on_end: None })));
+                        return Ok(resp.map(|inner| PooledBody::new(Kind::Hyper { inner, on_end: None }, self.timeout)));
                     }
                     let reuse_for = self.reuse_for(super::headers::keep_alive_timeout(resp.headers()));
                     let pool = self.pool.clone();
                     let mut resp = resp.map(|inner| {
-                        PooledBody(Kind::Hyper {
-                            inner,
-                            on_end: Some(Return { conn, pool, reuse_for }),
-                        })
+                        PooledBody::new(
+                            Kind::Hyper {
+                                inner,
+                                on_end: Some(Return { conn, pool, reuse_for }),
+                            },
+                            self.timeout,
+                        )
                     });
                     // Nothing to read (HEAD, 204, 304, a zero length): back at once, as a server
                     // does not poll an empty body.
@@ -542,13 +545,16 @@ impl Forwarder {
         } else {
             0
         };
-        let mut body = PooledBody(Kind::Lean {
-            conn: Some(conn),
-            decoder: Decoder::new(head.framing),
-            pool: self.pool.clone(),
-            reuse_for,
-            cleaned: head.cleaned,
-        });
+        let mut body = PooledBody::new(
+            Kind::Lean {
+                conn: Some(conn),
+                decoder: Decoder::new(head.framing),
+                pool: self.pool.clone(),
+                reuse_for,
+                cleaned: head.cleaned,
+            },
+            self.timeout,
+        );
         // Nothing to read: the connection goes back at once (a server does not poll an empty body).
         if body.is_end_stream() {
             body.release();
@@ -707,8 +713,15 @@ where
 }
 
 /// An upstream response body that returns its connection to the pool once it has been read to
-/// the end.
-pub struct PooledBody(Kind);
+/// the end. An upstream that sends no body bytes for the route's `timeout` while they are awaited
+/// has its response cut there (the error ends the client's response) and its connection closed.
+pub struct PooledBody {
+    kind: Kind,
+    /// How long the body may wait for the upstream's next bytes.
+    stall_after: Duration,
+    /// Armed the first time the body has to wait; pushed back by every piece that comes.
+    stall: Option<Pin<Box<tokio::time::Sleep>>>,
+}
 
 enum Kind {
     /// Read by hyper's client.
@@ -734,15 +747,31 @@ struct Return {
 }
 
 impl PooledBody {
+    fn new(kind: Kind, stall_after: Duration) -> Self {
+        PooledBody {
+            kind,
+            stall_after,
+            stall: None,
+        }
+    }
+
+    /// The body stalled: its connection is closed, never reused.
+    fn abandon(&mut self) {
+        match &mut self.kind {
+            Kind::Hyper { on_end, .. } => *on_end = None,
+            Kind::Lean { conn, .. } => *conn = None,
+        }
+    }
+
     /// The response's header map already holds no hop-by-hop field (the gateway's own client
     /// leaves them out as it parses).
     pub fn headers_cleaned(&self) -> bool {
-        matches!(self.0, Kind::Lean { cleaned: true, .. })
+        matches!(self.kind, Kind::Lean { cleaned: true, .. })
     }
 
     /// The body was read to its end: the connection goes back to the pool (or is closed).
     fn release(&mut self) {
-        match &mut self.0 {
+        match &mut self.kind {
             Kind::Hyper { on_end, .. } => {
                 if let Some(Return { conn, pool, reuse_for }) = on_end.take() {
                     pool.checkin(Conn::Hyper(conn), reuse_for);
@@ -769,7 +798,49 @@ impl Body for PooledBody {
     type Error = BoxError;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match &mut self.0 {
+        let polled = self.poll_kind(cx);
+        match &polled {
+            Poll::Pending => {
+                let after = self.stall_after;
+                let stall = self.stall.get_or_insert_with(|| Box::pin(tokio::time::sleep(after)));
+                if stall.as_mut().poll(cx).is_ready() {
+                    self.abandon();
+                    return Poll::Ready(Some(Err(format!("no upstream body bytes for {after:?}").into())));
+                }
+            }
+            Poll::Ready(Some(Ok(_))) => {
+                let after = self.stall_after;
+                if let Some(stall) = &mut self.stall {
+                    stall.as_mut().reset(Instant::now() + after);
+                }
+            }
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Hyper { inner, .. } => inner.is_end_stream(),
+            Kind::Lean { decoder, .. } => decoder.is_done(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Hyper { inner, .. } => inner.size_hint(),
+            Kind::Lean { decoder, .. } => match decoder {
+                Decoder::Done => SizeHint::with_exact(0),
+                Decoder::Length(n) => SizeHint::with_exact(*n),
+                _ => SizeHint::default(),
+            },
+        }
+    }
+}
+
+impl PooledBody {
+    fn poll_kind(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match &mut self.kind {
             Kind::Hyper { inner, on_end } => {
                 let polled = Pin::new(&mut *inner).poll_frame(cx);
                 match &polled {
@@ -803,24 +874,6 @@ impl Body for PooledBody {
                     }
                 }
             }
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match &self.0 {
-            Kind::Hyper { inner, .. } => inner.is_end_stream(),
-            Kind::Lean { decoder, .. } => decoder.is_done(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match &self.0 {
-            Kind::Hyper { inner, .. } => inner.size_hint(),
-            Kind::Lean { decoder, .. } => match decoder {
-                Decoder::Done => SizeHint::with_exact(0),
-                Decoder::Length(n) => SizeHint::with_exact(*n),
-                _ => SizeHint::default(),
-            },
         }
     }
 }

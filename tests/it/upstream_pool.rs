@@ -162,17 +162,23 @@ async fn a_cancelled_queued_request_leaves_the_queue() {
 
 #[tokio::test]
 async fn a_queued_request_still_obeys_the_routes_timeout() {
-    // The upstream answers at once but holds the rest of the body: its connection stays busy with
-    // no timeout running, so only the queue's own deadline can end the wait.
+    // The upstream answers at once and trickles the rest of the body (a byte every 50 ms, so the
+    // body never stalls long enough to be cut) until released: its connection stays busy, so only
+    // the queue's own deadline can end the wait.
     let (arrived_tx, mut arrived) = mpsc::unbounded_channel();
     let (release, release_rx) = watch::channel(false);
     let handler: Handler = Arc::new(move |_req| {
         arrived_tx.send(()).unwrap();
-        let mut release = release_rx.clone();
+        let release = release_rx.clone();
         Box::pin(async move {
-            let rest = futures_util::stream::once(async move {
-                let _ = release.wait_for(|r| *r).await;
-                Ok::<_, upstream::BoxError>(Frame::data(Bytes::from("rest")))
+            let rest = futures_util::stream::unfold(Some(release), |release| async move {
+                let mut release = release?;
+                let released = tokio::select! {
+                    r = release.wait_for(|r| *r) => r.is_ok(),
+                    () = tokio::time::sleep(Duration::from_millis(50)) => false,
+                };
+                let piece = Ok::<_, upstream::BoxError>(Frame::data(Bytes::from(if released { "rest" } else { "." })));
+                Some((piece, (!released).then_some(release)))
             });
             hyper::Response::new(UpBody::new(StreamBody::new(rest)))
         })
@@ -198,7 +204,9 @@ async fn a_queued_request_still_obeys_the_routes_timeout() {
     assert_eq!(r.status, 504, "{}", r.text());
     pool_until(&mut gw, "/slow", "the queue empty", |s| s.waiting == 0).await;
     release.send(true).unwrap();
-    assert_eq!(within("the holder", holder).await.unwrap().status, 200);
+    let holder = within("the holder", holder).await.unwrap();
+    assert_eq!(holder.status, 200);
+    assert!(holder.text().ends_with(".rest"), "{}", holder.text());
 }
 
 async fn tls_http11(addr: std::net::SocketAddr) -> tokio_rustls::client::TlsStream<TcpStream> {
@@ -556,4 +564,35 @@ async fn a_get_retried_after_a_hyper_connection_died_is_sent_once_with_one_of_ea
         );
     }
     assert!(!last.contains("x-auth-subject"), "{last}");
+}
+
+#[tokio::test]
+async fn an_upstream_body_that_stalls_is_cut_after_the_routes_timeout_and_its_connection_closed() {
+    let stalls = |response| Raw::Scripted { response, close: false };
+    // Ten bytes promised, two sent, then nothing: the upstream waits for a next request.
+    let up = RawUpstream::start(stalls("HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nab")).await;
+    let gw = support::start_with_routes("", &[("/stall", &up.url(), "auth = \"none\"\ntimeout = \"300ms\"")]).await;
+    // Without a body (the gateway's own client) and with one (hyper's).
+    for (method, body) in [("GET", ""), ("POST", "x")] {
+        let mut tls = support::client::raw_tls(gw.addr, b"http/1.1").await;
+        let req = format!(
+            "{method} /stall HTTP/1.1\r\nhost: localhost\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        tokio::io::AsyncWriteExt::write_all(&mut tls, req.as_bytes())
+            .await
+            .unwrap();
+        let got = support::client::read_until_closed(&mut tls, Duration::from_secs(10)).await;
+        assert!(got.starts_with("HTTP/1.1 200"), "{method}: {got}");
+        assert!(
+            got.ends_with("\r\n\r\nab"),
+            "{method}: the two bytes, then the close: {got}"
+        );
+    }
+    // Both upstream connections were closed by the gateway, not kept for reuse.
+    within(
+        "the stalled connections closed",
+        up.until(|s| s.closed_by_gateway.len() == 2),
+    )
+    .await;
 }
