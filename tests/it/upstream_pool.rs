@@ -596,3 +596,21 @@ async fn an_upstream_body_that_stalls_is_cut_after_the_routes_timeout_and_its_co
     )
     .await;
 }
+
+#[tokio::test]
+async fn a_head_response_has_no_body_whatever_its_length_says_and_its_connection_is_reused() {
+    let up = RawUpstream::start(Raw::Scripted {
+        response: "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Type: text/plain\r\n\r\n",
+        close: false,
+    })
+    .await;
+    let gw = support::start_with_routes("", &[("/head", &up.url(), "auth = \"none\"")]).await;
+    let c = Client::new(Proto::Http1);
+    for i in 0..3 {
+        let r = within("the HEAD", c.request(Method::HEAD, &gw.url("/head"), &[], Bytes::new())).await;
+        assert_eq!((r.status, r.body.len()), (200, 0), "request {i}");
+        assert_eq!(r.header("content-length"), "5", "request {i}");
+    }
+    let seen = up.seen();
+    assert_eq!((seen.connections, seen.requests.len()), (1, 3), "{seen:?}");
+}
