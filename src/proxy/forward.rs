@@ -51,7 +51,7 @@ use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 
 use super::h1::{self, Decoder, Io, Wire};
-use super::headers::{RequestContext, Strip, added_request_headers, strip_request_headers};
+use super::headers::{RequestContext, Strip, added_request_headers, upstream_request_headers};
 use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
@@ -438,12 +438,8 @@ impl Forwarder {
                 Conn::Hyper(conn) => conn,
             };
             if !added {
-                let headers = req.headers_mut();
-                strip_request_headers(headers, ctx);
-                headers.reserve(10);
-                added_request_headers(ctx, |name, value| {
-                    headers.append(name.clone(), value.clone());
-                });
+                let headers = std::mem::take(req.headers_mut());
+                *req.headers_mut() = upstream_request_headers(headers, ctx);
                 added = true;
             }
             match tokio::time::timeout_at(deadline, conn.sender.ready()).await {
@@ -597,13 +593,13 @@ impl Forwarder {
             .map_err(|e| unavailable(&format!("connect to {}", self.connect_to), &e))?;
         let _ = tcp.set_nodelay(true);
         match &self.tls {
-            None => Ok(Io::Plain(tcp)),
+            None => Ok(Io::Left(tcp)),
             Some((connector, name)) => {
                 let tls = tokio::time::timeout(self.connect_timeout, connector.connect(name.clone(), tcp))
                     .await
                     .map_err(|_| ForwardError::Connect("upstream TLS handshake timed out".into()))?
                     .map_err(|e| unavailable("upstream TLS handshake", &e))?;
-                Ok(Io::Tls(Box::new(tls)))
+                Ok(Io::Right(Box::new(tls)))
             }
         }
     }

@@ -24,7 +24,7 @@ use std::task::{Context, Poll, ready};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Version};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 /// The largest response head read (status line and fields).
@@ -38,61 +38,8 @@ const MAX_CHUNK_LINE: usize = 4 * 1024;
 /// The most trailer bytes read (and dropped) after a chunked body.
 const MAX_TRAILER_BYTES: usize = 16 * 1024;
 
-/// An upstream socket, plain or TLS.
-pub enum Io {
-    Plain(TcpStream),
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
-}
-
-impl AsyncRead for Io {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for Io {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            Io::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            Io::Plain(s) => s.is_write_vectored(),
-            Io::Tls(s) => s.is_write_vectored(),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_flush(cx),
-            Io::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Io::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
-    }
-}
+/// An upstream socket, plain (`Left`) or TLS (`Right`).
+pub type Io = tokio_util::either::Either<TcpStream, Box<tokio_rustls::client::TlsStream<TcpStream>>>;
 
 /// How a response body is delimited (RFC 9112 §6.3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -307,9 +254,7 @@ impl Wire {
                 Decoder::Done => return Poll::Ready(None),
                 Decoder::Length(left) => {
                     if !self.buf.is_empty() {
-                        let n = (*left).min(self.buf.len() as u64);
-                        *left -= n;
-                        let data = self.buf.split_to(n as usize).freeze();
+                        let data = take(&mut self.buf, left);
                         if *left == 0 {
                             *dec = Decoder::Done;
                         }
@@ -428,10 +373,8 @@ impl Fields {
             }
             return self.names_others;
         }
-        if name.as_str() == "keep-alive" {
-            let secs = HeaderValue::from_bytes(value)
-                .ok()
-                .and_then(|v| crate::proxy::headers::keep_alive_timeout_of(&v));
+        if *name == crate::proxy::headers::KEEP_ALIVE {
+            let secs = crate::proxy::headers::keep_alive_timeout_of(value);
             self.keep_alive_secs = match (self.keep_alive_secs, secs) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
@@ -562,6 +505,13 @@ enum Step {
     NeedMore,
 }
 
+/// As much of the `left` bytes still due as `buf` holds (`buf` is not empty).
+fn take(buf: &mut BytesMut, left: &mut u64) -> Bytes {
+    let n = (*left).min(buf.len() as u64);
+    *left -= n;
+    buf.split_to(n as usize).freeze()
+}
+
 fn line_end(buf: &[u8], limit: usize) -> Option<usize> {
     buf[..buf.len().min(limit)].iter().position(|&b| b == b'\n')
 }
@@ -602,12 +552,11 @@ fn step_chunked(buf: &mut BytesMut, state: &mut Chunk) -> io::Result<Step> {
             if buf.is_empty() {
                 return Ok(Step::NeedMore);
             }
-            let n = (*left).min(buf.len() as u64);
-            *left -= n;
+            let data = take(buf, left);
             if *left == 0 {
                 *state = Chunk::DataEnd;
             }
-            Ok(Step::Data(buf.split_to(n as usize).freeze()))
+            Ok(Step::Data(data))
         }
         Chunk::DataEnd => {
             if buf.len() < 2 {
@@ -862,11 +811,13 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
         let (server, _) = listener.accept().await.unwrap();
-        (Wire::new(Io::Plain(client)), server)
+        (Wire::new(Io::Left(client)), server)
     }
 
     async fn readable(wire: &Wire) {
-        let Io::Plain(s) = &wire.io else { unreachable!() };
+        let tokio_util::either::Either::Left(s) = &wire.io else {
+            unreachable!()
+        };
         s.readable().await.unwrap();
     }
 

@@ -23,7 +23,7 @@ pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-
 pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
-static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+pub(crate) static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 
 /// Always hop-by-hop (RFC 9110 §7.6.1, plus the legacy `Proxy-Connection` and `Keep-Alive`).
@@ -253,14 +253,13 @@ pub fn keep_alive_timeout(headers: &HeaderMap) -> Option<u64> {
     headers
         .get_all(&KEEP_ALIVE)
         .iter()
-        .filter_map(keep_alive_timeout_of)
+        .filter_map(|v| keep_alive_timeout_of(v.as_bytes()))
         .min()
 }
 
 /// The `timeout=N` of one `Keep-Alive` value (the smallest if given more than once).
-pub(crate) fn keep_alive_timeout_of(value: &HeaderValue) -> Option<u64> {
-    value
-        .to_str()
+pub(crate) fn keep_alive_timeout_of(value: &[u8]) -> Option<u64> {
+    std::str::from_utf8(value)
         .ok()?
         .split(',')
         .filter_map(|param| {
