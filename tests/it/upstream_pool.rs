@@ -614,3 +614,34 @@ async fn a_head_response_has_no_body_whatever_its_length_says_and_its_connection
     let seen = up.seen();
     assert_eq!((seen.connections, seen.requests.len()), (1, 3), "{seen:?}");
 }
+
+#[tokio::test]
+async fn a_client_that_leaves_mid_body_takes_its_upstream_connection_with_it() {
+    // Ten bytes promised, two sent; the route's timeout (30 s by default) never comes into it.
+    let up = RawUpstream::start(Raw::Scripted {
+        response: "HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nab",
+        close: false,
+    })
+    .await;
+    let mut gw = support::start_with_routes("", &[("/left", &up.url(), "auth = \"none\"")]).await;
+    let mut tls = support::client::raw_tls(gw.addr, b"http/1.1").await;
+    tokio::io::AsyncWriteExt::write_all(&mut tls, b"GET /left HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    while !got.ends_with(b"\r\n\r\nab") {
+        let mut buf = [0u8; 1024];
+        let n = within("the response so far", tokio::io::AsyncReadExt::read(&mut tls, &mut buf))
+            .await
+            .unwrap();
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    drop(tls);
+    within(
+        "the upstream connection closed",
+        up.until(|s| s.closed_by_gateway == [1]),
+    )
+    .await;
+    pool_until(&mut gw, "/left", "its slot free", |s| s.open == 0).await;
+}
