@@ -157,6 +157,7 @@ def cmd_rounds(run_dir: Path) -> None:
             "cpu_ratio_min": min(rt) if rt else math.nan,
             "cpu_ratio_max": max(rt) if rt else math.nan,
             "syscalls_per_req": median(col["syscalls_per_req"]),
+            "kernel_pct": median(col["sut_kernel_pct"]) if "sut_kernel_pct" in col else math.nan,
             "sut_util_pct": median(col["sut_util_pct"]),
             "load_cpu_busy_pct": median(col["load_cpu_busy_pct"]),
             "foreign_pct_median": median(col["foreign_pct"]),
@@ -173,9 +174,9 @@ def cmd_rounds(run_dir: Path) -> None:
 
     lat = "p50 / p99 ms" if meta["load"] == "h1" else "p50 / p99 ms (h2load log)"
     lines = header(meta) + [
-        f"| target | req/s | CPU µs/req | CPU ÷ {ref}, median of rounds (range) | syscalls/req | {lat} "
-        "| SUT CPU % | load CPU % | foreign CPU %, median / max |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| target | req/s | CPU µs/req | of it kernel % | CPU ÷ {ref}, median of rounds (range) | syscalls/req "
+        f"| {lat} | SUT CPU % | load CPU % | foreign CPU %, median / max |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summary:
         t = s["target"]
@@ -186,7 +187,7 @@ def cmd_rounds(run_dir: Path) -> None:
         latency = f"{fmt(s['p50_us'] / 1000, 2)} / {fmt(s['p99_us'] / 1000, 2)}"
         name = f"**{t}: {targets[t]}**" if t in ("G", "G0") else f"{t}: {targets[t]}"
         lines.append(
-            f"| {name} | {group(s['rps'])} | {fmt(s['cpu_us_per_req'], 2)} | {ratio} | "
+            f"| {name} | {group(s['rps'])} | {fmt(s['cpu_us_per_req'], 2)} | {fmt(s['kernel_pct'])} | {ratio} | "
             f"{fmt(s['syscalls_per_req'], 2)} | {latency} | {fmt(s['sut_util_pct'])} | "
             f"{fmt(s['load_cpu_busy_pct'])} | {fmt(s['foreign_pct_median'])} / {fmt(s['foreign_pct_max'])} |")
     lines.append("")

@@ -50,6 +50,20 @@ cpu_ns() {
   echo "$total"
 }
 
+# User and kernel ticks of a process tree (all threads; /proc/<pid>/stat utime, stime): "user kernel".
+# The comm field may hold spaces, so the fields are counted after its closing parenthesis.
+user_kernel_ticks() {
+  local u=0 k=0 p line rest f
+  for p in $(tree_pids "$1"); do
+    if read -r line 2>/dev/null <"/proc/$p/stat"; then
+      rest=${line##*) }
+      read -r -a f <<<"$rest"
+      u=$((u + f[11])) k=$((k + f[12]))
+    fi
+  done
+  echo "$u $k"
+}
+
 # Ticks from /proc/stat: all CPUs' busy time, their steal, and the load CPU's busy and total time.
 cpu_ticks() {
   awk -v load="cpu${LOAD_CPU:-none}" '
@@ -71,7 +85,7 @@ calc() { awk "BEGIN { printf \"%.${2:-2}f\", $1 }"; }
 # One measurement: load TARGET for SECS seconds; append a row to results.tsv (not for warm-up).
 
 COLUMNS_TSV="round attempt target secs reqs rps bad p50_us p99_us sut_cpu_us_per_req sut_util_pct"
-COLUMNS_TSV+=" load_cpu_busy_pct foreign_pct steal_pct syscalls_per_req csw_per_req"
+COLUMNS_TSV+=" load_cpu_busy_pct foreign_pct steal_pct syscalls_per_req csw_per_req sut_kernel_pct"
 LAST_FOREIGN=0
 FAILED=0
 
@@ -95,8 +109,9 @@ measure() { # TARGET ROUND ATTEMPT SECS
     TRANSIENT=("$perf_pid")
     sleep 0.3
   fi
-  local s0 c0 u0 l0 t0 s1 c1 u1 l1 t1 status=0
+  local s0 c0 u0 l0 t0 k0 s1 c1 u1 l1 t1 k1 status=0
   s0=$(cpu_ticks) c0=$(cpu_ns "$sut") u0=$(cpu_ns "${PID[upstream]}") l0=$(children_ticks)
+  k0=$(user_kernel_ticks "$sut")
   t0=$EPOCHREALTIME
   "${CLIENT[@]}" "${load[@]}" >"$base.out" 2>&1 &
   local load_pid=$!
@@ -104,6 +119,7 @@ measure() { # TARGET ROUND ATTEMPT SECS
   wait "$load_pid" || status=$?
   l1=$(children_ticks) t1=$EPOCHREALTIME
   c1=$(cpu_ns "$sut") u1=$(cpu_ns "${PID[upstream]}") s1=$(cpu_ticks)
+  k1=$(user_kernel_ticks "$sut")
   if [ -n "$perf_pid" ]; then
     kill -INT "$perf_pid" 2>/dev/null || true
     wait "$perf_pid" || true
@@ -154,12 +170,20 @@ measure() { # TARGET ROUND ATTEMPT SECS
     syscalls=$(awk -F, -v n="$reqs" '$3 == "raw_syscalls:sys_enter" && $1 ~ /^[0-9]+$/ {printf "%.2f", $1 / n}' "$base.perf")
     csw=$(awk -F, -v n="$reqs" '$3 == "context-switches" && $1 ~ /^[0-9]+$/ {printf "%.3f", $1 / n}' "$base.perf")
   fi
+  # The kernel's share of the SUT's CPU time (system calls, and the TCP work loopback does in the
+  # sender's context: the receiving side of every segment the SUT sends).
+  local ku0 kk0 ku1 kk1 kernel_pct=na
+  read -r ku0 kk0 <<<"$k0"
+  read -r ku1 kk1 <<<"$k1"
+  if [ $((ku1 - ku0 + kk1 - kk0)) -gt 0 ]; then
+    kernel_pct=$(calc "100 * ($kk1 - $kk0) / ($ku1 - $ku0 + $kk1 - $kk0)" 0)
+  fi
   LAST_FOREIGN=$foreign
   local row=("$round" "$attempt" "$t" "$wall" "$reqs" "$rps" "$bad" "$p50" "$p99" "$cpu_per_req"
-    "$sut_util" "$load_busy" "$foreign" "$steal" "${syscalls:-na}" "${csw:-na}")
+    "$sut_util" "$load_busy" "$foreign" "$steal" "${syscalls:-na}" "${csw:-na}" "$kernel_pct")
   (IFS=$'\t'; echo "${row[*]}") >>"$RUN_DIR/results.tsv"
-  printf '%-6s round %-2s try %s  %9.0f req/s  %7s µs/req  %5s sysc/req  SUT %3s%%  load %3s%%  foreign %3s%%  steal %s%%\n' \
-    "$t" "$round" "$attempt" "$rps" "$cpu_per_req" "${syscalls:-na}" "$sut_util" "$load_busy" "$foreign" "$steal"
+  printf '%-6s round %-2s try %s  %9.0f req/s  %7s µs/req (kernel %3s%%)  %5s sysc/req  SUT %3s%%  load %3s%%  foreign %3s%%  steal %s%%\n' \
+    "$t" "$round" "$attempt" "$rps" "$cpu_per_req" "$kernel_pct" "${syscalls:-na}" "$sut_util" "$load_busy" "$foreign" "$steal"
 }
 
 # ---------------------------------------------------------------------------------------------
