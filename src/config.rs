@@ -176,6 +176,9 @@ pub struct ServerSettings {
     pub park_idle_after: Duration,
     /// The longest wait for the next bytes of a request body (nginx `client_body_timeout`).
     pub body_timeout: Duration,
+    /// A client that takes none of the bytes written to it for this long has its connection
+    /// dropped (nginx `send_timeout`).
+    pub send_timeout: Duration,
     /// Cap on a request head (HTTP/1.1) or header list (HTTP/2): 431 beyond it.
     pub max_header_bytes: usize,
     pub max_connections: usize,
@@ -687,6 +690,11 @@ fn validate(file: FileConfig, base_dir: &Path) -> Result<Config, Vec<Problem>> {
         s.body_timeout.as_deref(),
         Duration::from_secs(30),
     );
+    let send_timeout = c.duration(
+        "server.send_timeout",
+        s.send_timeout.as_deref(),
+        Duration::from_secs(60),
+    );
     let max_header_bytes = c.positive("server.max_header_bytes", s.max_header_bytes, 32 * 1024) as usize;
     if !(MIN_HEADER_BYTES..=MAX_HEADER_BYTES).contains(&max_header_bytes) {
         c.fail(
@@ -700,6 +708,7 @@ fn validate(file: FileConfig, base_dir: &Path) -> Result<Config, Vec<Problem>> {
         ("server.idle_timeout", idle_timeout),
         ("server.park_idle_after", park_idle_after),
         ("server.body_timeout", body_timeout),
+        ("server.send_timeout", send_timeout),
     ] {
         if d.is_zero() {
             c.fail(key, "must be more than 0s");
@@ -1105,6 +1114,7 @@ fn validate(file: FileConfig, base_dir: &Path) -> Result<Config, Vec<Problem>> {
             idle_timeout,
             park_idle_after,
             body_timeout,
+            send_timeout,
             max_header_bytes,
             max_connections,
             shutdown_grace,

@@ -13,6 +13,10 @@
 //! - `idle_timeout`: a connection with no request in flight and no byte of a new one (HTTP/1.1
 //!   keep-alive, HTTP/2 between requests). A request is in flight until its response body has
 //!   been sent, so a long download is never idle.
+//! - `send_timeout`: a client that takes none of the bytes written to it for this long (its
+//!   receive window stays shut) has its connection dropped, whatever is in flight. Without it, a
+//!   client that stops reading a large response held that response's upstream connection, its
+//!   pool slot and its own connection slot for as long as it stayed connected.
 //!
 //! Shutdown has two phases: *draining* (stop accepting, tell connections to finish their in-flight
 //! requests and close: GOAWAY on HTTP/2, `Connection: close` on HTTP/1.1) and, after
@@ -99,6 +103,8 @@ pub struct ConnSettings {
     pub idle_timeout: Duration,
     /// An idle HTTP/1.1 connection's hyper state is dropped after this long (see [`serve_http1`]).
     pub park_idle_after: Duration,
+    /// A connection whose writes have made no progress for this long is dropped.
+    pub send_timeout: Duration,
     /// Request head (HTTP/1.1) or header list (HTTP/2) cap: 431 beyond it.
     pub max_header_bytes: usize,
 }
@@ -110,6 +116,7 @@ impl From<&crate::config::ServerSettings> for ConnSettings {
             header_read_timeout: s.header_read_timeout,
             idle_timeout: s.idle_timeout,
             park_idle_after: s.park_idle_after,
+            send_timeout: s.send_timeout,
             max_header_bytes: s.max_header_bytes,
         }
     }
@@ -226,7 +233,9 @@ async fn serve_connection(
         activity.restart();
         if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
             let service = service!(app, req, info => Box::pin(app.handle(req, &info)).await);
-            Either::Left(serve_http2(TokioIo::new(stream), service, activity, settings, phase))
+            // Watched for writes only: over HTTP/2 a frame read (a PING) does not begin a head.
+            let io = Watched::new(stream, activity.clone()).writes_only();
+            Either::Left(serve_http2(TokioIo::new(io), service, activity, settings, phase))
         } else {
             let io = Box::new(Watched::new(stream, activity.clone()));
             let service = service!(app, req, info => app.handle(req, &info).await);
@@ -295,6 +304,30 @@ struct Activity {
     write_pending: AtomicBool,
     /// hyper has begun closing the stream (`Connection: close`, a 408): never parked.
     closing: AtomicBool,
+    /// 1 + milliseconds from `started` to the write (or flush, or close) that found the client's
+    /// receive window shut, until a write makes progress again; 0 while writes make progress.
+    write_blocked_ms: AtomicU64,
+}
+
+/// A connection's time bounds (see the module's documentation).
+#[derive(Debug, Clone, Copy)]
+struct Bounds {
+    head: Duration,
+    idle: Duration,
+    /// HTTP/1.1 only.
+    park: Option<Duration>,
+    send: Duration,
+}
+
+impl Bounds {
+    fn of(settings: &ConnSettings, park: bool) -> Bounds {
+        Bounds {
+            head: settings.header_read_timeout,
+            idle: settings.idle_timeout,
+            park: park.then_some(settings.park_idle_after),
+            send: settings.send_timeout,
+        }
+    }
 }
 
 /// Which bound applies to a connection now.
@@ -317,6 +350,39 @@ impl Activity {
             reading_head: AtomicBool::new(true),
             write_pending: AtomicBool::new(false),
             closing: AtomicBool::new(false),
+            write_blocked_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// A write to the client did (`Ready`) or did not (`Pending`) get through. Costs one relaxed
+    /// load while writes get through; the clock is read only when one first blocks.
+    fn wrote<T>(&self, polled: &std::task::Poll<T>) {
+        let blocked = self.write_blocked_ms.load(Ordering::Relaxed);
+        match polled {
+            std::task::Poll::Pending if blocked == 0 => {
+                self.write_blocked_ms.store(self.now_ms() + 1, Ordering::Relaxed);
+            }
+            std::task::Poll::Ready(_) if blocked != 0 => self.write_blocked_ms.store(0, Ordering::Relaxed),
+            _ => {}
+        }
+    }
+
+    /// How long writes to the client have been blocked, if they are.
+    fn write_blocked_for(&self) -> Option<Duration> {
+        match self.write_blocked_ms.load(Ordering::Relaxed) {
+            0 => None,
+            at => Some(self.started.elapsed().saturating_sub(Duration::from_millis(at - 1))),
+        }
+    }
+
+    /// Resolves once writes to the client have been blocked for `send_timeout`.
+    async fn send_stalled(&self, send_timeout: Duration) {
+        loop {
+            let waited = self.write_blocked_for().unwrap_or_default();
+            if waited >= send_timeout {
+                return;
+            }
+            tokio::time::sleep(send_timeout - waited).await;
         }
     }
 
@@ -354,22 +420,31 @@ impl Activity {
     /// With `park_after`, an idle connection whose writes are flushed resolves as `Park` once it
     /// has been idle that long. Each sleep is at most the shortest bound, so a change of state (a
     /// request ending, a head beginning) is seen in time to keep its own deadline exactly.
-    async fn expired(
-        &self,
-        header_read_timeout: Duration,
-        idle_timeout: Duration,
-        park_after: Option<Duration>,
-    ) -> Expired {
-        let park_after = park_after.filter(|p| *p < idle_timeout);
-        // Includes park_after: a connection going idle is noticed within it (a busy connection's
-        // timer wakes that often; ~1 µs each).
+    async fn expired(&self, bounds: Bounds) -> Expired {
+        let Bounds {
+            head: header_read_timeout,
+            idle: idle_timeout,
+            park,
+            send: send_timeout,
+        } = bounds;
+        let park_after = park.filter(|p| *p < idle_timeout);
+        // Includes park_after and send_timeout: a connection going idle, or its writes blocking,
+        // is noticed within it (a busy connection's timer wakes that often; ~1 µs each).
         let look_again = header_read_timeout
             .min(idle_timeout)
+            .min(send_timeout)
             .min(park_after.unwrap_or(Duration::MAX));
         loop {
+            // Whatever the connection is doing: a client that takes no bytes holds everything
+            // that waits to be sent to it (a response's upstream connection, its pool slot).
+            let blocked = self.write_blocked_for();
+            if blocked.is_some_and(|b| b >= send_timeout) {
+                return Expired::Send;
+            }
+            let send_left = blocked.map_or(look_again, |b| send_timeout.saturating_sub(b));
             let (since, limit, what) = match self.waiting() {
                 Waiting::Busy => {
-                    tokio::time::sleep(look_again).await;
+                    tokio::time::sleep(look_again.min(send_left)).await;
                     continue;
                 }
                 Waiting::Head { since } => (since, header_read_timeout, Expired::Head),
@@ -384,7 +459,7 @@ impl Activity {
             if waited >= limit {
                 return what;
             }
-            tokio::time::sleep((limit - waited).min(look_again)).await;
+            tokio::time::sleep((limit - waited).min(look_again).min(send_left)).await;
         }
     }
 }
@@ -399,6 +474,9 @@ enum Expired {
     /// Idle for `park_idle_after`, everything written flushed: the HTTP/1.1 connection's hyper
     /// state can be dropped until the client sends again.
     Park,
+    /// The client took no bytes for `send_timeout`: the connection is dropped, with whatever
+    /// it has in flight.
+    Send,
 }
 
 /// Counts a request in flight for as long as it lives.
@@ -428,6 +506,8 @@ struct Watched<S> {
     /// Bytes read from `inner` by a hyper connection that was parked before parsing them: read
     /// first by the next one.
     unread: Bytes,
+    /// Reads are reported (HTTP/1.1); writes always are, for `send_timeout`.
+    reads: bool,
 }
 
 impl<S> Watched<S> {
@@ -436,7 +516,13 @@ impl<S> Watched<S> {
             inner,
             activity,
             unread: Bytes::new(),
+            reads: true,
         }
+    }
+
+    /// Reports writes only (HTTP/2).
+    fn writes_only(self) -> Self {
+        Watched { reads: false, ..self }
     }
 }
 
@@ -458,7 +544,7 @@ impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Watched<S> {
         }
         let before = buf.filled().len();
         let polled = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
-        if buf.filled().len() > before {
+        if self.reads && buf.filled().len() > before {
             self.activity.bytes_read();
         }
         polled
@@ -472,7 +558,9 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Watched<S> {
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
         self.activity.write_pending.store(true, Ordering::Relaxed);
-        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+        let polled = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.activity.wrote(&polled);
+        polled
     }
 
     fn poll_flush(
@@ -480,6 +568,7 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Watched<S> {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         let polled = std::pin::Pin::new(&mut self.inner).poll_flush(cx);
+        self.activity.wrote(&polled);
         // hyper flushes the stream only once its own buffer is written out.
         if let std::task::Poll::Ready(Ok(())) = polled {
             self.activity.write_pending.store(false, Ordering::Relaxed);
@@ -492,7 +581,9 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Watched<S> {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         self.activity.closing.store(true, Ordering::Relaxed);
-        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+        let polled = std::pin::Pin::new(&mut self.inner).poll_shutdown(cx);
+        self.activity.wrote(&polled);
+        polled
     }
 
     fn poll_write_vectored(
@@ -501,7 +592,9 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Watched<S> {
         bufs: &[std::io::IoSlice<'_>],
     ) -> std::task::Poll<std::io::Result<usize>> {
         self.activity.write_pending.store(true, Ordering::Relaxed);
-        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let polled = std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.activity.wrote(&polled);
+        polled
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -566,11 +659,7 @@ async fn serve_http1<T, S>(
     S::Future: Send + 'static,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let (head, idle, park) = (
-        settings.header_read_timeout,
-        settings.idle_timeout,
-        settings.park_idle_after,
-    );
+    let bounds = Bounds::of(settings, true);
     loop {
         let conn = Box::pin(
             http1::Builder::new()
@@ -585,10 +674,7 @@ async fn serve_http1<T, S>(
                 .serve_connection(TokioIo::new(io), service)
                 .with_upgrades(),
         );
-        let watch = activity.clone();
-        let Some((conn, returned)) =
-            drive(conn, phase, async move { watch.expired(head, idle, Some(park)).await }).await
-        else {
+        let Some((conn, returned)) = drive(conn, phase, activity.clone(), bounds).await else {
             return;
         };
         phase = returned;
@@ -625,7 +711,7 @@ async fn serve_http1<T, S>(
             let _parked = GaugeGuard::up(&parked);
             tokio::select! {
                 r = io.inner.tcp().readable() => r.is_ok(),
-                _ = activity.expired(head, idle, None) => false,
+                _ = activity.expired(Bounds { park: None, ..bounds }) => false,
                 _ = reached(&mut phase, Phase::Draining) => false,
             }
         };
@@ -666,9 +752,9 @@ where
     ));
     // No request in flight for `idle_timeout` (or no first request within
     // `header_read_timeout`): close with GOAWAY.
-    let (head, idle) = (settings.header_read_timeout, settings.idle_timeout);
+    let bounds = Bounds::of(settings, false);
     async move {
-        drive(conn, phase, async move { activity.expired(head, idle, None).await }).await;
+        drive(conn, phase, activity, bounds).await;
     }
 }
 
@@ -809,13 +895,17 @@ where
 }
 
 /// Serves a connection until it ends; when draining starts or it has been idle too long, asks it
-/// to finish its in-flight requests; when closing starts, or a request head is too slow, drops it.
-/// When `expired` says `Park`, hands the connection back (with `phase`) instead.
+/// to finish its in-flight requests; when closing starts, a request head is too slow or the
+/// client takes no bytes for `send_timeout` (also while it finishes), drops it. When it has been
+/// idle long enough to park, hands the connection back (with `phase`) instead.
 async fn drive<C: Graceful>(
     mut conn: std::pin::Pin<Box<C>>,
     mut phase: watch::Receiver<Phase>,
-    expired: impl std::future::Future<Output = Expired>,
+    activity: Arc<Activity>,
+    bounds: Bounds,
 ) -> Option<Parked<C>> {
+    let watch = activity.clone();
+    let expired = async move { watch.expired(bounds).await };
     tokio::select! {
         // The connection first: bytes it has not read yet must not be taken for idleness.
         biased;
@@ -829,8 +919,9 @@ async fn drive<C: Graceful>(
                 return Some((conn, phase));
             }
             tracing::debug!(?why, "closing the connection");
-            // A head half read: nothing is in flight, and hyper would wait for the rest.
-            if why == Expired::Head {
+            // A head half read: nothing is in flight, and hyper would wait for the rest. A
+            // client that takes no bytes would not take the end of its responses either.
+            if matches!(why, Expired::Head | Expired::Send) {
                 return None;
             }
         }
@@ -839,6 +930,9 @@ async fn drive<C: Graceful>(
     tokio::select! {
         r = conn.as_mut() => log_conn_end(r),
         _ = reached(&mut phase, Phase::Closing) => {}
+        _ = Gated::new(activity.send_stalled(bounds.send)) => {
+            tracing::debug!(why = ?Expired::Send, "closing the connection");
+        }
     }
     None
 }
@@ -1159,6 +1253,86 @@ mod tests {
         let mut got = [0u8; 16];
         watched.read_exact(&mut got).await.unwrap();
         assert_eq!(&got, b"GET / HTTP/1.1\r\n");
+    }
+
+    /// Writes into a pipe nobody reads until one finds it full.
+    fn fill(watched: &mut Watched<tokio::io::DuplexStream>) {
+        use futures_util::FutureExt;
+        use tokio::io::AsyncWriteExt;
+        while let Some(written) = watched.write(&[0u8; 4096]).now_or_never() {
+            assert!(written.unwrap() > 0);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_client_that_takes_no_bytes_for_send_timeout_expires_its_connection_busy_or_idle() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let bounds = Bounds {
+            head: Duration::from_secs(3600),
+            idle: Duration::from_secs(3600),
+            park: Some(Duration::from_secs(1800)),
+            send: Duration::from_millis(50),
+        };
+        const BOUND: Duration = Duration::from_secs(20);
+        let (mut client, server) = tokio::io::duplex(1024);
+        let activity = Arc::new(Activity::new());
+        let mut watched = Watched::new(server, activity.clone());
+        // Writes that get through block nothing.
+        watched.write_all(b"HTTP/1.1 200 OK\r\n").await.unwrap();
+        assert_eq!(activity.write_blocked_for(), None);
+        // A request in flight whose response the client does not take.
+        let in_flight = InFlight::new(activity.clone());
+        fill(&mut watched);
+        assert!(activity.write_blocked_for().is_some());
+        assert_eq!(
+            tokio::time::timeout(BOUND, activity.expired(bounds)).await.unwrap(),
+            Expired::Send
+        );
+        // The client reads: the next write gets through, and the connection is not blocked.
+        let mut buf = vec![0u8; 4096];
+        let _ = client.read(&mut buf).await.unwrap();
+        watched.write_all(b"x").await.unwrap();
+        assert_eq!(activity.write_blocked_for(), None);
+        // Nothing in flight, the end of a response not flushed: the same bound (the park and idle
+        // bounds are an hour off).
+        drop(in_flight);
+        fill(&mut watched);
+        assert!(matches!(activity.waiting(), Waiting::Idle { .. }));
+        assert_eq!(
+            tokio::time::timeout(BOUND, activity.expired(bounds)).await.unwrap(),
+            Expired::Send
+        );
+        // A flush that cannot finish counts as a blocked write too, and so does a close.
+        let _ = client.read(&mut buf).await.unwrap();
+        watched.write_all(b"x").await.unwrap();
+        assert_eq!(activity.write_blocked_for(), None);
+        fill(&mut watched);
+        tokio::time::timeout(BOUND, activity.send_stalled(bounds.send))
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn over_http2_bytes_read_on_an_idle_connection_do_not_begin_a_request_head() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        for (reads, waiting_head) in [(true, true), (false, false)] {
+            let (mut client, server) = tokio::io::duplex(64);
+            let activity = Arc::new(Activity::new());
+            drop(InFlight::new(activity.clone()));
+            assert!(matches!(activity.waiting(), Waiting::Idle { .. }));
+            let mut watched = Watched::new(server, activity.clone());
+            if !reads {
+                watched = watched.writes_only();
+            }
+            client.write_all(b"PING").await.unwrap();
+            let mut got = [0u8; 4];
+            watched.read_exact(&mut got).await.unwrap();
+            assert_eq!(
+                matches!(activity.waiting(), Waiting::Head { .. }),
+                waiting_head,
+                "reads reported: {reads}"
+            );
+        }
     }
 
     /// Every open connection's task is this future: hyper's state and the TLS stream (1.2 KiB) are

@@ -45,6 +45,7 @@ pub struct ServerFile {
     pub idle_timeout: Option<String>,
     pub park_idle_after: Option<String>,
     pub body_timeout: Option<String>,
+    pub send_timeout: Option<String>,
     pub max_header_bytes: Option<i64>,
     pub max_connections: Option<i64>,
     pub shutdown_grace: Option<String>,

@@ -387,3 +387,156 @@ async fn a_malformed_chunked_body_from_the_client_is_its_400_not_a_502() {
     .await;
     assert_eq!(status_of(&r), 400, "{r}");
 }
+
+/// The body [`endless_upstream`] promises: far more than the socket buffers between it and a
+/// client hold.
+const ENDLESS: usize = 64 * 1024 * 1024;
+
+/// An upstream that answers each request with an `ENDLESS`-byte body, written for as long as the
+/// gateway takes it; says how each connection's writing ended.
+async fn endless_upstream() -> (String, tokio::sync::mpsc::UnboundedReceiver<std::io::Result<()>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let written = async {
+                    let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {ENDLESS}\r\n\r\n");
+                    s.write_all(head.as_bytes()).await?;
+                    let chunk = vec![0u8; 64 * 1024];
+                    for _ in 0..ENDLESS / chunk.len() {
+                        s.write_all(&chunk).await?;
+                    }
+                    Ok(())
+                }
+                .await;
+                let _ = tx.send(written);
+            });
+        }
+    });
+    (url, rx)
+}
+
+async fn send_timeout_gateway(upstream: &str) -> support::TestGateway {
+    gateway(
+        "send_timeout = \"200ms\"",
+        &format!("[[routes]]\npath_prefix = \"/big\"\nupstream = \"{upstream}\"\nauth = \"none\"\n"),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_dropped_after_send_timeout_and_its_upstream_connection_with_it() {
+    let (url, mut ended) = endless_upstream().await;
+    let gw = send_timeout_gateway(&url).await;
+    let mut tls = raw_tls(gw.addr, b"http/1.1").await;
+    tls.write_all(b"GET /big HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 16 * 1024];
+    let n = tokio::time::timeout(BOUND, tls.read(&mut buf)).await.unwrap().unwrap();
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    // The client reads no more. Without the bound the gateway would wait for it for ever, and
+    // the upstream's writes with it.
+    let written = tokio::time::timeout(BOUND, ended.recv())
+        .await
+        .expect("the upstream is still writing: its connection was kept")
+        .unwrap();
+    assert!(written.is_err(), "the upstream wrote its whole body");
+    // The client's connection was closed too: what is left for it ends well short of the body.
+    let mut total = n;
+    while let Ok(Ok(n @ 1..)) = tokio::time::timeout(BOUND, tls.read(&mut buf)).await {
+        total += n;
+    }
+    assert!(total < ENDLESS, "{total} bytes");
+}
+
+/// A stream whose reads stop (never ready again) once `stop` is set.
+struct StopsReading<S> {
+    inner: S,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for StopsReading<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.stop.load(std::sync::atomic::Ordering::SeqCst) {
+            return std::task::Poll::Pending;
+        }
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for StopsReading<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[tokio::test]
+async fn an_http2_client_that_stops_reading_is_dropped_after_send_timeout_and_its_upstream_connection_with_it() {
+    let (url, mut ended) = endless_upstream().await;
+    let gw = send_timeout_gateway(&url).await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let io = StopsReading {
+        inner: raw_tls(gw.addr, b"h2").await,
+        stop: stop.clone(),
+    };
+    // Flow control never stops the gateway: only the client's socket does.
+    let window = ENDLESS as u32;
+    let (mut send, conn) = h2::client::Builder::new()
+        .initial_window_size(window)
+        .initial_connection_window_size(window)
+        .handshake::<_, Bytes>(io)
+        .await
+        .unwrap();
+    let conn = tokio::spawn(conn);
+    let req = Request::get(format!("https://localhost:{}/big", gw.addr.port()))
+        .body(())
+        .unwrap();
+    let (response, _) = send.send_request(req, true).unwrap();
+    let response = tokio::time::timeout(BOUND, response).await.unwrap().unwrap();
+    assert_eq!(response.status(), 200);
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let written = tokio::time::timeout(BOUND, ended.recv())
+        .await
+        .expect("the upstream is still writing: its connection was kept")
+        .unwrap();
+    assert!(written.is_err(), "the upstream wrote its whole body");
+    conn.abort();
+}
