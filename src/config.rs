@@ -1423,26 +1423,21 @@ signing = { secret = "env:TOKENGATE_TEST_SECRET_FOR_UNIT_TESTS" }
 
     fn load(extra: &str) -> Result<Config, ConfigError> {
         // A file secret: setting env vars is `unsafe` in edition 2024 and racy across tests.
-        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("tokengate-cfg-{}-{n}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("secret"), "0123456789abcdef0123456789abcdef\n").unwrap();
+        // Removed on return: the secret is read while loading.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("secret"), "0123456789abcdef0123456789abcdef\n").unwrap();
         let text = MINIMAL.replace("env:TOKENGATE_TEST_SECRET_FOR_UNIT_TESTS", "file:secret");
-        Config::from_toml(&format!("{text}\n{extra}"), &dir, "test.toml")
+        Config::from_toml(&format!("{text}\n{extra}"), dir.path(), "test.toml")
     }
 
     /// Like [`load`], with `keys` added to `[server]`.
     fn load_server(keys: &str) -> Result<Config, ConfigError> {
-        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("tokengate-cfg-server-{}-{n}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("secret"), "0123456789abcdef0123456789abcdef\n").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("secret"), "0123456789abcdef0123456789abcdef\n").unwrap();
         let text = MINIMAL
             .replace("env:TOKENGATE_TEST_SECRET_FOR_UNIT_TESTS", "file:secret")
             .replace("listen = \"127.0.0.1:0\"", &format!("listen = \"127.0.0.1:0\"\n{keys}"));
-        Config::from_toml(&text, &dir, "test.toml")
+        Config::from_toml(&text, dir.path(), "test.toml")
     }
 
     fn problems(extra: &str) -> Vec<String> {
@@ -1583,11 +1578,10 @@ signing = { secret = "env:TOKENGATE_TEST_SECRET_FOR_UNIT_TESTS" }
 
     #[test]
     fn short_hmac_secret_is_refused() {
-        let dir = std::env::temp_dir().join(format!("tokengate-cfg-short-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("secret"), "short").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("secret"), "short").unwrap();
         let text = MINIMAL.replace("env:TOKENGATE_TEST_SECRET_FOR_UNIT_TESTS", "file:secret");
-        let msg = Config::from_toml(&text, &dir, "t.toml").unwrap_err().to_string();
+        let msg = Config::from_toml(&text, dir.path(), "t.toml").unwrap_err().to_string();
         assert!(
             msg.contains("tokens.signing.secret: is 5 bytes; HS256 needs at least 32"),
             "{msg}"

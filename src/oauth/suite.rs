@@ -31,14 +31,17 @@ fn password_hash() -> &'static str {
     HASH.get_or_init(|| crate::oauth::users::hash_password(PASSWORD).unwrap())
 }
 
-/// A folder holding the signing secret, written once per test process (tests run in parallel,
-/// and one writing it while another reads it would read half a secret).
+/// A folder holding the signing secret, written once per test process. One folder for every
+/// process, not one each left behind: the secret is written under a name of the process's own and
+/// renamed into place, so a test reading it (in this process or another) never sees half of it.
 fn secret_dir() -> std::path::PathBuf {
     static DIR: OnceLock<std::path::PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("tokengate-suite-{}", std::process::id()));
+        let dir = std::env::temp_dir().join("tokengate-suite-secret");
         std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("secret"), "0123456789abcdef0123456789abcdef").unwrap();
+        let partial = dir.join(format!("secret.{}", std::process::id()));
+        std::fs::write(&partial, "0123456789abcdef0123456789abcdef").unwrap();
+        std::fs::rename(&partial, dir.join("secret")).unwrap();
         dir
     })
     .clone()
@@ -495,12 +498,25 @@ fn memory(revoked: Arc<RevokedSessions>, grace_ms: u64, _clock: SharedClock) -> 
     Store::memory(revoked, grace_ms)
 }
 
+thread_local! {
+    /// The folders [`durable`] made on this thread: a test's, since each runs on a thread of its own.
+    static DURABLE_DIRS: std::cell::RefCell<Vec<std::path::PathBuf>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Removes the folders [`durable`] made for this test (left behind when it fails, to be looked at).
+fn remove_durable_dirs() {
+    for dir in DURABLE_DIRS.take() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
 /// A durable store in a fresh folder.
 pub fn durable(revoked: Arc<RevokedSessions>, grace_ms: u64, clock: SharedClock) -> Store {
     static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let dir = std::env::temp_dir().join(format!("tokengate-suite-durable-{}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
+    DURABLE_DIRS.with_borrow_mut(|dirs| dirs.push(dir.clone()));
     let opened = crate::store::DurableStore::open(&dir, revoked, grace_ms, clock, Default::default()).unwrap();
     Store::Durable(opened.store)
 }
@@ -518,9 +534,11 @@ async fn memory_store_concurrent_refreshes() {
 #[tokio::test]
 async fn durable_store() {
     run(&durable).await;
+    remove_durable_dirs();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn durable_store_concurrent_refreshes() {
     concurrent_refreshes_of_one_token_agree(&durable).await;
+    remove_durable_dirs();
 }

@@ -107,9 +107,8 @@ fn check_accepts_the_shipped_configs() {
 
 #[test]
 fn check_names_a_misspelt_key_and_exits_2() {
-    let dir = std::env::temp_dir().join(format!("tokengate-check-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("bad.toml");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
     std::fs::write(
         &path,
         base().replace(
