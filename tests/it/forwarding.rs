@@ -748,48 +748,6 @@ async fn an_https_upstream_is_reached_through_tls_with_the_routes_ca_file() {
     assert_eq!(c.get(&gw.url("/untrusted/x"), &[]).await.status, 502);
 }
 
-/// A stream that keeps a copy of every byte read through it.
-struct Recording<S> {
-    inner: S,
-    seen: Arc<std::sync::Mutex<Vec<u8>>>,
-}
-
-impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Recording<S> {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
-        let new = buf.filled()[before..].to_vec();
-        self.seen.lock().unwrap().extend_from_slice(&new);
-        r
-    }
-}
-
-impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Recording<S> {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
 /// How an HPACK header block (RFC 7541 §6) represents each of its fields: the first byte of each
 /// representation, classified without decoding names or values.
 #[derive(Debug, PartialEq, Clone, Copy)]
@@ -886,11 +844,8 @@ async fn an_http2_response_sends_its_request_id_outside_the_header_table() {
     // evicts entries that would be reused, and h2 then compares each later id with the dead ones.
     let up = Upstream::recording().await;
     let gw = support::start_with_routes("", &[("/in", &up.url(), "auth = \"none\"")]).await;
-    let seen: Arc<std::sync::Mutex<Vec<u8>>> = Arc::default();
-    let tls = Recording {
-        inner: support::client::raw_tls(gw.addr, b"h2").await,
-        seen: seen.clone(),
-    };
+    let tls = support::client::Tapped::new(support::client::raw_tls(gw.addr, b"h2").await);
+    let seen = tls.seen.clone();
     let (mut send, conn) = h2::client::handshake(tls).await.unwrap();
     tokio::spawn(conn);
     let mut ids = Vec::new();

@@ -465,58 +465,12 @@ async fn a_client_that_stops_reading_is_dropped_after_send_timeout_and_its_upstr
     assert!(total < ENDLESS, "{total} bytes");
 }
 
-/// A stream whose reads stop (never ready again) once `stop` is set.
-struct StopsReading<S> {
-    inner: S,
-    stop: Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for StopsReading<S> {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        if self.stop.load(std::sync::atomic::Ordering::SeqCst) {
-            return std::task::Poll::Pending;
-        }
-        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for StopsReading<S> {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
 #[tokio::test]
 async fn an_http2_client_that_stops_reading_is_dropped_after_send_timeout_and_its_upstream_connection_with_it() {
     let (url, mut ended) = endless_upstream().await;
     let gw = send_timeout_gateway(&url).await;
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let io = StopsReading {
-        inner: raw_tls(gw.addr, b"h2").await,
-        stop: stop.clone(),
-    };
+    let io = support::client::Tapped::new(raw_tls(gw.addr, b"h2").await);
+    let stop = io.stop_reading.clone();
     // Flow control never stops the gateway: only the client's socket does.
     let window = ENDLESS as u32;
     let (mut send, conn) = h2::client::Builder::new()
