@@ -16,7 +16,9 @@
 //! - `send_timeout`: a client that takes none of the bytes written to it for this long (its
 //!   receive window stays shut) has its connection dropped, whatever is in flight. Without it, a
 //!   client that stops reading a large response held that response's upstream connection, its
-//!   pool slot and its own connection slot for as long as it stayed connected.
+//!   pool slot and its own connection slot for as long as it stayed connected. Over HTTP/2 the
+//!   same bound applies to each stream: a response that has waited `send_timeout` for the client's
+//!   flow-control window (the socket still read) has its stream reset ([`StreamWatch`]).
 //!
 //! Shutdown has two phases: *draining* (stop accepting, tell connections to finish their in-flight
 //! requests and close: GOAWAY on HTTP/2, `Connection: close` on HTTP/1.1) and, after
@@ -188,7 +190,7 @@ async fn serve_connection(
     // boxes it) and the request's state machine is several KiB, so a pointer moves cheaply; over
     // HTTP/1.1 it is polled in place, unboxed.
     macro_rules! service {
-        ($app:ident, $req:ident, $info:ident => $handled:expr) => {{
+        ($app:ident, $req:ident, $info:ident => $handled:expr, $watch:expr) => {{
             let activity = activity.clone();
             let app = app.clone();
             service_fn(move |mut $req: Request<Incoming>| {
@@ -207,6 +209,7 @@ async fn serve_connection(
                     Ok::<_, Infallible>(response.map(|body| ConnBody {
                         body,
                         _in_flight: in_flight,
+                        watch: $watch,
                     }))
                 }
             })
@@ -215,7 +218,7 @@ async fn serve_connection(
     let Some(acceptor) = tls else {
         activity.restart();
         let io = Box::new(Watched::new(stream, activity.clone()));
-        let service = service!(app, req, info => app.handle(req, &info).await);
+        let service = service!(app, req, info => app.handle(req, &info).await, None);
         return serve_http1(io, service, activity, settings, phase, parked).await;
     };
     // The TLS stream moves into the boxed hyper connection; in a block of its own, so that the
@@ -236,13 +239,13 @@ async fn serve_connection(
         };
         activity.restart();
         if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
-            let service = service!(app, req, info => Box::pin(app.handle(req, &info)).await);
+            let service = service!(app, req, info => Box::pin(app.handle(req, &info)).await, StreamWatch::current());
             // Watched for writes only: over HTTP/2 a frame read (a PING) does not begin a head.
             let io = Watched::new(stream, activity.clone()).writes_only();
             Either::Left(serve_http2(TokioIo::new(io), service, activity, settings, phase))
         } else {
             let io = Box::new(Watched::new(stream, activity.clone()));
-            let service = service!(app, req, info => app.handle(req, &info).await);
+            let service = service!(app, req, info => app.handle(req, &info).await, None);
             Either::Right(serve_http1(io, service, activity, settings, phase, parked))
         }
     };
@@ -271,6 +274,8 @@ impl Drop for GaugeGuard {
 struct ConnBody {
     body: crate::service::ResponseBody,
     _in_flight: InFlight,
+    /// HTTP/2: what the stream's watcher sees of this body.
+    watch: Option<Arc<StreamWatch>>,
 }
 
 impl http_body::Body for ConnBody {
@@ -281,7 +286,18 @@ impl http_body::Body for ConnBody {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
-        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+        let this = &mut *self;
+        let Some(watch) = &this.watch else {
+            return std::pin::Pin::new(&mut this.body).poll_frame(cx);
+        };
+        watch.polled();
+        let polled = std::pin::Pin::new(&mut this.body).poll_frame(cx);
+        if let std::task::Poll::Ready(Some(Ok(frame))) = &polled
+            && frame.is_data()
+        {
+            watch.handed.store(true, Ordering::Relaxed);
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -311,6 +327,9 @@ struct Activity {
     /// 1 + milliseconds from `started` to the write (or flush, or close) that found the client's
     /// receive window shut, until a write makes progress again; 0 while writes make progress.
     write_blocked_ms: AtomicU64,
+    /// Set by the timer while requests are in flight, read by an HTTP/2 connection's next poll:
+    /// time to look at its streams' bodies ([`StreamWatch`]).
+    look_at_streams: AtomicBool,
 }
 
 /// A connection's time bounds (see the module's documentation).
@@ -321,6 +340,8 @@ struct Bounds {
     /// HTTP/1.1 only.
     park: Option<Duration>,
     send: Duration,
+    /// HTTP/2: the connection looks at its streams' bodies whenever the timer wakes.
+    streams: bool,
 }
 
 impl Bounds {
@@ -330,6 +351,7 @@ impl Bounds {
             idle: settings.idle_timeout,
             park: park.then_some(settings.park_idle_after),
             send: settings.send_timeout,
+            streams: !park,
         }
     }
 }
@@ -355,6 +377,7 @@ impl Activity {
             write_pending: AtomicBool::new(false),
             closing: AtomicBool::new(false),
             write_blocked_ms: AtomicU64::new(0),
+            look_at_streams: AtomicBool::new(false),
         }
     }
 
@@ -435,6 +458,7 @@ impl Activity {
             idle: idle_timeout,
             park,
             send: send_timeout,
+            streams: _,
         } = bounds;
         let park_after = park.filter(|p| *p < idle_timeout);
         // Includes park_after and send_timeout: a connection going idle, or its writes blocking,
@@ -453,6 +477,15 @@ impl Activity {
             let (since, limit, what) = match self.waiting() {
                 Waiting::Busy => {
                     tokio::time::sleep(look_again.min(send_left)).await;
+                    if bounds.streams {
+                        // Woken here, the task polls the connection again right after.
+                        self.look_at_streams.store(true, Ordering::Relaxed);
+                        std::future::poll_fn(|cx| {
+                            cx.waker().wake_by_ref();
+                            std::task::Poll::Ready(())
+                        })
+                        .await;
+                    }
                     continue;
                 }
                 Waiting::Head { since } => (since, header_read_timeout, Expired::Head),
@@ -815,6 +848,8 @@ where
             .max_header_list_size(settings.max_header_bytes.try_into().unwrap_or(u32::MAX))
             .serve_connection(io, service),
         queue,
+        activity.clone(),
+        settings.send_timeout,
     ));
     // No request in flight for `idle_timeout` (or no first request within
     // `header_read_timeout`): close with GOAWAY.
@@ -826,6 +861,112 @@ where
 
 /// A stream's future, as hyper hands it to its executor.
 type StreamFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// What an HTTP/2 stream's response body tells its connection, for `send_timeout`: how often it
+/// has been polled, and whether its last poll handed hyper a frame of data. hyper polls a body
+/// again only once the stream has flow-control window (and buffer room) for more, so a body that
+/// handed a frame and is not polled again waits for the client; one polled and pending waits for
+/// its upstream, which the route's timeout bounds.
+#[derive(Default)]
+struct StreamWatch {
+    polls: std::sync::atomic::AtomicU32,
+    handed: AtomicBool,
+}
+
+thread_local! {
+    /// The watch of the HTTP/2 stream being polled, until its response body takes a handle.
+    static STREAM_WATCH: std::cell::Cell<Option<Arc<StreamWatch>>> = const { std::cell::Cell::new(None) };
+}
+
+impl StreamWatch {
+    /// The watch of the stream being polled on this thread, if any (HTTP/1.1: none).
+    fn current() -> Option<Arc<StreamWatch>> {
+        STREAM_WATCH.with(|w| {
+            let current = w.take();
+            let mine = current.clone();
+            w.set(current);
+            mine
+        })
+    }
+
+    /// Only the stream's own task writes: a load and a store, no atomic read-modify-write.
+    fn polled(&self) {
+        self.polls
+            .store(self.polls.load(Ordering::Relaxed).wrapping_add(1), Ordering::Relaxed);
+        self.handed.store(false, Ordering::Relaxed);
+    }
+}
+
+/// A stream's future in its connection's [`H2Conn`], with the watch its response body reports to.
+/// A stream whose body has waited for the client for `send_timeout` is dropped by the connection
+/// (h2 then resets it with CANCEL), and with it the response and its upstream connection.
+struct WatchedStream {
+    /// `None` once dropped for waiting too long; the shell then ends at its next poll.
+    fut: Option<StreamFuture>,
+    watch: Option<Arc<StreamWatch>>,
+    /// The body's poll count at the last look, and when (ms of the connection's clock) it was
+    /// first seen waiting with that count.
+    seen: u32,
+    since_ms: u64,
+    /// The stream's waker while its body waits for the client: to end the shell once dropped.
+    waker: Option<std::task::Waker>,
+}
+
+impl WatchedStream {
+    fn new(fut: StreamFuture, watched: bool) -> Self {
+        WatchedStream {
+            fut: Some(fut),
+            watch: watched.then(Arc::default),
+            seen: u32::MAX,
+            since_ms: 0,
+            waker: None,
+        }
+    }
+
+    /// Drops the stream if its body has handed a frame and not been polled since, for
+    /// `limit_ms` by the looks taken (every few seconds while streams are in flight).
+    fn look(&mut self, now_ms: u64, limit_ms: u64) {
+        let Some(watch) = &self.watch else { return };
+        let polls = watch.polls.load(Ordering::Relaxed);
+        if !watch.handed.load(Ordering::Relaxed) || polls != self.seen {
+            (self.seen, self.since_ms) = (polls, now_ms);
+            return;
+        }
+        if now_ms.saturating_sub(self.since_ms) >= limit_ms && self.fut.take().is_some() {
+            tracing::debug!(why = ?Expired::Send, "resetting an HTTP/2 stream");
+            if let Some(waker) = self.waker.take() {
+                waker.wake();
+            }
+        }
+    }
+}
+
+impl std::future::Future for WatchedStream {
+    type Output = ();
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        let this = &mut *self;
+        let Some(fut) = &mut this.fut else {
+            return std::task::Poll::Ready(());
+        };
+        // Lent to the thread while the body may yet be made (it takes a handle of its own).
+        let lend = this.watch.as_ref().is_some_and(|w| Arc::strong_count(w) == 1);
+        if lend {
+            STREAM_WATCH.with(|w| w.set(this.watch.take()));
+        }
+        let polled = fut.as_mut().poll(cx);
+        if lend {
+            this.watch = STREAM_WATCH.with(std::cell::Cell::take);
+        }
+        if polled.is_pending()
+            && let Some(watch) = &this.watch
+            && watch.handed.load(Ordering::Relaxed)
+            && !this.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            this.waker = Some(cx.waker().clone());
+        }
+        polled
+    }
+}
 
 /// hyper's executor for an HTTP/2 connection's streams: instead of a task each, the streams
 /// wait here to be polled by their connection's own task ([`H2Conn`]), which is where their
@@ -861,23 +1002,28 @@ struct H2Conn<C> {
     conn: Option<std::pin::Pin<Box<C>>>,
     queue: StreamQueue,
     /// The streams, and one future that never completes (see [`H2Conn::new`]).
-    streams: futures_util::stream::FuturesUnordered<StreamFuture>,
+    streams: futures_util::stream::FuturesUnordered<WatchedStream>,
     ended: Option<Result<(), hyper::Error>>,
+    /// Its clock, and when to look at the streams' bodies (see [`StreamWatch`]).
+    activity: Arc<Activity>,
+    send_timeout: Duration,
 }
 
 impl<C> H2Conn<C> {
-    fn new(conn: C, queue: StreamQueue) -> Self {
+    fn new(conn: C, queue: StreamQueue, activity: Arc<Activity>, send_timeout: Duration) -> Self {
         let streams = futures_util::stream::FuturesUnordered::new();
         // FuturesUnordered wakes its task again whenever one call has polled every future it
         // holds (so that futures that keep waking cannot starve other tasks). With one stream
         // in flight that was every wake-up: the connection was polled twice for each. A future
         // that never wakes is never polled after its first poll, so this cannot happen.
-        streams.push(Box::pin(std::future::pending()) as StreamFuture);
+        streams.push(WatchedStream::new(Box::pin(std::future::pending()), false));
         H2Conn {
             conn: Some(Box::pin(conn)),
             queue,
             streams,
             ended: None,
+            activity,
+            send_timeout,
         }
     }
 
@@ -897,9 +1043,17 @@ impl<C> H2Conn<C> {
         let mut queued = self.queue.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let any = !queued.is_empty();
         for fut in queued.drain(..) {
-            self.streams.push(fut);
+            self.streams.push(WatchedStream::new(fut, true));
         }
         any
+    }
+
+    /// Drops the streams whose bodies have waited for the client for `send_timeout`.
+    fn look_at_streams(&mut self) {
+        let (now_ms, limit_ms) = (self.activity.now_ms(), self.send_timeout.as_millis() as u64);
+        for stream in self.streams.iter_mut() {
+            stream.look(now_ms, limit_ms);
+        }
     }
 }
 
@@ -907,6 +1061,11 @@ impl<C: std::future::Future<Output = Result<(), hyper::Error>>> std::future::Fut
     type Output = Result<(), hyper::Error>;
     fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
         let this = &mut *self;
+        // The connection's timer asks for a look every few seconds while streams are in flight.
+        if this.activity.look_at_streams.load(Ordering::Relaxed) {
+            this.activity.look_at_streams.store(false, Ordering::Relaxed);
+            this.look_at_streams();
+        }
         // Streams first: the responses they finish are then written by the connection's poll.
         this.poll_streams(cx);
         if let Some(conn) = &mut this.conn
@@ -1176,7 +1335,7 @@ mod tests {
             polls: Arc::default(),
             _held: held,
         };
-        H2Conn::new(conn, queue)
+        H2Conn::new(conn, queue, Arc::new(Activity::new()), Duration::from_secs(60))
     }
 
     /// A waker that counts its wake-ups.
@@ -1391,6 +1550,7 @@ mod tests {
             idle: Duration::from_secs(3600),
             park: Some(Duration::from_secs(1800)),
             send: Duration::from_millis(50),
+            streams: false,
         };
         const BOUND: Duration = Duration::from_secs(20);
         let activity = Arc::new(Activity::new());

@@ -494,3 +494,39 @@ async fn an_http2_client_that_stops_reading_is_dropped_after_send_timeout_and_it
     assert!(written.is_err(), "the upstream wrote its whole body");
     conn.abort();
 }
+
+#[tokio::test]
+async fn an_http2_stream_the_client_grants_no_window_is_reset_after_send_timeout_and_its_upstream_connection_closed() {
+    let (url, mut ended) = endless_upstream().await;
+    let gw = send_timeout_gateway(&url).await;
+    // The client reads its socket (PINGs, SETTINGS, headers) but opens no stream's window, so the
+    // gateway cannot send a byte of the body: nothing blocks at the socket.
+    let (mut send, conn) = h2::client::Builder::new()
+        .initial_window_size(0)
+        .handshake::<_, Bytes>(raw_tls(gw.addr, b"h2").await)
+        .await
+        .unwrap();
+    let conn = tokio::spawn(conn);
+    let req = Request::get(format!("https://localhost:{}/big", gw.addr.port()))
+        .body(())
+        .unwrap();
+    let (response, _) = send.send_request(req, true).unwrap();
+    let response = tokio::time::timeout(BOUND, response).await.unwrap().unwrap();
+    assert_eq!(response.status(), 200);
+    let written = tokio::time::timeout(BOUND, ended.recv())
+        .await
+        .expect("the upstream is still writing: its connection was kept")
+        .unwrap();
+    assert!(written.is_err(), "the upstream wrote its whole body");
+    // The stream was reset; the connection serves on.
+    let mut body = response.into_body();
+    let got = tokio::time::timeout(BOUND, body.data()).await.unwrap();
+    assert!(matches!(got, Some(Err(_))), "{got:?}");
+    let req = Request::get(format!("https://localhost:{}/healthz", gw.addr.port()))
+        .body(())
+        .unwrap();
+    let (next, _) = send.send_request(req, true).unwrap();
+    let next = tokio::time::timeout(BOUND, next).await.unwrap().unwrap();
+    assert_ne!(next.status(), 0);
+    conn.abort();
+}
