@@ -932,11 +932,15 @@ impl WatchedStream {
             (self.seen, self.since_ms) = (polls, now_ms);
             return;
         }
-        if now_ms.saturating_sub(self.since_ms) >= limit_ms && self.fut.take().is_some() {
+        // Only with the waker of its last poll in hand: the shell must be polled to end, or its
+        // connection would count it in flight for ever.
+        if now_ms.saturating_sub(self.since_ms) >= limit_ms
+            && self.fut.is_some()
+            && let Some(waker) = self.waker.take()
+        {
             tracing::debug!(why = ?Expired::Send, "resetting an HTTP/2 stream");
-            if let Some(waker) = self.waker.take() {
-                waker.wake();
-            }
+            self.fut = None;
+            waker.wake();
         }
     }
 }
