@@ -427,6 +427,15 @@ async fn endless_upstream() -> (String, tokio::sync::mpsc::UnboundedReceiver<std
     (url, rx)
 }
 
+/// Waits for [`endless_upstream`]'s connection to end in an error: the gateway dropped it.
+async fn upstream_cut(ended: &mut tokio::sync::mpsc::UnboundedReceiver<std::io::Result<()>>) {
+    let written = tokio::time::timeout(BOUND, ended.recv())
+        .await
+        .expect("the upstream is still writing: its connection was kept")
+        .unwrap();
+    assert!(written.is_err(), "the upstream wrote its whole body");
+}
+
 async fn send_timeout_gateway(upstream: &str) -> support::TestGateway {
     gateway(
         "send_timeout = \"200ms\"",
@@ -452,11 +461,7 @@ async fn a_client_that_stops_reading_is_dropped_after_send_timeout_and_its_upstr
     );
     // The client reads no more. Without the bound the gateway would wait for it for ever, and
     // the upstream's writes with it.
-    let written = tokio::time::timeout(BOUND, ended.recv())
-        .await
-        .expect("the upstream is still writing: its connection was kept")
-        .unwrap();
-    assert!(written.is_err(), "the upstream wrote its whole body");
+    upstream_cut(&mut ended).await;
     // The client's connection was closed too: what is left for it ends well short of the body.
     let mut total = n;
     while let Ok(Ok(n @ 1..)) = tokio::time::timeout(BOUND, tls.read(&mut buf)).await {
@@ -487,11 +492,7 @@ async fn an_http2_client_that_stops_reading_is_dropped_after_send_timeout_and_it
     let response = tokio::time::timeout(BOUND, response).await.unwrap().unwrap();
     assert_eq!(response.status(), 200);
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    let written = tokio::time::timeout(BOUND, ended.recv())
-        .await
-        .expect("the upstream is still writing: its connection was kept")
-        .unwrap();
-    assert!(written.is_err(), "the upstream wrote its whole body");
+    upstream_cut(&mut ended).await;
     conn.abort();
 }
 
@@ -513,11 +514,7 @@ async fn an_http2_stream_the_client_grants_no_window_is_reset_after_send_timeout
     let (response, _) = send.send_request(req, true).unwrap();
     let response = tokio::time::timeout(BOUND, response).await.unwrap().unwrap();
     assert_eq!(response.status(), 200);
-    let written = tokio::time::timeout(BOUND, ended.recv())
-        .await
-        .expect("the upstream is still writing: its connection was kept")
-        .unwrap();
-    assert!(written.is_err(), "the upstream wrote its whole body");
+    upstream_cut(&mut ended).await;
     // The stream was reset; the connection serves on.
     let mut body = response.into_body();
     let got = tokio::time::timeout(BOUND, body.data()).await.unwrap();
