@@ -240,9 +240,9 @@ async fn serve_connection(
         activity.restart();
         if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
             let service = service!(app, req, info => Box::pin(app.handle(req, &info)).await, StreamWatch::current());
-            // Watched for writes only: over HTTP/2 a frame read (a PING) does not begin a head.
-            let io = Watched::new(stream, activity.clone()).writes_only();
-            Either::Left(serve_http2(TokioIo::new(io), service, activity, settings, phase))
+            // Not `Watched`: its reads begin a request head (a PING would), and its park state is
+            // HTTP/1.1's; the socket under TLS reports writes for `send_timeout`.
+            Either::Left(serve_http2(TokioIo::new(stream), service, activity, settings, phase))
         } else {
             let io = Box::new(Watched::new(stream, activity.clone()));
             let service = service!(app, req, info => app.handle(req, &info).await, None);
@@ -547,8 +547,6 @@ struct Watched<S> {
     /// Bytes read from `inner` by a hyper connection that was parked before parsing them: read
     /// first by the next one.
     unread: Bytes,
-    /// Reads are reported (HTTP/1.1 only).
-    reads: bool,
 }
 
 impl<S> Watched<S> {
@@ -557,13 +555,7 @@ impl<S> Watched<S> {
             inner,
             activity,
             unread: Bytes::new(),
-            reads: true,
         }
-    }
-
-    /// Reports no reads (HTTP/2).
-    fn writes_only(self) -> Self {
-        Watched { reads: false, ..self }
     }
 }
 
@@ -585,7 +577,7 @@ impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Watched<S> {
         }
         let before = buf.filled().len();
         let polled = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
-        if self.reads && buf.filled().len() > before {
+        if buf.filled().len() > before {
             self.activity.bytes_read();
         }
         polled
@@ -1589,29 +1581,6 @@ mod tests {
         tokio::time::timeout(BOUND, activity.send_stalled(bounds.send))
             .await
             .unwrap();
-    }
-
-    #[tokio::test]
-    async fn over_http2_bytes_read_on_an_idle_connection_do_not_begin_a_request_head() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        for (reads, waiting_head) in [(true, true), (false, false)] {
-            let (mut client, server) = tokio::io::duplex(64);
-            let activity = Arc::new(Activity::new());
-            drop(InFlight::new(activity.clone()));
-            assert!(matches!(activity.waiting(), Waiting::Idle { .. }));
-            let mut watched = Watched::new(server, activity.clone());
-            if !reads {
-                watched = watched.writes_only();
-            }
-            client.write_all(b"PING").await.unwrap();
-            let mut got = [0u8; 4];
-            watched.read_exact(&mut got).await.unwrap();
-            assert_eq!(
-                matches!(activity.waiting(), Waiting::Head { .. }),
-                waiting_head,
-                "reads reported: {reads}"
-            );
-        }
     }
 
     /// Every open connection's task is this future: hyper's state and the TLS stream (1.2 KiB) are

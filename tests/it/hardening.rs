@@ -436,6 +436,19 @@ async fn upstream_cut(ended: &mut tokio::sync::mpsc::UnboundedReceiver<std::io::
     assert!(written.is_err(), "the upstream wrote its whole body");
 }
 
+/// Sends a GET over HTTP/2 and waits for the response head.
+async fn h2_get(
+    send: &mut h2::client::SendRequest<Bytes>,
+    gw: &support::TestGateway,
+    path: &str,
+) -> Response<h2::RecvStream> {
+    let req = Request::get(format!("https://localhost:{}{path}", gw.addr.port()))
+        .body(())
+        .unwrap();
+    let (response, _) = send.send_request(req, true).unwrap();
+    tokio::time::timeout(BOUND, response).await.unwrap().unwrap()
+}
+
 async fn send_timeout_gateway(upstream: &str) -> support::TestGateway {
     gateway(
         "send_timeout = \"200ms\"",
@@ -485,11 +498,7 @@ async fn an_http2_client_that_stops_reading_is_dropped_after_send_timeout_and_it
         .await
         .unwrap();
     let conn = tokio::spawn(conn);
-    let req = Request::get(format!("https://localhost:{}/big", gw.addr.port()))
-        .body(())
-        .unwrap();
-    let (response, _) = send.send_request(req, true).unwrap();
-    let response = tokio::time::timeout(BOUND, response).await.unwrap().unwrap();
+    let response = h2_get(&mut send, &gw, "/big").await;
     assert_eq!(response.status(), 200);
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     upstream_cut(&mut ended).await;
@@ -508,11 +517,7 @@ async fn an_http2_stream_the_client_grants_no_window_is_reset_after_send_timeout
         .await
         .unwrap();
     let conn = tokio::spawn(conn);
-    let req = Request::get(format!("https://localhost:{}/big", gw.addr.port()))
-        .body(())
-        .unwrap();
-    let (response, _) = send.send_request(req, true).unwrap();
-    let response = tokio::time::timeout(BOUND, response).await.unwrap().unwrap();
+    let response = h2_get(&mut send, &gw, "/big").await;
     assert_eq!(response.status(), 200);
     upstream_cut(&mut ended).await;
     // The stream was reset; the connection serves on.
@@ -520,11 +525,7 @@ async fn an_http2_stream_the_client_grants_no_window_is_reset_after_send_timeout
     let got = tokio::time::timeout(BOUND, body.data()).await.unwrap();
     assert!(matches!(got, Some(Err(_))), "{got:?}");
     // (Its head only: this client opens no stream's window.)
-    let req = Request::get(format!("https://localhost:{}/.well-known/jwks.json", gw.addr.port()))
-        .body(())
-        .unwrap();
-    let (next, _) = send.send_request(req, true).unwrap();
-    let next = tokio::time::timeout(BOUND, next).await.unwrap().unwrap();
+    let next = h2_get(&mut send, &gw, "/.well-known/jwks.json").await;
     assert_eq!(next.status(), 200);
     conn.abort();
 }
