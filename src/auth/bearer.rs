@@ -12,9 +12,13 @@ pub enum BearerError {
     Malformed,
 }
 
-/// The bearer token of a request: `Ok(None)` when there is no Authorization header or it uses
-/// another scheme (RFC 6750 §3.1: then the error response carries no error code).
-pub fn bearer_token(headers: &HeaderMap) -> Result<Option<&str>, BearerError> {
+/// The bearer token of a request, before its last two checks (no space inside, UTF-8): the bytes
+/// a cache of accepted tokens can be asked about first. `Ok(None)` when there is no
+/// Authorization header or it uses another scheme (RFC 6750 §3.1: then the error response
+/// carries no error code). A token the cache holds passed both checks, and a value that fails
+/// either is not in it, so the hot path skips them on a hit; [`token_str`] finishes the parse on a
+/// miss.
+pub fn bearer_bytes(headers: &HeaderMap) -> Result<Option<&[u8]>, BearerError> {
     let mut values = headers.get_all(AUTHORIZATION).iter();
     let Some(value) = values.next() else {
         return Ok(None);
@@ -22,13 +26,18 @@ pub fn bearer_token(headers: &HeaderMap) -> Result<Option<&str>, BearerError> {
     if values.next().is_some() {
         return Err(BearerError::Repeated);
     }
-    parse_bearer(value.as_bytes())
+    split_bearer(value.as_bytes())
 }
 
 /// Parses one Authorization value: `Bearer 1*SP token`, the scheme case-insensitive. The token's
 /// alphabet (b64token) is checked separately by [`is_b64token`], only for tokens the validator
 /// has not already accepted: a cache hit is byte-identical to a token that passed the check.
 pub fn parse_bearer(value: &[u8]) -> Result<Option<&str>, BearerError> {
+    split_bearer(value)?.map(token_str).transpose()
+}
+
+/// The scheme and the spaces around the token: the token bytes, not empty.
+fn split_bearer(value: &[u8]) -> Result<Option<&[u8]>, BearerError> {
     const SCHEME: &[u8] = b"bearer";
     if value.len() < SCHEME.len() || !value[..SCHEME.len()].eq_ignore_ascii_case(SCHEME) {
         return Ok(None);
@@ -42,11 +51,19 @@ pub fn parse_bearer(value: &[u8]) -> Result<Option<&str>, BearerError> {
         return Ok(None);
     }
     let token = trim_spaces(rest);
-    if token.is_empty() || token.contains(&b' ') {
+    if token.is_empty() {
         return Err(BearerError::Malformed);
     }
-    // b64token is ASCII, so this cannot fail; stay panic-free anyway.
-    std::str::from_utf8(token).map(Some).map_err(|_| BearerError::Malformed)
+    Ok(Some(token))
+}
+
+/// The token of [`bearer_bytes`] as text: one word, no space inside.
+pub fn token_str(token: &[u8]) -> Result<&str, BearerError> {
+    if token.contains(&b' ') {
+        return Err(BearerError::Malformed);
+    }
+    // b64token is ASCII, so this cannot fail for a token that will pass; stay panic-free anyway.
+    std::str::from_utf8(token).map_err(|_| BearerError::Malformed)
 }
 
 fn trim_spaces(mut b: &[u8]) -> &[u8] {
@@ -122,12 +139,23 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// What lets a cache hit skip [`token_str`]: whatever the validator accepts (and so
+        /// caches) passes it, so a value it refuses can never be a hit.
+        #[test]
+        fn a_b64token_always_passes_token_str(value in "[A-Za-z0-9._~+/ =\"-]{0,40}") {
+            if is_b64token(value.as_bytes()) {
+                proptest::prop_assert_eq!(token_str(value.as_bytes()), Ok(value.as_str()));
+            }
+        }
+    }
+
     #[test]
     fn two_authorization_headers_are_refused() {
         let mut h = HeaderMap::new();
         h.append(AUTHORIZATION, HeaderValue::from_static("Bearer a"));
         h.append(AUTHORIZATION, HeaderValue::from_static("Bearer b"));
-        assert_eq!(bearer_token(&h), Err(BearerError::Repeated));
-        assert_eq!(bearer_token(&HeaderMap::new()), Ok(None));
+        assert_eq!(bearer_bytes(&h), Err(BearerError::Repeated));
+        assert_eq!(bearer_bytes(&HeaderMap::new()), Ok(None));
     }
 }

@@ -222,10 +222,10 @@ struct Claims {
 
 struct UntilExp;
 
-impl moka::Expiry<Box<str>, Arc<VerifiedToken>> for UntilExp {
+impl moka::Expiry<Box<[u8]>, Arc<VerifiedToken>> for UntilExp {
     fn expire_after_create(
         &self,
-        _key: &Box<str>,
+        _key: &Box<[u8]>,
         value: &Arc<VerifiedToken>,
         _created_at: std::time::Instant,
     ) -> Option<Duration> {
@@ -288,7 +288,7 @@ pub struct Validator {
     scopes: ScopeUniverse,
     revoked: Arc<RevokedSessions>,
     clock: SharedClock,
-    cache: Cache<Box<str>, Arc<VerifiedToken>, RandomState>,
+    cache: Cache<Box<[u8]>, Arc<VerifiedToken>, RandomState>,
 }
 
 impl Validator {
@@ -334,7 +334,7 @@ impl Validator {
 
     /// [`Validator::validate`], also saying whether the cache answered.
     pub fn validate_counted(&self, token: &str) -> (Result<Arc<VerifiedToken>, InvalidToken>, bool) {
-        match self.cached(token) {
+        match self.cached(token.as_bytes()) {
             Some(result) => (result, true),
             None => (self.validate_uncached(token).map_err(Failure::final_error), false),
         }
@@ -349,7 +349,7 @@ impl Validator {
 
     /// [`Validator::validate_fetching`], also saying whether the cache answered.
     pub async fn validate_fetching_counted(&self, token: &str) -> (Result<Arc<VerifiedToken>, InvalidToken>, bool) {
-        if let Some(result) = self.cached(token) {
+        if let Some(result) = self.cached(token.as_bytes()) {
             return (result, true);
         }
         (self.fetching_uncached(token).await, false)
@@ -377,7 +377,7 @@ impl Validator {
     /// One of our own tokens (introspection): valid now, not revoked. Another issuer's token is
     /// `WrongIssuer`.
     pub fn validate_own(&self, token: &str) -> Result<Arc<VerifiedToken>, InvalidToken> {
-        if let Some(result) = self.cached(token) {
+        if let Some(result) = self.cached(token.as_bytes()) {
             return result.and_then(|t| {
                 if t.issuer == SELF {
                     Ok(t)
@@ -396,7 +396,9 @@ impl Validator {
     }
 
     /// A cache hit, still checked against the clock and the revoked-session set; `None` on a miss.
-    fn cached(&self, token: &str) -> Option<Result<Arc<VerifiedToken>, InvalidToken>> {
+    /// Asked with the raw bytes of the credentials ([`crate::auth::bearer::bearer_bytes`]): the
+    /// cache holds only tokens that passed the b64token check, so a hit needs no other.
+    pub fn cached(&self, token: &[u8]) -> Option<Result<Arc<VerifiedToken>, InvalidToken>> {
         let hit = self.cache.get(token)?;
         Some(self.still_valid(&hit, self.clock.now_secs()).map(|()| hit))
     }
@@ -412,7 +414,7 @@ impl Validator {
         let verified = self.decode(token, now)?;
         self.still_valid(&verified, now)?;
         let verified = Arc::new(verified);
-        self.cache.insert(token.into(), verified.clone());
+        self.cache.insert(token.as_bytes().into(), verified.clone());
         Ok(verified)
     }
 
