@@ -376,15 +376,17 @@ pub fn access(r: &AccessRecord<'_>) {
         );
         return;
     };
-    // One buffer per thread, reused: no allocation per line.
+    // One buffer per thread, reused: no allocation per line; and the thread's last timestamp.
     thread_local! {
-        static LINE: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(Vec::with_capacity(256));
+        static LINE: std::cell::RefCell<(Vec<u8>, Stamp)> =
+            std::cell::RefCell::new((Vec::with_capacity(256), Stamp::default()));
     }
     LINE.with(|line| match line.try_borrow_mut() {
         Ok(mut line) => {
+            let (line, stamp) = &mut *line;
             line.clear();
-            write_access_line(&mut line, r, sink.json, crate::clock::wall_micros());
-            sink.shared.append(&line);
+            write_access_line(line, r, sink.json, crate::clock::wall_micros(), stamp);
+            sink.shared.append(line);
         }
         // Not reentrant; should it ever be, a fresh buffer.
         Err(_) => sink
@@ -396,17 +398,17 @@ pub fn access(r: &AccessRecord<'_>) {
 /// The line, in the shape tracing-subscriber's text or JSON formatter gives other events.
 fn access_line(r: &AccessRecord<'_>, json: bool, micros: u64) -> Vec<u8> {
     let mut out = Vec::with_capacity(256);
-    write_access_line(&mut out, r, json, micros);
+    write_access_line(&mut out, r, json, micros, &mut Stamp::default());
     out
 }
 
-fn write_access_line(out: &mut Vec<u8>, r: &AccessRecord<'_>, json: bool, micros: u64) {
+fn write_access_line(out: &mut Vec<u8>, r: &AccessRecord<'_>, json: bool, micros: u64, stamp: &mut Stamp) {
     if json {
         out.extend_from_slice(b"{\"timestamp\":\"");
-        write_rfc3339(out, micros);
+        stamp.write(out, micros);
         out.extend_from_slice(b"\",\"level\":\"INFO\",\"target\":\"tokengate::access\"");
     } else {
-        write_rfc3339(out, micros);
+        stamp.write(out, micros);
         out.extend_from_slice(b"  INFO tokengate::access:");
     }
     // Each field's separator, name and `=` (text) or `":` (JSON) as one static string.
@@ -505,9 +507,37 @@ fn push_digits(out: &mut Vec<u8>, mut n: u64, width: usize) {
     out.extend_from_slice(&buf[..width]);
 }
 
-/// `YYYY-MM-DDTHH:MM:SS.ffffffZ` from microseconds since the epoch (civil-from-days, H. Hinnant).
+/// `YYYY-MM-DDTHH:MM:SS.ffffffZ` from microseconds since the epoch.
 fn write_rfc3339(out: &mut Vec<u8>, micros: u64) {
-    let secs = micros / 1_000_000;
+    Stamp::default().write(out, micros);
+}
+
+/// An RFC 3339 timestamp writer that keeps the date and time of day of its last second
+/// (`YYYY-MM-DDTHH:MM:SS.`): lines written within one second format only their microseconds.
+#[derive(Default)]
+struct Stamp {
+    /// The second `prefix` shows, plus one (0: nothing formatted yet).
+    second: u64,
+    prefix: Vec<u8>,
+}
+
+impl Stamp {
+    /// `YYYY-MM-DDTHH:MM:SS.ffffffZ` from microseconds since the epoch.
+    fn write(&mut self, out: &mut Vec<u8>, micros: u64) {
+        let secs = micros / 1_000_000;
+        if self.second != secs + 1 {
+            self.prefix.clear();
+            write_date_time(&mut self.prefix, secs);
+            self.second = secs + 1;
+        }
+        out.extend_from_slice(&self.prefix);
+        push_digits(out, micros % 1_000_000, 6);
+        out.push(b'Z');
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SS.` from seconds since the epoch (civil-from-days, H. Hinnant).
+fn write_date_time(out: &mut Vec<u8>, secs: u64) {
     let days = (secs / 86_400) as i64;
     let sod = secs % 86_400;
     let z = days + 719_468;
@@ -531,13 +561,37 @@ fn write_rfc3339(out: &mut Vec<u8>, micros: u64) {
     out.push(b':');
     push_digits(out, sod % 60, 2);
     out.push(b'.');
-    push_digits(out, micros % 1_000_000, 6);
-    out.push(b'Z');
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stamp_reformats_the_date_when_the_second_changes_and_only_then() {
+        let mut stamp = Stamp::default();
+        let mut out = Vec::new();
+        for micros in [
+            1_795_777_160_123_456, // 2026-11-27T10:59:20
+            1_795_777_160_999_999, // the same second
+            1_795_777_161_000_000, // the next
+            1_795_777_160_000_001, // back (a clock step): formatted again, not the cached one
+            1_795_823_999_999_999, // 23:59:59 the same day
+            1_795_824_000_000_000, // midnight
+        ] {
+            stamp.write(&mut out, micros);
+            out.push(b' ');
+        }
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "2026-11-27T10:59:20.123456Z 2026-11-27T10:59:20.999999Z 2026-11-27T10:59:21.000000Z \
+             2026-11-27T10:59:20.000001Z 2026-11-27T23:59:59.999999Z 2026-11-28T00:00:00.000000Z "
+        );
+        // The epoch itself, second 0, is formatted (0 in `second` means nothing formatted yet).
+        let mut out = Vec::new();
+        Stamp::default().write(&mut out, 5);
+        assert_eq!(String::from_utf8(out).unwrap(), "1970-01-01T00:00:00.000005Z");
+    }
 
     #[test]
     fn rfc3339_timestamps() {
