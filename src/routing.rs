@@ -9,6 +9,7 @@
 //! `/api/orders/7`, never `/api/ordersx`. Routes that name a host are consulted first for requests to
 //! that host; routes without a host serve every host.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 use foldhash::fast::RandomState;
@@ -62,15 +63,16 @@ fn hex_val(b: u8) -> Option<u8> {
 
 /// Normalizes an origin-form path (no query): percent-encoded unreserved characters decoded, other
 /// percent-encodings upper-cased, dot-segments removed (RFC 3986 §5.2.4, §6.2.2), runs of `/`
-/// collapsed to one. A trailing `/` is kept.
-pub fn normalize_path(raw: &str) -> Result<String, PathError> {
+/// collapsed to one. A trailing `/` is kept. A path already in that form (the usual case) is
+/// returned as it is, not copied.
+pub fn normalize_path(raw: &str) -> Result<Cow<'_, str>, PathError> {
     let bytes = raw.as_bytes();
     if bytes.first() != Some(&b'/') {
         return Err(PathError::NotOriginForm);
     }
     // Fast path: nothing to decode, no dot-segments, no empty segments.
     if !bytes.iter().any(|&b| matches!(b, b'%' | 0 | b'\\')) && !raw.contains("//") && !raw.contains("/.") {
-        return Ok(raw.to_owned());
+        return Ok(Cow::Borrowed(raw));
     }
 
     let mut segments: Vec<String> = Vec::new();
@@ -142,7 +144,7 @@ pub fn normalize_path(raw: &str) -> Result<String, PathError> {
     if out.is_empty() || trailing_slash {
         out.push('/');
     }
-    Ok(out)
+    Ok(Cow::Owned(out))
 }
 
 fn utf8_len(first: u8) -> usize {
@@ -156,7 +158,7 @@ fn utf8_len(first: u8) -> usize {
 
 /// A route prefix in its canonical form: normalized, without a trailing slash (except `/` itself).
 pub fn canonical_prefix(prefix: &str) -> Result<String, PathError> {
-    let mut p = normalize_path(prefix)?;
+    let mut p = normalize_path(prefix)?.into_owned();
     while p.len() > 1 && p.ends_with('/') {
         p.pop();
     }
@@ -589,7 +591,7 @@ mod tests {
             fn normalization_is_idempotent(raw in tricky_path()) {
                 if let Ok(once) = normalize_path(&raw) {
                     let twice = normalize_path(&once);
-                    prop_assert_eq!(twice.as_deref(), Ok(once.as_str()));
+                    prop_assert_eq!(twice.as_deref(), Ok(&*once));
                     prop_assert!(once.starts_with('/'));
                     prop_assert!(!once.contains("//"));
                     prop_assert!(!once.split('/').any(|s| s == "." || s == ".."));

@@ -195,7 +195,9 @@ impl App {
         if req.method() == Method::TRACE || req.method() == Method::CONNECT {
             return Err(GatewayError::MethodNotAllowed);
         }
-        let path = normalize_path(req.uri().path()).map_err(GatewayError::BadPath)?;
+        // A clone of the target (no copy of its bytes) lends the path, so that `req` can move on.
+        let uri = req.uri().clone();
+        let path = normalize_path(uri.path()).map_err(GatewayError::BadPath)?;
         let tokens = &snap.config.tokens;
         // The endpoints' futures are boxed: each is KiBs, and every request's future (which
         // hyper keeps per HTTP/1.1 connection) would otherwise be as large as the largest.
@@ -294,7 +296,7 @@ impl App {
         // The client's headers go to the forwarder as they came: it strips them and adds the
         // gateway's own (`ctx`) as its client needs.
         let uri = forwarder
-            .uri(forward_path, query)
+            .uri(forward_path, &parts.uri)
             .ok_or(GatewayError::BadPath(PathError::NotOriginForm))?;
         let mut upstream_req = Request::new(body);
         *upstream_req.method_mut() = parts.method;

@@ -345,9 +345,19 @@ impl Forwarder {
         }))
     }
 
-    /// The upstream request target for an (already normalized, prefix-stripped) path and the raw
-    /// query, in origin form (HTTP/1.1 to the upstream).
-    pub fn uri(&self, path: &str, query: Option<&str>) -> Option<Uri> {
+    /// The upstream request target for an (already normalized, prefix-stripped) path and the
+    /// client's request target (whose raw query goes on as it came), in origin form (HTTP/1.1 to
+    /// the upstream). When the upstream has no base path and the path is the client's own (the
+    /// usual case: nothing to normalize or strip), the client's target is reused as it is:
+    /// hyper checked it, and sharing it costs no allocation and no second check.
+    pub fn uri(&self, path: &str, client: &Uri) -> Option<Uri> {
+        if self.base_path.is_empty()
+            && path == client.path()
+            && let Some(pq) = client.path_and_query()
+        {
+            return Some(Uri::from(pq.clone()));
+        }
+        let query = client.query();
         let mut pq = String::with_capacity(self.base_path.len() + path.len() + query.map_or(0, |q| q.len() + 1));
         pq.push_str(&self.base_path);
         pq.push_str(path);

@@ -249,6 +249,26 @@ async fn route_options_strip_prefix_preserve_host_and_forward_authorization() {
     assert_eq!(up.last().headers["authorization"], format!("Bearer {t}"));
 }
 
+/// The upstream gets the path the gateway routed on: the normalized spelling when the client's
+/// was not (the client's own target is passed on only when normalizing left it unchanged), with
+/// the raw query either way.
+#[tokio::test]
+async fn the_upstream_gets_the_normalized_path_and_the_raw_query() {
+    let up = Upstream::recording().await;
+    let gw = support::start_with_routes("", &[("/public", &up.url(), "auth = \"none\"")]).await;
+    let c = Client::new(Proto::Http1);
+    for (sent, arrived) in [
+        ("/public/a?q=%2e%2E/x", "/public/a?q=%2e%2E/x"),
+        ("/public/./a?q=1", "/public/a?q=1"),
+        ("/public//a/b/../c", "/public/a/c"),
+        ("/public/%61%7e?x", "/public/a~?x"),
+        ("/public/a%3fb", "/public/a%3Fb"),
+    ] {
+        assert_eq!(c.get(&gw.url(sent), &[]).await.status, 200, "{sent}");
+        assert_eq!(up.last().uri, arrived, "{sent}");
+    }
+}
+
 #[tokio::test]
 async fn path_tricks_cannot_reach_a_route_they_do_not_belong_to() {
     let protected = Upstream::recording().await;
