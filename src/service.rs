@@ -155,7 +155,7 @@ impl App {
         let (mut parts, body) = req.into_parts();
         let guard = parts.extensions.remove::<BodyGuard>();
         let body = ClientBody::new(body, snap.config.server.body_timeout, guard);
-        log.body = Some(body.stats().clone());
+        log.body = body.stats().cloned();
         let req = Request::from_parts(parts, body);
         let mut response = match self.dispatch(&snap, req, conn, &client, &request_id, &mut log).await {
             Ok(r) => r,
@@ -268,7 +268,7 @@ impl App {
             && headers::upgrade_allowed(req.headers(), &settings.upgrades);
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
-        let body_stats = body.stats().clone();
+        let body_stats = body.stats().cloned();
         let forward_path = if settings.strip_prefix {
             strip_prefix(path, &settings.path_prefix)
         } else {
@@ -309,7 +309,7 @@ impl App {
             Ok(r) => r,
             // The upstream hop failed because the client's body did: the client's fault.
             Err(e) => {
-                return Err(match body_stats.fault() {
+                return Err(match body_stats.and_then(|s| s.fault()) {
                     Some(BodyFault::Timeout) => GatewayError::BodyTimeout,
                     Some(BodyFault::Unreadable) => GatewayError::BadBody,
                     None => {

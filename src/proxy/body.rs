@@ -89,7 +89,8 @@ pub struct ClientBody {
     /// Armed while waiting for the next frame; allocated only when a wait happens.
     sleep: Option<Pin<Box<Sleep>>>,
     waiting: bool,
-    stats: Arc<BodyStats>,
+    /// None for a request that has no body: nothing to count, and no allocation per request.
+    stats: Option<Arc<BodyStats>>,
     /// Held until the body has been read to its end (or dropped): see [`BodyGuard`].
     guard: Option<BodyGuard>,
 }
@@ -103,18 +104,20 @@ pub struct BodyGuard(pub Arc<dyn Send + Sync>);
 
 impl ClientBody {
     pub fn new(inner: Incoming, timeout: Duration, guard: Option<BodyGuard>) -> Self {
+        let stats = (!inner.is_end_stream()).then(Arc::default);
         ClientBody {
             inner,
             timeout,
             sleep: None,
             waiting: false,
-            stats: Arc::default(),
+            stats,
             guard,
         }
     }
 
-    pub fn stats(&self) -> &Arc<BodyStats> {
-        &self.stats
+    /// What was read and how it went; `None` when the request has no body.
+    pub fn stats(&self) -> Option<&Arc<BodyStats>> {
+        self.stats.as_ref()
     }
 }
 
@@ -127,13 +130,17 @@ impl Body for ClientBody {
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 this.waiting = false;
-                if let Some(data) = frame.data_ref() {
-                    this.stats.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+                if let Some(data) = frame.data_ref()
+                    && let Some(stats) = &this.stats
+                {
+                    stats.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
-                this.stats.set_fault(BodyFault::Unreadable);
+                if let Some(stats) = &this.stats {
+                    stats.set_fault(BodyFault::Unreadable);
+                }
                 this.guard = None;
                 Poll::Ready(Some(Err(ClientBodyError::Read(e))))
             }
@@ -154,7 +161,9 @@ impl Body for ClientBody {
                 };
                 this.waiting = true;
                 ready!(sleep.as_mut().poll(cx));
-                this.stats.set_fault(BodyFault::Timeout);
+                if let Some(stats) = &this.stats {
+                    stats.set_fault(BodyFault::Timeout);
+                }
                 Poll::Ready(Some(Err(ClientBodyError::Timeout(this.timeout))))
             }
         }
