@@ -7,4 +7,4 @@ pub mod revocation;
 pub mod validator;
 
 pub use revocation::RevokedSessions;
-pub use validator::{AuthError, IssuerMask, Validator, VerifiedToken};
+pub use validator::{AuthError, IssuerMask, LastToken, Validator, VerifiedToken};

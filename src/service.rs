@@ -30,7 +30,7 @@ use hyper::body::Incoming;
 
 use crate::auth::bearer::{BearerError, bearer_bytes, token_str};
 use crate::auth::validator::InvalidToken;
-use crate::auth::{AuthError, VerifiedToken};
+use crate::auth::{AuthError, LastToken, VerifiedToken};
 use crate::config::{AuthPolicy, JWKS_PATH, METADATA_PATH};
 use crate::metrics::{Metrics, TokenOutcome, UpstreamErrorKind};
 use crate::oauth::{OAuthError, OAuthServer};
@@ -65,6 +65,8 @@ pub struct ConnInfo {
     pub peer_ip: HeaderValue,
     /// The connection's `max_connections` slot; an upgraded (WebSocket) tunnel keeps it.
     pub slot: Option<Arc<tokio::sync::OwnedSemaphorePermit>>,
+    /// The bearer token its last request presented (the validator's shortcut for the next).
+    pub last_token: LastToken,
 }
 
 impl ConnInfo {
@@ -77,6 +79,7 @@ impl ConnInfo {
             tls,
             peer_ip,
             slot,
+            last_token: LastToken::default(),
         }
     }
 }
@@ -234,7 +237,7 @@ impl App {
         log.metrics = route.metrics.clone();
         let token = match route.settings.auth {
             AuthPolicy::Required => {
-                let t = authorize(snap, &self.state.metrics, req.headers(), route).await?;
+                let t = authorize(snap, &self.state.metrics, req.headers(), route, &conn.last_token).await?;
                 log.token = Some(t.clone());
                 Some(t)
             }
@@ -446,8 +449,9 @@ async fn authorize(
     metrics: &Metrics,
     headers: &HeaderMap,
     route: &Route,
+    last: &LastToken,
 ) -> Result<Arc<VerifiedToken>, GatewayError> {
-    let result = check_token(snap, metrics, headers, route).await;
+    let result = check_token(snap, metrics, headers, route, last).await;
     metrics.token_check(match &result {
         Ok(_) => TokenOutcome::Valid,
         Err(GatewayError::Auth(AuthError::Missing)) => TokenOutcome::Missing,
@@ -463,6 +467,7 @@ async fn check_token(
     metrics: &Metrics,
     headers: &HeaderMap,
     route: &Route,
+    last: &LastToken,
 ) -> Result<Arc<VerifiedToken>, GatewayError> {
     let malformed = || GatewayError::Auth(AuthError::BadRequest("malformed Bearer credentials"));
     let token = match bearer_bytes(headers) {
@@ -475,12 +480,17 @@ async fn check_token(
         }
         Err(BearerError::Malformed) => return Err(malformed()),
     };
-    // The cache first, by the raw bytes: a hit passed every check of the token's syntax.
-    let (verified, cache_hit) = match snap.validator.cached(token) {
+    // The cache first (the connection's last token, then the shared cache), by the raw bytes: a
+    // hit passed every check of the token's syntax.
+    let (verified, cache_hit) = match snap.validator.cached_remembered(last, token) {
         Some(hit) => (hit, true),
         None => {
-            let token = token_str(token).map_err(|_| malformed())?;
-            snap.validator.validate_fetching_counted(token).await
+            let text = token_str(token).map_err(|_| malformed())?;
+            let (verified, hit) = snap.validator.validate_fetching_counted(text).await;
+            if let Ok(v) = &verified {
+                snap.validator.remember(last, token, v);
+            }
+            (verified, hit)
         }
     };
     metrics.token_cache(cache_hit);

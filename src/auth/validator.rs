@@ -23,7 +23,8 @@
 //! Our revoked-session set applies to our own tokens only: another issuer's tokens have no session
 //! here.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine;
@@ -220,6 +221,50 @@ struct Claims {
     sid: Option<String>,
 }
 
+/// The token the last request of a connection presented, and what it validated to: see
+/// [`Validator::cached_remembered`]. One per client connection.
+#[derive(Default)]
+pub struct LastToken(Mutex<Option<Remembered>>);
+
+/// Shows nothing of the token.
+impl std::fmt::Debug for LastToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LastToken")
+    }
+}
+
+/// A copy remembers nothing (it is a shortcut, not state).
+impl Clone for LastToken {
+    fn clone(&self) -> Self {
+        LastToken::default()
+    }
+}
+
+struct Remembered {
+    validator: u64,
+    token: Box<[u8]>,
+    verified: Arc<VerifiedToken>,
+}
+
+fn remember(last: &mut Option<Remembered>, validator: u64, token: &[u8], verified: &Arc<VerifiedToken>) {
+    match last {
+        // A token of the same length (the next one of the same client, usually) takes the old
+        // one's allocation.
+        Some(r) if r.token.len() == token.len() => {
+            r.token.copy_from_slice(token);
+            r.validator = validator;
+            r.verified = verified.clone();
+        }
+        _ => {
+            *last = Some(Remembered {
+                validator,
+                token: token.into(),
+                verified: verified.clone(),
+            })
+        }
+    }
+}
+
 struct UntilExp;
 
 impl moka::Expiry<Box<[u8]>, Arc<VerifiedToken>> for UntilExp {
@@ -280,6 +325,8 @@ fn header_value(s: &str) -> Result<HeaderValue, InvalidToken> {
 }
 
 pub struct Validator {
+    /// Unique per validator (so per Snapshot): what a connection's [`LastToken`] is tied to.
+    id: u64,
     issuer: Box<str>,
     audience: Box<str>,
     keys: Arc<KeySet>,
@@ -314,7 +361,9 @@ impl Validator {
                 resolver,
             })
             .collect();
+        static IDS: AtomicU64 = AtomicU64::new(0);
         Validator {
+            id: IDS.fetch_add(1, Ordering::Relaxed),
             issuer: tokens.issuer.as_str().into(),
             audience: tokens.audience.as_str().into(),
             keys,
@@ -393,6 +442,41 @@ impl Validator {
         let v = self.decode_own(token, now)?;
         self.still_valid(&v, now)?;
         Ok(Arc::new(v))
+    }
+
+    /// [`Validator::cached`], asking first the token the connection presented last: a client
+    /// sends the same token on request after request, and this answers it without the shared
+    /// cache's hashing and bookkeeping. The answer is the cache's (checked against the clock and
+    /// the revoked-session set on every use, like a hit); a connection's token is remembered
+    /// only by the validator that accepted it, so a reload starts afresh. Never waits: when two
+    /// requests of one HTTP/2 connection meet here, the second asks the cache.
+    pub fn cached_remembered(
+        &self,
+        last: &LastToken,
+        token: &[u8],
+    ) -> Option<Result<Arc<VerifiedToken>, InvalidToken>> {
+        let Ok(mut last) = last.0.try_lock() else {
+            return self.cached(token);
+        };
+        if let Some(r) = last.as_ref()
+            && r.validator == self.id
+            && *r.token == *token
+        {
+            let verified = r.verified.clone();
+            return Some(self.still_valid(&verified, self.clock.now_secs()).map(|()| verified));
+        }
+        let result = self.cached(token)?;
+        if let Ok(verified) = &result {
+            remember(&mut last, self.id, token, verified);
+        }
+        Some(result)
+    }
+
+    /// Remembers a token this validator has just accepted as the connection's last.
+    pub fn remember(&self, last: &LastToken, token: &[u8], verified: &Arc<VerifiedToken>) {
+        if let Ok(mut last) = last.0.try_lock() {
+            remember(&mut last, self.id, token, verified);
+        }
     }
 
     /// A cache hit, still checked against the clock and the revoked-session set; `None` on a miss.

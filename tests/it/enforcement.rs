@@ -133,23 +133,27 @@ async fn every_outcome_of_the_token_check() {
 async fn a_cached_token_whose_session_is_revoked_is_refused_on_its_next_request() {
     let up = Upstream::recording().await;
     let gw = gateway(&up).await;
-    let c = Client::new(Proto::Http2);
-    let s = login(&c, &gw, None).await;
-    let access = str_of(&s, "access_token");
-    for _ in 0..2 {
-        assert_eq!(c.get_with_token(&gw.url("/api/orders"), access).await.status, 200);
+    // Over one connection each (the client keeps it): the requests after the first are answered
+    // by the connection's remembered token, which must see the revocation too.
+    for proto in [Proto::Http1, Proto::Http2] {
+        let c = Client::new(proto);
+        let s = login(&c, &gw, None).await;
+        let access = str_of(&s, "access_token");
+        for _ in 0..3 {
+            assert_eq!(c.get_with_token(&gw.url("/api/orders"), access).await.status, 200);
+        }
+        let r = c
+            .form(
+                &gw.url("/api/oauth2/revoke"),
+                &[("token", str_of(&s, "refresh_token")), ("client_id", "web")],
+                &[],
+            )
+            .await;
+        assert_eq!(r.status, 200);
+        let r = c.get_with_token(&gw.url("/api/orders"), access).await;
+        assert_eq!(r.status, 401, "{proto:?}");
+        assert!(r.text().contains("revoked"));
     }
-    let r = c
-        .form(
-            &gw.url("/api/oauth2/revoke"),
-            &[("token", str_of(&s, "refresh_token")), ("client_id", "web")],
-            &[],
-        )
-        .await;
-    assert_eq!(r.status, 200);
-    let r = c.get_with_token(&gw.url("/api/orders"), access).await;
-    assert_eq!(r.status, 401);
-    assert!(r.text().contains("revoked"));
 }
 
 #[tokio::test]
@@ -169,6 +173,29 @@ async fn a_cached_token_is_refused_once_it_expires() {
         r.header("www-authenticate").contains("expired"),
         "a client can tell it should refresh"
     );
+}
+
+/// One connection carrying several users' tokens (a proxy in front of the gateway does this):
+/// each request is answered for its own token, never the connection's previous one. Same-length
+/// tokens, so the remembered one is overwritten in place.
+#[tokio::test]
+async fn tokens_taking_turns_on_one_connection_each_get_their_own_identity() {
+    let up = Upstream::recording().await;
+    let gw = gateway(&up).await;
+    let c = Client::new(Proto::Http1);
+    let carol = mint(&claims());
+    let dave = mint(&with("sub", json!("dave!")));
+    assert_eq!(carol.len(), dave.len());
+    let last = if carol.ends_with('x') { "y" } else { "x" };
+    let forged = format!("{}{last}", &carol[..carol.len() - 1]);
+    for round in 0..3 {
+        for (token, sub) in [(&carol, "carol"), (&dave, "dave!"), (&carol, "carol")] {
+            assert_eq!(c.get_with_token(&gw.url("/api/orders"), token).await.status, 200);
+            assert_eq!(up.last().headers["x-auth-subject"], sub, "round {round}");
+        }
+        // A token that differs from the remembered one in its last byte is checked afresh.
+        assert_eq!(c.get_with_token(&gw.url("/api/orders"), &forged).await.status, 401);
+    }
 }
 
 #[tokio::test]
