@@ -399,18 +399,18 @@ impl Forwarder {
         ctx: &RequestContext<'_>,
     ) -> Result<Response<PooledBody>, ForwardError> {
         let deadline = Instant::now() + self.timeout;
-        let (parts, body) = req.into_parts();
-        let bodyless = body.is_end_stream();
-        let replayable = bodyless && is_idempotent(&parts.method);
+        let bodyless = req.body().is_end_stream();
+        let replayable = bodyless && is_idempotent(req.method());
         let upgrade = ctx.upgrade;
         // The gateway's own client takes what it can: no body to send, no upgrade.
         let lean = bodyless && !upgrade;
-        let body = if bodyless {
-            Either::Right(Empty::new())
-        } else {
-            Either::Left(body)
-        };
-        let mut req = Request::from_parts(parts, body);
+        let mut req = req.map(|body| {
+            if bodyless {
+                Either::Right(Empty::new())
+            } else {
+                Either::Left(body)
+            }
+        });
         // hyper's client sends the header map: the gateway's headers go into it once, when the
         // request first goes that way.
         let mut added = false;
