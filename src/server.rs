@@ -177,6 +177,8 @@ async fn serve_connection(
     phase: watch::Receiver<Phase>,
 ) {
     let info = Arc::new(ConnInfo::new(peer, tls.is_some(), Some(slot)));
+    // The services take `info` along; the HTTP/1.1 loop keeps a handle of its own (parking).
+    let conn_info = info.clone();
     let _open = GaugeGuard::up(&app.state().metrics.connections_open);
     let parked = app.state().metrics.connections_parked.clone();
     // The connection's clock for its head and idle timeouts starts once the handshake is done.
@@ -219,7 +221,7 @@ async fn serve_connection(
         activity.restart();
         let io = Box::new(Watched::new(stream, activity.clone()));
         let service = service!(app, req, info => app.handle(req, &info).await, None);
-        return serve_http1(io, service, activity, settings, phase, parked).await;
+        return serve_http1(io, service, &conn_info, activity, settings, phase, parked).await;
     };
     // The TLS stream moves into the boxed hyper connection; in a block of its own, so that the
     // task keeps no room for it while the connection is served.
@@ -246,7 +248,7 @@ async fn serve_connection(
         } else {
             let io = Box::new(Watched::new(stream, activity.clone()));
             let service = service!(app, req, info => app.handle(req, &info).await, None);
-            Either::Right(serve_http1(io, service, activity, settings, phase, parked))
+            Either::Right(serve_http1(io, service, &conn_info, activity, settings, phase, parked))
         }
     };
     serving.await
@@ -740,6 +742,7 @@ impl ClientStream for tokio_rustls::server::TlsStream<Socket> {
 async fn serve_http1<T, S>(
     mut io: Box<Watched<T>>,
     mut service: S,
+    info: &ConnInfo,
     activity: Arc<Activity>,
     settings: &ConnSettings,
     mut phase: watch::Receiver<Phase>,
@@ -800,6 +803,8 @@ async fn serve_http1<T, S>(
             );
         let woken = flushed && {
             let _parked = GaugeGuard::up(&parked);
+            // Nor a copy of the bearer token its last request presented.
+            info.last_token.forget();
             tokio::select! {
                 r = io.inner.tcp().readable() => r.is_ok(),
                 _ = activity.expired(Bounds { park: None, ..bounds }) => false,

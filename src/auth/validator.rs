@@ -226,6 +226,15 @@ struct Claims {
 #[derive(Default)]
 pub struct LastToken(Mutex<Option<Remembered>>);
 
+impl LastToken {
+    /// Forgets the token (a connection going idle for long keeps no copy of it).
+    pub fn forget(&self) {
+        if let Ok(mut last) = self.0.try_lock() {
+            *last = None;
+        }
+    }
+}
+
 /// Shows nothing of the token.
 impl std::fmt::Debug for LastToken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
