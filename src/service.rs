@@ -19,7 +19,6 @@ mod request_id;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -43,6 +42,7 @@ use crate::proxy::{ForwardError, echo};
 use crate::routing::{PathError, normalize_path, request_authority};
 use crate::snapshot::{Route, Snapshot};
 use crate::state::State;
+use tokio::time::Instant;
 
 pub use access::ResponseBody;
 use access::{AccessLog, RouteLabel};
@@ -305,8 +305,9 @@ impl App {
         *req.uri_mut() = uri;
         *req.version_mut() = Version::HTTP_11;
         req.extensions_mut().clear();
+        // tokio's clock, which the forwarder's deadline is on.
         let sent = Instant::now();
-        let result = forwarder.send(req, &ctx).await;
+        let result = forwarder.send(req, &ctx, sent).await;
         log.upstream_us = Some(sent.elapsed().as_micros() as u64);
         let mut resp = match result {
             Ok(r) => r,

@@ -393,12 +393,14 @@ impl Forwarder {
     /// Sends a request on a pooled connection (or a new one) and waits for the response head. The
     /// request's headers are the client's as they came: what must not go upstream is left out
     /// ([`Strip`]) and the gateway's own headers are added ([`added_request_headers`]), from `ctx`.
+    /// The route's timeout runs from `started` (the caller's clock reading, taken just before).
     pub async fn send(
         &self,
         req: Request<ClientBody>,
         ctx: &RequestContext<'_>,
+        started: Instant,
     ) -> Result<Response<PooledBody>, ForwardError> {
-        let deadline = Instant::now() + self.timeout;
+        let deadline = started + self.timeout;
         let bodyless = req.body().is_end_stream();
         let replayable = bodyless && is_idempotent(req.method());
         let upgrade = ctx.upgrade;
