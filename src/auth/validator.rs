@@ -255,6 +255,15 @@ struct Remembered {
     verified: Arc<VerifiedToken>,
 }
 
+/// Whether two tokens are the same, in time that depends on their length only: one connection may
+/// carry several clients' tokens (a proxy in front of the gateway), and an early exit at the first
+/// differing byte would let one of them time its guesses against another's remembered token. No
+/// branch on the bytes, so the compiler compares many at a time (`subtle`'s byte-at-a-time
+/// comparison would cost more than the shared cache this shortcut avoids).
+fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |diff, (x, y)| diff | (x ^ y)) == 0
+}
+
 fn remember(last: &mut Option<Remembered>, validator: u64, token: &[u8], verified: &Arc<VerifiedToken>) {
     match last {
         // A token of the same length (the next one of the same client, usually) takes the old
@@ -469,7 +478,7 @@ impl Validator {
         };
         if let Some(r) = last.as_ref()
             && r.validator == self.id
-            && *r.token == *token
+            && same_bytes(&r.token, token)
         {
             let verified = r.verified.clone();
             return Some(self.still_valid(&verified, self.clock.now_secs()).map(|()| verified));
@@ -753,5 +762,24 @@ impl Validator {
     /// moka does its housekeeping only during calls; the sweeper calls this.
     pub fn run_pending_tasks(&self) {
         self.cache.run_pending_tasks();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same_bytes;
+
+    #[test]
+    fn same_bytes_is_equality() {
+        let t = b"eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbm4ifQ.c2lnbmF0dXJl";
+        assert!(same_bytes(t, t));
+        assert!(same_bytes(b"", b""));
+        for i in 0..t.len() {
+            let mut other = t.to_vec();
+            other[i] ^= 1;
+            assert!(!same_bytes(t, &other), "differs at {i}");
+        }
+        assert!(!same_bytes(t, &t[..t.len() - 1]), "a prefix is not the token");
+        assert!(!same_bytes(&t[..1], t));
     }
 }
