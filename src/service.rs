@@ -26,6 +26,7 @@ use http::header::{self, HeaderValue};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
+use tokio::time::Instant;
 
 use crate::auth::bearer::{BearerError, bearer_bytes, token_str};
 use crate::auth::validator::InvalidToken;
@@ -42,7 +43,6 @@ use crate::proxy::{ForwardError, echo};
 use crate::routing::{PathError, normalize_path, request_authority};
 use crate::snapshot::{Route, Snapshot};
 use crate::state::State;
-use tokio::time::Instant;
 
 pub use access::ResponseBody;
 use access::{AccessLog, RouteLabel};
@@ -138,7 +138,7 @@ impl App {
 
     /// Serves one request; never fails (errors are responses). Its access line is written when
     /// the response has been sent, or when the client leaves first.
-    pub async fn handle(&self, req: Request<Incoming>, conn: &ConnInfo) -> Response<ResponseBody> {
+    pub async fn handle(&self, mut req: Request<Incoming>, conn: &ConnInfo) -> Response<ResponseBody> {
         let snap = self.snapshot.load_full();
         let request_id = self.request_ids.for_request(req.headers());
         let client = snap
@@ -157,7 +157,6 @@ impl App {
         let version = req.version();
         // The request travels whole, its body wrapped (each `into_parts`/`from_parts` would move
         // its head, ~300 bytes, once more).
-        let mut req = req;
         let guard = req.extensions_mut().remove::<BodyGuard>();
         let req = req.map(|body| ClientBody::new(body, snap.config.server.body_timeout, guard));
         log.body = req.body().stats().cloned();

@@ -500,7 +500,7 @@ impl Validator {
     /// A cache hit, still checked against the clock and the revoked-session set; `None` on a miss.
     /// Asked with the raw bytes of the credentials ([`crate::auth::bearer::bearer_bytes`]): the
     /// cache holds only tokens that passed the b64token check, so a hit needs no other.
-    pub fn cached(&self, token: &[u8]) -> Option<Result<Arc<VerifiedToken>, InvalidToken>> {
+    fn cached(&self, token: &[u8]) -> Option<Result<Arc<VerifiedToken>, InvalidToken>> {
         let hit = self.cache.get(token)?;
         Some(self.still_valid(&hit, self.clock.now_secs()).map(|()| hit))
     }
