@@ -411,18 +411,14 @@ impl Validator {
     /// that issuer's JWKS (shared with every other token waiting for it, and rate-limited) before
     /// the answer. A cache hit or one of our tokens never waits.
     pub async fn validate_fetching(&self, token: &str) -> Result<Arc<VerifiedToken>, InvalidToken> {
-        self.validate_fetching_counted(token).await.0
-    }
-
-    /// [`Validator::validate_fetching`], also saying whether the cache answered.
-    pub async fn validate_fetching_counted(&self, token: &str) -> (Result<Arc<VerifiedToken>, InvalidToken>, bool) {
-        if let Some(result) = self.cached(token.as_bytes()) {
-            return (result, true);
+        match self.cached(token.as_bytes()) {
+            Some(result) => result,
+            None => self.fetching_uncached(token).await,
         }
-        (self.fetching_uncached(token).await, false)
     }
 
-    async fn fetching_uncached(&self, token: &str) -> Result<Arc<VerifiedToken>, InvalidToken> {
+    /// [`Validator::validate_fetching`] after a cache miss (the caller asked the cache already).
+    pub async fn fetching_uncached(&self, token: &str) -> Result<Arc<VerifiedToken>, InvalidToken> {
         let (issuer, kid, ready) = match self.validate_uncached(token) {
             Err(Failure::NeedKeys { issuer, kid, ready }) => (issuer, kid, ready),
             other => return other.map_err(Failure::final_error),

@@ -22,22 +22,29 @@ pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-fo
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 pub(crate) static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 #[cfg(test)]
 static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 
 /// Always hop-by-hop (RFC 9110 §7.6.1, plus the legacy `Proxy-Connection` and `Keep-Alive`).
 pub(crate) fn is_hop_by_hop(name: &HeaderName) -> bool {
-    name == header::CONNECTION
-        || name == KEEP_ALIVE
-        || name == PROXY_CONNECTION
-        || name == header::TE
-        || name == header::TRAILER
-        || name == header::TRANSFER_ENCODING
-        || name == header::UPGRADE
-        || name == header::PROXY_AUTHORIZATION
-        || name == header::PROXY_AUTHENTICATE
+    hop_by_hop(name.as_str())
+}
+
+/// [`is_hop_by_hop`] by the name's (lower-case) spelling.
+fn hop_by_hop(name: &str) -> bool {
+    matches!(
+        name,
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "proxy-authorization"
+            | "proxy-authenticate"
+    )
 }
 
 /// `X-Auth-*`: the gateway's identity namespace; the client never gets to write in it.
@@ -184,21 +191,13 @@ impl<'a> Strip<'a> {
     /// compares the name with each header in turn.
     pub fn drops(&self, name: &HeaderName) -> bool {
         let fixed = match name.as_str() {
-            // Hop-by-hop (`is_hop_by_hop`), but Upgrade when the route tunnels it.
-            "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "proxy-authorization"
-            | "proxy-authenticate" => true,
+            // Hop-by-hop, but Upgrade when the route tunnels it.
             "upgrade" => !self.ctx.upgrade,
             // The gateway's own, and the client-address headers it refuses (`is_refused`).
             "host" | "x-forwarded-for" | "x-forwarded-proto" | "x-forwarded-host" | "x-request-id" | "forwarded"
             | "x-real-ip" => true,
             "authorization" => !self.ctx.keep_authorization,
-            other => other.starts_with("x-auth-") || other.contains('_'),
+            other => hop_by_hop(other) || other.starts_with("x-auth-") || other.contains('_'),
         };
         fixed || (!self.named.is_empty() && self.named.contains(name))
     }
